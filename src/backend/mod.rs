@@ -1,0 +1,170 @@
+//! The atomic steps the primitives are built from, and the two engines that provide them.
+//!
+//! The set of backends is closed (Redis and in-memory), so this is an enum rather than a
+//! trait object: no boxing of every future, and each step reads as one `match`. Both
+//! engines implement exactly the same steps with the same semantics; the behavioural test
+//! suite runs against both.
+
+pub(crate) mod memory;
+pub(crate) mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::broadcast;
+
+use crate::error::{Error, Result};
+use crate::keys::JobKeys;
+
+/// The engine behind a [`Herd`](crate::Herd).
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    Redis(redis::RedisBackend),
+    Memory(memory::MemoryBackend),
+}
+
+/// The reply of the acquire step.
+#[derive(Debug, Clone)]
+pub(crate) enum AcquireReply {
+    /// The caller now holds the lock; `token` is the stored holder value.
+    Acquired { token: String, fence: u64 },
+    /// Someone else holds it: their stored holder value and the lock's remaining TTL.
+    Busy { holder: String, pttl_ms: i64 },
+}
+
+/// The reply of the status step.
+#[derive(Debug, Clone)]
+pub(crate) struct StatusReply {
+    pub(crate) holder: Option<String>,
+    pub(crate) pttl_ms: i64,
+    pub(crate) last_fence: u64,
+}
+
+/// Something arrived for a subscribed key.
+#[derive(Debug, Clone)]
+pub(crate) enum Notice {
+    /// A message published on the key's channel (a release or a completion).
+    /// Untrusted: anyone with access to Redis can publish anything.
+    Message(Arc<[u8]>),
+    /// Messages may have been lost (the pub/sub connection dropped and came back, or the
+    /// receiver lagged): re-check state in the backend.
+    Resync,
+}
+
+/// A live subscription to one key's notices. Dropping it unsubscribes (when it was the
+/// last local subscriber of that key).
+pub(crate) struct Subscription {
+    rx: broadcast::Receiver<Notice>,
+    _guard: SubscriptionGuard,
+}
+
+pub(crate) enum SubscriptionGuard {
+    Redis(redis::ChannelGuard),
+    Memory,
+}
+
+impl Subscription {
+    pub(crate) fn new(rx: broadcast::Receiver<Notice>, guard: SubscriptionGuard) -> Self {
+        Subscription { rx, _guard: guard }
+    }
+
+    /// The next notice. A lagged receiver reports [`Notice::Resync`]. If the sending side is
+    /// gone this never resolves, so callers always race it against their own timer.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: a notice is either returned or stays queued.
+    pub(crate) async fn recv(&mut self) -> Notice {
+        match self.rx.recv().await {
+            Ok(notice) => notice,
+            Err(broadcast::error::RecvError::Lagged(_)) => Notice::Resync,
+            Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+        }
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").finish_non_exhaustive()
+    }
+}
+
+impl Backend {
+    /// Atomically: if the lock is free, bump the fence and store `fence:nonce:owner` with a
+    /// TTL; otherwise report the current holder.
+    pub(crate) async fn acquire(
+        &self,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<AcquireReply> {
+        match self {
+            Backend::Redis(b) => b.acquire(keys, nonce, owner, ttl).await,
+            Backend::Memory(b) => Ok(b.acquire(keys, nonce, owner, ttl)),
+        }
+    }
+
+    /// Atomically: if `token` still holds the lock, release it (or, with a grace period,
+    /// shorten its TTL to the grace) and publish a release notice. `false`: not the holder.
+    pub(crate) async fn release(
+        &self,
+        keys: &JobKeys,
+        token: &str,
+        grace: Duration,
+    ) -> Result<bool> {
+        match self {
+            Backend::Redis(b) => b.release(keys, token, grace).await,
+            Backend::Memory(b) => Ok(b.release(keys, token, grace)),
+        }
+    }
+
+    /// Atomically: if `token` still holds the lock, set its TTL to `ttl`. `false`: not the
+    /// holder.
+    pub(crate) async fn extend(&self, keys: &JobKeys, token: &str, ttl: Duration) -> Result<bool> {
+        match self {
+            Backend::Redis(b) => b.extend(keys, token, ttl).await,
+            Backend::Memory(b) => Ok(b.extend(keys, token, ttl)),
+        }
+    }
+
+    /// The holder, remaining TTL and last fence of a key.
+    pub(crate) async fn status(&self, keys: &JobKeys) -> Result<StatusReply> {
+        match self {
+            Backend::Redis(b) => b.status(keys).await,
+            Backend::Memory(b) => Ok(b.status(keys)),
+        }
+    }
+
+    /// Subscribes to the key's channel; returns once the subscription is confirmed, so
+    /// every notice published after this returns is delivered (or a Resync is).
+    pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {
+        match self {
+            Backend::Redis(b) => b.subscribe(keys).await,
+            Backend::Memory(b) => Ok(b.subscribe(keys)),
+        }
+    }
+
+    /// Checks the backend answers (used by the eager constructor).
+    pub(crate) async fn ping(&self) -> Result<()> {
+        match self {
+            Backend::Redis(b) => b.ping().await,
+            Backend::Memory(_) => Ok(()),
+        }
+    }
+}
+
+/// Parses a stored holder value `fence:nonce:owner`.
+pub(crate) fn parse_holder(value: &str) -> Result<(u64, &str)> {
+    let mut parts = value.splitn(3, ':');
+    let fence = parts.next().and_then(|f| f.parse::<u64>().ok());
+    let _nonce = parts.next();
+    let owner = parts.next();
+    match (fence, owner) {
+        (Some(fence), Some(owner)) => Ok((fence, owner)),
+        _ => Err(Error::new(
+            crate::ErrorKind::Redis,
+            "malformed holder value stored under a lock key",
+        )),
+    }
+}

@@ -1,0 +1,496 @@
+//! The Redis engine: one multiplexed command connection that runs the Lua scripts in
+//! `src/scripts/`, and a [`Notifier`] that owns a dedicated pub/sub connection.
+//!
+//! ## Behaviour in the background
+//!
+//! - The command connection is a redis-rs `ConnectionManager`: after an I/O error it
+//!   reconnects on its own (a few retries with exponential backoff, each bounded by the
+//!   connect timeout). Every command is also bounded by the command timeout.
+//! - Scripts are sent by `EVALSHA`; on `NOSCRIPT` (a restarted or flushed server) redis-rs
+//!   loads the script and retries once.
+//! - One listener task per herd owns the pub/sub connection. When it drops, the task
+//!   reconnects with backoff (50 ms doubling to 2 s), re-subscribes every channel that still
+//!   has local subscribers, and then sends every local subscriber a `Resync` notice, because
+//!   messages published while disconnected are gone (DESIGN invariant 6). The task holds
+//!   only a `Weak` reference and ends when the herd is dropped.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub, PubSubSink};
+use redis::{Client, Script, Value};
+use tokio::sync::{broadcast, oneshot};
+
+use super::{AcquireReply, Notice, StatusReply, Subscription, SubscriptionGuard};
+use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{millis, JobKeys};
+
+/// Capacity of a key's local notice queue; a receiver that falls further behind sees a
+/// Resync and re-checks state.
+const CHANNEL_CAPACITY: usize = 64;
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// Connection settings the backend needs from the herd's options.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectSettings {
+    pub(crate) connect_timeout: Duration,
+    pub(crate) command_timeout: Duration,
+}
+
+#[derive(Clone)]
+pub(crate) struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    scripts: Scripts,
+    notifier: Notifier,
+    settings: ConnectSettings,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Scripts {
+    acquire: Script,
+    release: Script,
+    extend: Script,
+    status: Script,
+}
+
+impl Scripts {
+    fn load() -> Scripts {
+        Scripts {
+            acquire: Script::new(include_str!("../scripts/acquire.lua")),
+            release: Script::new(include_str!("../scripts/release.lua")),
+            extend: Script::new(include_str!("../scripts/extend.lua")),
+            status: Script::new(include_str!("../scripts/status.lua")),
+        }
+    }
+}
+
+impl RedisBackend {
+    /// Opens both connections and waits for them to be established, so a wrong address or
+    /// password is reported now.
+    pub(crate) async fn connect(url: &str, settings: ConnectSettings) -> Result<RedisBackend> {
+        let (client, config) = client_config(url, settings)?;
+        let conn = bounded(
+            "connect",
+            settings.connect_timeout * 2,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await?;
+        let pubsub = bounded(
+            "connect (pub/sub)",
+            settings.connect_timeout,
+            client.get_async_pubsub(),
+        )
+        .await?;
+        Ok(RedisBackend::assemble(client, conn, Some(pubsub), settings))
+    }
+
+    /// Checks the URL only; both connections are made on first use. Needs a Tokio runtime
+    /// (the pub/sub listener task starts now).
+    pub(crate) fn connect_lazy(url: &str, settings: ConnectSettings) -> Result<RedisBackend> {
+        let (client, config) = client_config(url, settings)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| Error::redis("connect", e))?;
+        Ok(RedisBackend::assemble(client, conn, None, settings))
+    }
+
+    fn assemble(
+        client: Client,
+        conn: ConnectionManager,
+        pubsub: Option<PubSub>,
+        settings: ConnectSettings,
+    ) -> RedisBackend {
+        RedisBackend {
+            inner: Arc::new(Inner {
+                conn,
+                scripts: Scripts::load(),
+                notifier: Notifier::start(client, pubsub, settings),
+                settings,
+            }),
+        }
+    }
+
+    async fn invoke(&self, what: &str, inv: &redis::ScriptInvocation<'_>) -> Result<Value> {
+        let mut conn = self.inner.conn.clone();
+        bounded(
+            what,
+            self.inner.settings.command_timeout,
+            inv.invoke_async::<Value>(&mut conn),
+        )
+        .await
+    }
+
+    pub(crate) async fn ping(&self) -> Result<()> {
+        let mut conn = self.inner.conn.clone();
+        let pong: String = bounded(
+            "ping",
+            self.inner.settings.command_timeout,
+            redis::cmd("PING").query_async(&mut conn),
+        )
+        .await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(Error::new(ErrorKind::Redis, "redis answered PING oddly"))
+        }
+    }
+
+    pub(crate) async fn acquire(
+        &self,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<AcquireReply> {
+        let mut inv = self.inner.scripts.acquire.prepare_invoke();
+        inv.key(&keys.lock)
+            .key(&keys.fence)
+            .arg(nonce)
+            .arg(owner)
+            .arg(millis(ttl));
+        let reply = self.invoke("acquire", &inv).await?;
+        let items = array(&reply, 3, "acquire")?;
+        let acquired = int(&items[0], "acquire")?;
+        let value = string(&items[1], "acquire")?;
+        let n = int(&items[2], "acquire")?;
+        Ok(if acquired == 1 {
+            AcquireReply::Acquired {
+                token: value,
+                fence: u64::try_from(n).map_err(|_| malformed("acquire"))?,
+            }
+        } else {
+            AcquireReply::Busy {
+                holder: value,
+                pttl_ms: n,
+            }
+        })
+    }
+
+    pub(crate) async fn release(
+        &self,
+        keys: &JobKeys,
+        token: &str,
+        grace: Duration,
+    ) -> Result<bool> {
+        let mut inv = self.inner.scripts.release.prepare_invoke();
+        inv.key(&keys.lock)
+            .arg(token)
+            .arg(millis(grace))
+            .arg(&keys.channel);
+        let reply = self.invoke("release", &inv).await?;
+        Ok(int(&reply, "release")? == 1)
+    }
+
+    pub(crate) async fn extend(&self, keys: &JobKeys, token: &str, ttl: Duration) -> Result<bool> {
+        let mut inv = self.inner.scripts.extend.prepare_invoke();
+        inv.key(&keys.lock).arg(token).arg(millis(ttl));
+        let reply = self.invoke("extend", &inv).await?;
+        Ok(int(&reply, "extend")? == 1)
+    }
+
+    pub(crate) async fn status(&self, keys: &JobKeys) -> Result<StatusReply> {
+        let mut inv = self.inner.scripts.status.prepare_invoke();
+        inv.key(&keys.lock).key(&keys.fence);
+        let reply = self.invoke("status", &inv).await?;
+        let items = array(&reply, 3, "status")?;
+        let holder = string(&items[0], "status")?;
+        let pttl_ms = int(&items[1], "status")?;
+        let last_fence = u64::try_from(int(&items[2], "status")?).map_err(|_| malformed("status"))?;
+        Ok(StatusReply {
+            holder: (!holder.is_empty()).then_some(holder),
+            pttl_ms,
+            last_fence,
+        })
+    }
+
+    pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {
+        Ok(self.inner.notifier.subscribe(&keys.channel).await)
+    }
+}
+
+fn client_config(url: &str, settings: ConnectSettings) -> Result<(Client, ConnectionManagerConfig)> {
+    let client = Client::open(url)
+        .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.connect_timeout))
+        .set_response_timeout(Some(settings.command_timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(500));
+    Ok((client, config))
+}
+
+/// Runs `fut` under a deadline, mapping both redis errors and the deadline to [`Error`].
+async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::redis(what, e)),
+        Err(_) => Err(Error::new(
+            ErrorKind::Connection,
+            format!("redis did not answer {what} within {limit:?}"),
+        )),
+    }
+}
+
+fn malformed(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Redis,
+        format!("unexpected reply from the {what} script"),
+    )
+}
+
+fn array<'a>(v: &'a Value, len: usize, what: &str) -> Result<&'a [Value]> {
+    match v {
+        Value::Array(items) if items.len() == len => Ok(items),
+        _ => Err(malformed(what)),
+    }
+}
+
+fn int(v: &Value, what: &str) -> Result<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| malformed(what)),
+        Value::SimpleString(s) => s.parse().map_err(|_| malformed(what)),
+        _ => Err(malformed(what)),
+    }
+}
+
+fn string(v: &Value, what: &str) -> Result<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| malformed(what)),
+        Value::SimpleString(s) => Ok(s.clone()),
+        Value::Int(i) => Ok(i.to_string()),
+        _ => Err(malformed(what)),
+    }
+}
+
+/// Fans pub/sub messages from the one dedicated connection out to local subscribers.
+#[derive(Clone)]
+struct Notifier {
+    shared: Arc<NotifierShared>,
+}
+
+struct NotifierShared {
+    /// Channel name → local subscribers. Invariant: a channel is in this map exactly while
+    /// at least one [`ChannelGuard`] for it is alive, and every channel in the map is
+    /// subscribed on the current connection or will be re-subscribed (followed by a Resync)
+    /// when the connection comes back.
+    channels: Mutex<HashMap<String, ChannelEntry>>,
+    /// The sending half of the current pub/sub connection; `None` while (re)connecting.
+    /// Held across SUBSCRIBE/UNSUBSCRIBE so they never interleave with a re-subscribe.
+    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    command_timeout: Duration,
+    /// Dropped with this struct, which tells the listener task to stop.
+    _shutdown: oneshot::Sender<()>,
+}
+
+struct ChannelEntry {
+    tx: broadcast::Sender<Notice>,
+    refs: usize,
+}
+
+impl NotifierShared {
+    fn channels(&self) -> MutexGuard<'_, HashMap<String, ChannelEntry>> {
+        self.channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn dispatch(&self, channel: &str, payload: &[u8]) {
+        if let Some(entry) = self.channels().get(channel) {
+            // An error only means no receiver is left; its guard is about to unsubscribe.
+            let _ = entry.tx.send(Notice::Message(Arc::from(payload)));
+        }
+    }
+
+    fn resync_all(&self) {
+        for entry in self.channels().values() {
+            let _ = entry.tx.send(Notice::Resync);
+        }
+    }
+}
+
+impl Notifier {
+    fn start(client: Client, first: Option<PubSub>, settings: ConnectSettings) -> Notifier {
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let shared = Arc::new(NotifierShared {
+            channels: Mutex::new(HashMap::new()),
+            sink: tokio::sync::Mutex::new(None),
+            command_timeout: settings.command_timeout,
+            _shutdown: shutdown_tx,
+        });
+        tokio::spawn(listen(
+            Arc::downgrade(&shared),
+            client,
+            first,
+            shutdown_rx,
+            settings.connect_timeout,
+        ));
+        Notifier { shared }
+    }
+
+    /// Registers a local subscriber, then subscribes on the connection and waits for the
+    /// confirmation. If the connection is down, returns at once: the listener re-subscribes
+    /// on reconnect and sends a Resync, so nothing published meanwhile is silently missed.
+    async fn subscribe(&self, channel: &str) -> Subscription {
+        let rx = {
+            let mut channels = self.shared.channels();
+            let entry = channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| ChannelEntry {
+                    tx: broadcast::channel(CHANNEL_CAPACITY).0,
+                    refs: 0,
+                });
+            entry.refs += 1;
+            entry.tx.subscribe()
+        };
+        let guard = ChannelGuard {
+            shared: Arc::clone(&self.shared),
+            channel: channel.to_owned(),
+        };
+        let mut sink = self.shared.sink.lock().await;
+        if let Some(s) = sink.as_mut() {
+            match tokio::time::timeout(self.shared.command_timeout, s.subscribe(channel)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(channel, error = %e, "subscribe failed; relying on resync"),
+                Err(_) => tracing::debug!(channel, "subscribe timed out; relying on resync"),
+            }
+        }
+        drop(sink);
+        Subscription::new(rx, SubscriptionGuard::Redis(guard))
+    }
+}
+
+/// Keeps one local subscription to a channel registered; the last one to go unsubscribes.
+pub(crate) struct ChannelGuard {
+    shared: Arc<NotifierShared>,
+    channel: String,
+}
+
+impl Drop for ChannelGuard {
+    fn drop(&mut self) {
+        let last = {
+            let mut channels = self.shared.channels();
+            match channels.get_mut(&self.channel) {
+                Some(entry) if entry.refs > 1 => {
+                    entry.refs -= 1;
+                    false
+                }
+                Some(_) => {
+                    channels.remove(&self.channel);
+                    true
+                }
+                None => false,
+            }
+        };
+        if !last {
+            return;
+        }
+        // Unsubscribing needs I/O; never block in Drop. Without a runtime the channel stays
+        // subscribed on the server, which costs nothing but a little traffic.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let shared = Arc::clone(&self.shared);
+            let channel = std::mem::take(&mut self.channel);
+            handle.spawn(async move {
+                let mut sink = shared.sink.lock().await;
+                // A new subscriber may have registered since; it keeps the subscription.
+                if shared.channels().contains_key(&channel) {
+                    return;
+                }
+                if let Some(s) = sink.as_mut() {
+                    let _ =
+                        tokio::time::timeout(shared.command_timeout, s.unsubscribe(&channel)).await;
+                }
+            });
+        }
+    }
+}
+
+/// The listener task: owns the pub/sub stream, reconnects, re-subscribes and resyncs.
+async fn listen(
+    weak: Weak<NotifierShared>,
+    client: Client,
+    mut first: Option<PubSub>,
+    mut shutdown: oneshot::Receiver<()>,
+    connect_timeout: Duration,
+) {
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        let pubsub = match first.take() {
+            Some(p) => p,
+            None => {
+                let attempt = tokio::time::timeout(connect_timeout, client.get_async_pubsub());
+                let outcome = tokio::select! {
+                    _ = &mut shutdown => return,
+                    r = attempt => r,
+                };
+                match outcome {
+                    Ok(Ok(p)) => p,
+                    other => {
+                        if let Ok(Err(e)) = other {
+                            tracing::debug!(error = %e, "pub/sub reconnect failed");
+                        }
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(RECONNECT_MAX);
+                        continue;
+                    }
+                }
+            }
+        };
+        let (mut sink, mut stream) = pubsub.split();
+        {
+            let Some(shared) = weak.upgrade() else { return };
+            let mut slot = shared.sink.lock().await;
+            let names: Vec<String> = shared.channels().keys().cloned().collect();
+            if !names.is_empty() {
+                let resubscribed =
+                    tokio::time::timeout(shared.command_timeout, sink.subscribe(&names)).await;
+                if !matches!(resubscribed, Ok(Ok(()))) {
+                    tracing::debug!("pub/sub re-subscribe failed; reconnecting");
+                    continue;
+                }
+            }
+            *slot = Some(sink);
+            drop(slot);
+            shared.resync_all();
+        }
+        backoff = RECONNECT_MIN;
+        loop {
+            let msg = tokio::select! {
+                _ = &mut shutdown => return,
+                msg = stream.next() => msg,
+            };
+            let Some(msg) = msg else { break };
+            let Some(shared) = weak.upgrade() else { return };
+            shared.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
+        }
+        tracing::debug!("pub/sub connection lost; reconnecting");
+        let Some(shared) = weak.upgrade() else { return };
+        *shared.sink.lock().await = None;
+        drop(shared);
+    }
+}

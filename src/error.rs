@@ -1,0 +1,191 @@
+//! The one error type of the crate: [`Error`], with its [`ErrorKind`].
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+/// A specialized `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, for callers that branch on it.
+///
+/// Contention ("held by someone else") is deliberately *not* a kind: the `try_*` and `once`
+/// forms report it as an ordinary value ([`TryLock::Busy`](crate::TryLock::Busy),
+/// [`Outcome::Busy`](crate::Outcome::Busy)), so it can never be confused with an infrastructure
+/// failure.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// An argument was rejected before anything was sent: an empty or oversized key, a zero
+    /// or absurd duration, an invalid option.
+    InvalidInput,
+    /// The caller's own deadline passed while it waited.
+    Timeout,
+    /// The lock (or run) this handle held has expired or was taken over by another holder.
+    LockLost,
+    /// Redis could not be reached, the connection dropped, or a command did not answer in
+    /// time.
+    Connection,
+    /// Redis refused the credentials (wrong password, unknown ACL user, missing `AUTH`).
+    Auth,
+    /// Redis answered with an error or an unexpected reply (a script error, a
+    /// malformed value under one of herdlock's keys).
+    Redis,
+    /// A value could not be serialized or deserialized, or a stored envelope was malformed.
+    Codec,
+    /// A fan-out job returned an error; the message is the job's.
+    JobFailed,
+    /// A fan-out job panicked.
+    JobPanicked,
+    /// The run this caller waited for was abandoned before it produced a result.
+    Abandoned,
+}
+
+/// The error type of every fallible herdlock call.
+///
+/// It is opaque: match on [`kind`](Error::kind) or use the predicates. It is `Clone` (its
+/// source sits behind an `Arc`) because one fan-out outcome reaches many waiters.
+#[derive(Clone)]
+pub struct Error {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    kind: ErrorKind,
+    message: String,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: message.into(),
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn with_source(
+        kind: ErrorKind,
+        message: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Error {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: message.into(),
+                source: Some(Arc::new(source)),
+            }),
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>) -> Error {
+        Error::new(ErrorKind::InvalidInput, message)
+    }
+
+    /// Maps a redis-rs error, naming the operation that failed.
+    pub(crate) fn redis(what: &str, err: redis::RedisError) -> Error {
+        let kind = redis_kind(&err);
+        let message = match kind {
+            ErrorKind::Auth => format!("redis rejected the credentials during {what}"),
+            ErrorKind::Connection => format!("redis connection failed during {what}"),
+            _ => format!("redis returned an error during {what}"),
+        };
+        Error::with_source(kind, message, err)
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The caller's wait deadline passed.
+    pub fn is_timeout(&self) -> bool {
+        self.kind() == ErrorKind::Timeout
+    }
+
+    /// The lock or run was lost to expiry or to another holder.
+    pub fn is_lock_lost(&self) -> bool {
+        self.kind() == ErrorKind::LockLost
+    }
+
+    /// Redis was unreachable, refused the credentials, or did not answer in time.
+    pub fn is_connection(&self) -> bool {
+        matches!(self.kind(), ErrorKind::Connection | ErrorKind::Auth)
+    }
+
+    /// The caller passed an argument herdlock rejects.
+    pub fn is_invalid_input(&self) -> bool {
+        self.kind() == ErrorKind::InvalidInput
+    }
+
+    /// The message without the source chain (what [`Display`](fmt::Display) prints).
+    pub fn message(&self) -> &str {
+        &self.inner.message
+    }
+}
+
+fn redis_kind(err: &redis::RedisError) -> ErrorKind {
+    use redis::ErrorKind as K;
+    let text = err.to_string();
+    if err.kind() == K::AuthenticationFailed
+        || text.contains("WRONGPASS")
+        || text.contains("NOAUTH")
+        || text.contains("invalid password")
+        || text.contains("invalid username-password")
+    {
+        return ErrorKind::Auth;
+    }
+    if err.is_io_error()
+        || err.is_timeout()
+        || err.is_connection_refusal()
+        || err.is_connection_dropped()
+        || err.kind() == K::Io
+    {
+        return ErrorKind::Connection;
+    }
+    ErrorKind::Redis
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.inner.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.inner.kind)
+            .field("message", &self.inner.message);
+        if let Some(source) = &self.inner.source {
+            d.field("source", &source.to_string());
+        }
+        d.finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.inner
+            .source
+            .as_ref()
+            .map(|s| s.as_ref() as &(dyn StdError + 'static))
+    }
+}
+
+/// Errors a codec or envelope check raises inside the crate; turned into [`Error`] at the
+/// boundary. Kept separate so `source()` carries the precise cause.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CodecError {
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("bincode encode: {0}")]
+    BincodeEncode(#[from] bincode::error::EncodeError),
+    #[error("bincode decode: {0}")]
+    BincodeDecode(#[from] bincode::error::DecodeError),
+    #[error("{0}")]
+    Malformed(String),
+}

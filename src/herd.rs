@@ -1,0 +1,297 @@
+//! [`Herd`], the handle every primitive hangs off, and its [`Builder`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::backend::memory::MemoryBackend;
+use crate::backend::redis::{ConnectSettings, RedisBackend};
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::keys::{self, JobKeys};
+
+/// A cheap, cloneable handle to one coordination backend (Redis or in-memory) plus its
+/// settings. Share it by cloning; every clone uses the same connections.
+///
+/// # Examples
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), herdlock::Error> {
+/// let herd = herdlock::Herd::memory();
+/// let other = herd.clone(); // same backend, same connections
+/// assert_eq!(other.prefix(), "herdlock");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Herd {
+    pub(crate) inner: Arc<HerdInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct HerdInner {
+    pub(crate) backend: Backend,
+    pub(crate) prefix: String,
+    pub(crate) owner: String,
+    pub(crate) lock_ttl: Duration,
+}
+
+/// Configures and builds a [`Herd`]. Every setter documents its default and why.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// # fn main() -> Result<(), herdlock::Error> {
+/// let herd = herdlock::Herd::builder()
+///     .prefix("myapp")
+///     .owner("worker-7")
+///     .lock_ttl(Duration::from_secs(30))
+///     .memory()?;
+/// assert_eq!(herd.owner(), "worker-7");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct Builder {
+    prefix: String,
+    owner: Option<String>,
+    lock_ttl: Duration,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            prefix: "herdlock".to_owned(),
+            owner: None,
+            lock_ttl: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            command_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Builder {
+    /// The prefix of every Redis key and channel herdlock uses.
+    ///
+    /// Default: `herdlock`. Give each application (or test) its own prefix to keep their
+    /// keys apart on a shared Redis. It must not contain `{` or `}` (the hash tag belongs
+    /// to the key) and is at most [`MAX_PREFIX_LEN`](crate::MAX_PREFIX_LEN) bytes.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The owner label stamped on every lock this herd takes, shown to contenders and by
+    /// [`Herd::lock_status`].
+    ///
+    /// Default: `<hostname>.<pid>`, which is what you want when debugging a stuck job
+    /// ("which machine, which process?"). At most [`MAX_OWNER_LEN`](crate::MAX_OWNER_LEN)
+    /// bytes, no control characters.
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+
+    /// The TTL of locks taken without an explicit TTL.
+    ///
+    /// Default: 10 s. The TTL is the crash backstop: a holder that dies without releasing
+    /// blocks others for at most this long. Choose it longer than the work, or extend the
+    /// lock as the work goes on.
+    pub fn lock_ttl(mut self, ttl: Duration) -> Self {
+        self.lock_ttl = ttl;
+        self
+    }
+
+    /// How long one attempt to connect to Redis may take.
+    ///
+    /// Default: 2 s: long enough for a loaded server on a LAN, short enough that a caller
+    /// learns quickly that Redis is down.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long one Redis command may take before the call fails with a connection error.
+    ///
+    /// Default: 2 s. Every herdlock step is one short script, so a command that takes
+    /// longer means Redis is stalled or unreachable.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Connects to Redis at `url` (`redis://[user:password@]host:port[/db]`) and checks
+    /// that both connections (commands and pub/sub) work.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option or URL;
+    /// [`Connection`](crate::ErrorKind::Connection) when Redis cannot be reached within
+    /// the connect timeout; [`Auth`](crate::ErrorKind::Auth) when it rejects the
+    /// credentials.
+    pub async fn connect(self, url: &str) -> Result<Herd> {
+        let settings = self.settings()?;
+        let backend = RedisBackend::connect(url, settings).await?;
+        let backend = Backend::Redis(backend);
+        backend.ping().await?;
+        self.finish(backend)
+    }
+
+    /// Like [`connect`](Builder::connect), but connects on first use: this only checks
+    /// the options and the URL. Connection and credential errors surface from the first
+    /// call that needs Redis.
+    ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime (the pub/sub listener task is spawned here).
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option or URL.
+    pub fn connect_lazy(self, url: &str) -> Result<Herd> {
+        let settings = self.settings()?;
+        let backend = RedisBackend::connect_lazy(url, settings)?;
+        self.finish(Backend::Redis(backend))
+    }
+
+    /// Builds an in-memory herd: the same semantics, for one process (tests, the quick
+    /// start, single-process deployments). Clones share one state.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option.
+    pub fn memory(self) -> Result<Herd> {
+        self.settings()?;
+        self.finish(Backend::Memory(MemoryBackend::default()))
+    }
+
+    fn settings(&self) -> Result<ConnectSettings> {
+        keys::validate_prefix(&self.prefix)?;
+        if let Some(owner) = &self.owner {
+            keys::validate_owner(owner)?;
+        }
+        keys::validate_ttl("default lock ttl", self.lock_ttl)?;
+        for (what, t) in [
+            ("connect timeout", self.connect_timeout),
+            ("command timeout", self.command_timeout),
+        ] {
+            if t.is_zero() || t > Duration::from_secs(300) {
+                return Err(Error::invalid(format!(
+                    "{what} must be between 1 ms and 300 s, got {t:?}"
+                )));
+            }
+        }
+        Ok(ConnectSettings {
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+        })
+    }
+
+    fn finish(self, backend: Backend) -> Result<Herd> {
+        Ok(Herd {
+            inner: Arc::new(HerdInner {
+                backend,
+                prefix: self.prefix,
+                owner: self.owner.unwrap_or_else(default_owner),
+                lock_ttl: self.lock_ttl,
+            }),
+        })
+    }
+}
+
+impl Herd {
+    /// A [`Builder`] with every option at its default.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Connects to Redis at `url` with default options. See [`Builder::connect`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::connect`].
+    pub async fn connect(url: &str) -> Result<Herd> {
+        Builder::default().connect(url).await
+    }
+
+    /// An in-memory herd with default options. See [`Builder::memory`].
+    pub fn memory() -> Herd {
+        let builder = Builder::default();
+        Herd {
+            inner: Arc::new(HerdInner {
+                backend: Backend::Memory(MemoryBackend::default()),
+                prefix: builder.prefix,
+                owner: default_owner(),
+                lock_ttl: builder.lock_ttl,
+            }),
+        }
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The owner label stamped on this herd's locks.
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// The default lock TTL.
+    pub fn lock_ttl(&self) -> Duration {
+        self.inner.lock_ttl
+    }
+
+    /// Whether this herd runs on the in-memory backend.
+    pub fn is_memory(&self) -> bool {
+        matches!(self.inner.backend, Backend::Memory(_))
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.backend
+    }
+
+    pub(crate) fn job_keys(&self, key: &str) -> Result<JobKeys> {
+        keys::validate_key(key)?;
+        Ok(JobKeys::new(&self.inner.prefix, key))
+    }
+}
+
+/// `<hostname>.<pid>`, computed once.
+fn default_owner() -> String {
+    static OWNER: OnceLock<String> = OnceLock::new();
+    OWNER
+        .get_or_init(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+                .ok()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .or_else(|| std::env::var("COMPUTERNAME").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty() && !h.chars().any(char::is_control))
+                .unwrap_or_else(|| "localhost".to_owned());
+            format!("{host}.{}", std::process::id())
+        })
+        .clone()
+}
+
+/// A token unique to this acquisition: a per-process random seed and a counter.
+pub(crate) fn nonce() -> String {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            h.write_u128(t.as_nanos());
+        }
+        h.finish()
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{seed:016x}{n:x}")
+}

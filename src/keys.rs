@@ -1,0 +1,175 @@
+//! Key validation and the Redis key layout (DESIGN.md, "Redis data model").
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// The longest accepted key (job id / lock name), in bytes.
+///
+/// Redis accepts far longer keys, but a key is copied into every script call and
+/// every notice; 512 bytes is ample for ids and keeps a runaway caller from bloating Redis.
+pub const MAX_KEY_LEN: usize = 512;
+
+/// The longest accepted key prefix, in bytes.
+pub const MAX_PREFIX_LEN: usize = 128;
+
+/// The longest accepted owner label, in bytes.
+pub const MAX_OWNER_LEN: usize = 256;
+
+/// The longest accepted lock TTL (and grace period): 7 days.
+///
+/// A lease longer than this is almost always a unit mistake (seconds passed as
+/// milliseconds); a job that truly runs for weeks should extend its lock as it goes.
+pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The longest accepted wait timeout: 24 hours.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The shortest accepted lock TTL: 1 ms, the resolution of Redis `PX`.
+pub const MIN_TTL: Duration = Duration::from_millis(1);
+
+/// Every Redis name one key uses. All share the hash tag `{key}` so a script that touches
+/// several of them stays in one Redis Cluster slot.
+#[derive(Debug, Clone)]
+pub(crate) struct JobKeys {
+    /// The caller's key, as given.
+    pub(crate) key: String,
+    /// `prefix:{key}:lock`: the holder token, with a PX TTL.
+    pub(crate) lock: String,
+    /// `prefix:{key}:fence`: INCR'd on every acquisition.
+    pub(crate) fence: String,
+    /// `prefix:{key}`: the pub/sub channel for release and completion notices.
+    pub(crate) channel: String,
+}
+
+impl JobKeys {
+    pub(crate) fn new(prefix: &str, key: &str) -> JobKeys {
+        let base = format!("{prefix}:{{{key}}}");
+        JobKeys {
+            key: key.to_owned(),
+            lock: format!("{base}:lock"),
+            fence: format!("{base}:fence"),
+            channel: base,
+        }
+    }
+}
+
+pub(crate) fn validate_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid("key must not be empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(Error::invalid(format!(
+            "key is {} bytes long, more than the limit of {MAX_KEY_LEN}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() {
+        return Err(Error::invalid("key prefix must not be empty"));
+    }
+    if prefix.len() > MAX_PREFIX_LEN {
+        return Err(Error::invalid(format!(
+            "key prefix is {} bytes long, more than the limit of {MAX_PREFIX_LEN}",
+            prefix.len()
+        )));
+    }
+    if prefix.contains(['{', '}']) {
+        return Err(Error::invalid(
+            "key prefix must not contain `{` or `}`: the hash tag belongs to the key",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_owner(owner: &str) -> Result<()> {
+    if owner.is_empty() {
+        return Err(Error::invalid("owner label must not be empty"));
+    }
+    if owner.len() > MAX_OWNER_LEN {
+        return Err(Error::invalid(format!(
+            "owner label is {} bytes long, more than the limit of {MAX_OWNER_LEN}",
+            owner.len()
+        )));
+    }
+    if owner.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "owner label must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_ttl(what: &str, ttl: Duration) -> Result<()> {
+    if ttl < MIN_TTL {
+        return Err(Error::invalid(format!(
+            "{what} must be at least 1 ms, got {ttl:?}"
+        )));
+    }
+    if ttl > MAX_TTL {
+        return Err(Error::invalid(format!(
+            "{what} of {ttl:?} is longer than the limit of {MAX_TTL:?}"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_wait(wait: Duration) -> Result<()> {
+    if wait.is_zero() {
+        return Err(Error::invalid(
+            "wait timeout must be greater than zero (use the try_ form to not wait)",
+        ));
+    }
+    if wait > MAX_WAIT {
+        return Err(Error::invalid(format!(
+            "wait timeout of {wait:?} is longer than the limit of {MAX_WAIT:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Whole milliseconds, rounded up so that 1.5 ms never becomes 1 ms of lease.
+pub(crate) fn millis(d: Duration) -> u64 {
+    let ms = d.as_millis();
+    let ms = if d.as_nanos() % 1_000_000 != 0 {
+        ms + 1
+    } else {
+        ms
+    };
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn key_layout_shares_one_hash_tag() {
+        let k = JobKeys::new("herdlock", "job:1");
+        assert_eq!(k.lock, "herdlock:{job:1}:lock");
+        assert_eq!(k.fence, "herdlock:{job:1}:fence");
+        assert_eq!(k.channel, "herdlock:{job:1}");
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(validate_key("").is_err());
+        assert!(validate_key(&"k".repeat(MAX_KEY_LEN + 1)).is_err());
+        assert!(validate_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
+        assert!(validate_ttl("ttl", Duration::ZERO).is_err());
+        assert!(validate_ttl("ttl", MAX_TTL + Duration::from_secs(1)).is_err());
+        assert!(validate_wait(Duration::ZERO).is_err());
+        assert!(validate_wait(MAX_WAIT * 2).is_err());
+        assert!(validate_prefix("a{b").is_err());
+        assert!(validate_owner("a\nb").is_err());
+    }
+
+    #[test]
+    fn millis_rounds_up() {
+        assert_eq!(millis(Duration::from_micros(1500)), 2);
+        assert_eq!(millis(Duration::from_millis(7)), 7);
+    }
+}

@@ -1,0 +1,578 @@
+//! Distributed locks: [`Herd::try_lock`], [`Herd::lock`], the closure form [`Herd::once`],
+//! and [`LockGuard`].
+
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::time::Instant;
+
+use crate::backend::{parse_holder, AcquireReply, Backend};
+use crate::error::{Error, ErrorKind, Result};
+use crate::herd::{nonce, Herd};
+use crate::keys::{self, JobKeys};
+
+/// When a busy lock reports no TTL (it should always have one), re-check this often.
+const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
+
+/// A fencing token: strictly increasing per key across every acquisition by any process.
+///
+/// Pass it to the system the lock protects and have that system reject writes carrying a
+/// token lower than one it has already seen: that makes a paused or partitioned former
+/// holder harmless even after its lease ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// The token as a number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Who holds a lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Holder {
+    /// The holder's owner label (see [`Builder::owner`](crate::Builder::owner)).
+    pub owner: String,
+    /// The holder's fencing token.
+    pub fence: FencingToken,
+    /// How long until the lock expires unless extended; `None` if it has no expiry.
+    pub remaining: Option<Duration>,
+}
+
+impl Holder {
+    fn parse(value: &str, pttl_ms: i64) -> Result<Holder> {
+        let (fence, owner) = parse_holder(value)?;
+        Ok(Holder {
+            owner: owner.to_owned(),
+            fence: FencingToken(fence),
+            remaining: u64::try_from(pttl_ms).ok().map(Duration::from_millis),
+        })
+    }
+}
+
+/// A snapshot of one lock key, for debugging stuck work. See [`Herd::lock_status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockStatus {
+    /// The current holder, if the lock is held.
+    pub holder: Option<Holder>,
+    /// The last fencing token handed out for this key (0: never acquired, or the fence
+    /// counter was lost with a Redis restart without persistence).
+    pub last_fence: u64,
+}
+
+/// The result of [`Herd::try_lock`]: the lock, or who has it.
+#[derive(Debug)]
+#[must_use = "dropping an acquired lock releases it in the background"]
+pub enum TryLock {
+    /// The caller holds the lock now.
+    Acquired(LockGuard),
+    /// Someone else holds it; nothing was changed.
+    Busy(Holder),
+}
+
+impl TryLock {
+    /// The guard, if the lock was acquired.
+    pub fn acquired(self) -> Option<LockGuard> {
+        match self {
+            TryLock::Acquired(guard) => Some(guard),
+            TryLock::Busy(_) => None,
+        }
+    }
+
+    /// Whether someone else held the lock.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, TryLock::Busy(_))
+    }
+}
+
+/// The result of [`Herd::once`]: whether the closure ran, unambiguous even when it returns
+/// `()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Outcome<T> {
+    /// The lock was acquired and the closure ran to completion with this value.
+    Ran(T),
+    /// Someone else held the lock; the closure never ran.
+    Busy(Holder),
+}
+
+impl<T> Outcome<T> {
+    /// Whether the closure ran.
+    pub fn ran(&self) -> bool {
+        matches!(self, Outcome::Ran(_))
+    }
+
+    /// The closure's value, if it ran.
+    pub fn into_value(self) -> Option<T> {
+        match self {
+            Outcome::Ran(v) => Some(v),
+            Outcome::Busy(_) => None,
+        }
+    }
+}
+
+/// Per-call lock options. Unset fields take the herd's defaults.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct LockOptions {
+    ttl: Option<Duration>,
+    grace: Duration,
+}
+
+impl LockOptions {
+    /// Options with every field at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The lock's TTL. Default: the herd's [`lock_ttl`](crate::Builder::lock_ttl).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Keep the lock this long after the work finishes successfully, so a late duplicate
+    /// trigger (a cron firing a little later on another host) finds it held and does not
+    /// run the work again.
+    ///
+    /// Default: zero (release at once). Applied by [`LockGuard::release`] and by
+    /// [`Herd::once`] when its closure returns `Ok`; a closure that fails or panics releases
+    /// at once, so a retry may run.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    fn resolve(&self, herd: &Herd) -> Result<(Duration, Duration)> {
+        let ttl = self.ttl.unwrap_or(herd.inner.lock_ttl);
+        keys::validate_ttl("lock ttl", ttl)?;
+        if !self.grace.is_zero() {
+            keys::validate_ttl("grace period", self.grace)?;
+        }
+        Ok((ttl, self.grace))
+    }
+}
+
+/// A held lock.
+///
+/// Release it with [`release`](LockGuard::release), which reports errors. Dropping it
+/// without releasing is a best effort: the release is sent from a background task when a
+/// Tokio runtime is available, and nothing at all happens otherwise; in either case the
+/// TTL is the backstop. A guard is released once: `release` takes it by value, so a second
+/// release does not compile.
+///
+/// ```compile_fail
+/// # async fn f(herd: herdlock::Herd) -> Result<(), herdlock::Error> {
+/// let guard = herd.lock("k", std::time::Duration::from_secs(1)).await?;
+/// guard.release().await?;
+/// guard.release().await?; // error[E0382]: use of moved value
+/// # Ok(()) }
+/// ```
+#[must_use = "dropping the guard releases the lock in the background"]
+pub struct LockGuard {
+    herd: Herd,
+    keys: JobKeys,
+    token: String,
+    fence: FencingToken,
+    grace: Duration,
+    released: bool,
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("key", &self.keys.key)
+            .field("fence", &self.fence)
+            .field("owner", &self.herd.owner())
+            .finish()
+    }
+}
+
+impl LockGuard {
+    /// The key this guard holds.
+    pub fn key(&self) -> &str {
+        &self.keys.key
+    }
+
+    /// This acquisition's fencing token.
+    pub fn fence(&self) -> FencingToken {
+        self.fence
+    }
+
+    /// The owner label stamped on the lock.
+    pub fn owner(&self) -> &str {
+        self.herd.owner()
+    }
+
+    /// Resets the lock's TTL to `ttl` from now, if this guard still holds it.
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost) if the lock expired (and perhaps was taken by
+    /// another holder, whose lock is left untouched); [`InvalidInput`](ErrorKind::InvalidInput)
+    /// for a TTL out of range; connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the extension may or may not have been applied.
+    pub async fn extend(&self, ttl: Duration) -> Result<()> {
+        keys::validate_ttl("lock ttl", ttl)?;
+        if self.herd.backend().extend(&self.keys, &self.token, ttl).await? {
+            Ok(())
+        } else {
+            Err(lost(&self.keys.key))
+        }
+    }
+
+    /// Releases the lock (or, with a [grace period](LockOptions::grace), shortens it to the
+    /// grace) and wakes the waiters.
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost) if the lock had already expired or been taken
+    /// over, in which case the current holder's lock is untouched; connection errors (the
+    /// lock then expires with its TTL).
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the release may or may not have happened; the TTL is the backstop.
+    pub async fn release(mut self) -> Result<()> {
+        self.released = true;
+        release(self.herd.backend(), &self.keys, &self.token, self.grace).await
+    }
+
+    /// Releases at once, ignoring the grace period (used when the work failed).
+    async fn release_now(mut self) -> Result<()> {
+        self.released = true;
+        release(self.herd.backend(), &self.keys, &self.token, Duration::ZERO).await
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            tracing::debug!(key = %self.keys.key, "lock guard dropped outside a runtime; the TTL will release it");
+            return;
+        };
+        let backend = self.herd.backend().clone();
+        let keys = self.keys.clone();
+        let token = std::mem::take(&mut self.token);
+        let grace = self.grace;
+        handle.spawn(async move {
+            if let Err(e) = release(&backend, &keys, &token, grace).await {
+                tracing::debug!(key = %keys.key, error = %e, "background release of a dropped lock guard failed");
+            }
+        });
+    }
+}
+
+async fn release(backend: &Backend, keys: &JobKeys, token: &str, grace: Duration) -> Result<()> {
+    if backend.release(keys, token, grace).await? {
+        Ok(())
+    } else {
+        Err(lost(&keys.key))
+    }
+}
+
+fn lost(key: &str) -> Error {
+    Error::new(
+        ErrorKind::LockLost,
+        format!("lock `{key}` is no longer held by this guard (it expired or was taken over)"),
+    )
+}
+
+impl Herd {
+    /// Takes the lock on `key` now, or reports who holds it. Never waits.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// use herdlock::{Herd, TryLock};
+    /// let herd = Herd::memory();
+    /// let TryLock::Acquired(guard) = herd.try_lock("nightly-import").await? else {
+    ///     unreachable!("nobody else holds it");
+    /// };
+    /// match herd.try_lock("nightly-import").await? {
+    ///     TryLock::Busy(holder) => assert_eq!(holder.owner, herd.owner()),
+    ///     TryLock::Acquired(_) => unreachable!("we hold it"),
+    /// }
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for an empty or oversized key; connection
+    /// errors. Contention is not an error: it is [`TryLock::Busy`].
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled after the request was sent, the lock may have been taken; it then
+    /// expires with its TTL.
+    pub async fn try_lock(&self, key: &str) -> Result<TryLock> {
+        self.try_lock_with(key, &LockOptions::default()).await
+    }
+
+    /// [`try_lock`](Herd::try_lock) with options (TTL, grace period).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_lock`](Herd::try_lock), plus [`InvalidInput`](ErrorKind::InvalidInput) for
+    /// a TTL or grace period out of range.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`try_lock`](Herd::try_lock).
+    pub async fn try_lock_with(&self, key: &str, options: &LockOptions) -> Result<TryLock> {
+        let keys = self.job_keys(key)?;
+        let (ttl, grace) = options.resolve(self)?;
+        self.attempt(keys, ttl, grace).await
+    }
+
+    async fn attempt(&self, keys: JobKeys, ttl: Duration, grace: Duration) -> Result<TryLock> {
+        let reply = self
+            .backend()
+            .acquire(&keys, &nonce(), self.owner(), ttl)
+            .await?;
+        Ok(match reply {
+            AcquireReply::Acquired { token, fence } => TryLock::Acquired(LockGuard {
+                herd: self.clone(),
+                keys,
+                token,
+                fence: FencingToken(fence),
+                grace,
+                released: false,
+            }),
+            AcquireReply::Busy { holder, pttl_ms } => TryLock::Busy(Holder::parse(&holder, pttl_ms)?),
+        })
+    }
+
+    /// Takes the lock on `key`, waiting up to `wait` for it to be free.
+    ///
+    /// Waiters are woken by the holder's release notice (pub/sub), not by polling: a
+    /// waiter subscribes, waits for the subscription to be confirmed, and only then
+    /// re-checks the lock, so no release can slip between the check and the wait. If a
+    /// notice is lost anyway (a dropped connection, a holder that crashed), the waiter
+    /// re-checks when the lock's remaining TTL runs out.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// use std::time::Duration;
+    /// let herd = herdlock::Herd::memory();
+    /// let first = herd.lock("migrations", Duration::from_secs(1)).await?;
+    /// let first_fence = first.fence();
+    /// let waiter = tokio::spawn({
+    ///     let herd = herd.clone();
+    ///     async move { herd.lock("migrations", Duration::from_secs(5)).await }
+    /// });
+    /// first.release().await?; // wakes the waiter at once
+    /// let second = waiter.await.expect("task ran")?;
+    /// assert!(second.fence() > first_fence);
+    /// second.release().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Timeout`](ErrorKind::Timeout) when `wait` passes;
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad key or a zero or absurd wait
+    /// (above [`MAX_WAIT`](crate::MAX_WAIT)); connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling while waiting leaves nothing behind. Cancelling during the acquire step
+    /// itself may leave the lock taken until its TTL runs out.
+    pub async fn lock(&self, key: &str, wait: Duration) -> Result<LockGuard> {
+        self.lock_with(key, wait, &LockOptions::default()).await
+    }
+
+    /// [`lock`](Herd::lock) with options (TTL, grace period).
+    ///
+    /// # Errors
+    ///
+    /// As [`lock`](Herd::lock), plus [`InvalidInput`](ErrorKind::InvalidInput) for a TTL or
+    /// grace period out of range.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Herd::lock).
+    pub async fn lock_with(
+        &self,
+        key: &str,
+        wait: Duration,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        let keys = self.job_keys(key)?;
+        let (ttl, grace) = options.resolve(self)?;
+        keys::validate_wait(wait)?;
+        let deadline = Instant::now() + wait;
+        let timed_out = || {
+            Error::new(
+                ErrorKind::Timeout,
+                format!("timed out after {wait:?} waiting for lock `{key}`"),
+            )
+        };
+        let wait_loop = async {
+            // Fast path: no subscription round trip when the lock is free.
+            let holder = match self.attempt(keys.clone(), ttl, grace).await? {
+                TryLock::Acquired(guard) => return Ok(guard),
+                TryLock::Busy(holder) => holder,
+            };
+            let mut remaining = holder.remaining;
+            // Subscribe (confirmed), then re-check: a release after this point is seen.
+            let mut sub = self.backend().subscribe(&keys).await?;
+            loop {
+                match self.attempt(keys.clone(), ttl, grace).await? {
+                    TryLock::Acquired(guard) => return Ok(guard),
+                    TryLock::Busy(holder) => {
+                        if holder.remaining.is_some() {
+                            remaining = holder.remaining;
+                        }
+                    }
+                }
+                // Bounded fallback: re-check when the holder's TTL would have run out.
+                let recheck = remaining
+                    .unwrap_or(FALLBACK_RECHECK)
+                    .max(Duration::from_millis(1));
+                let wake_at = (Instant::now() + recheck).min(deadline);
+                tokio::select! {
+                    _ = sub.recv() => {}
+                    _ = tokio::time::sleep_until(wake_at) => {}
+                }
+                if Instant::now() >= deadline {
+                    return Err(timed_out());
+                }
+                remaining = None;
+            }
+        };
+        match tokio::time::timeout_at(deadline, wait_loop).await {
+            Ok(result) => result,
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// Runs `work` under the lock on `key` if it is free now; reports
+    /// [`Outcome::Busy`] (and does not run `work`) if someone else holds it.
+    ///
+    /// The lock is released when `work` ends: on `Ok` (after the grace period, if one is
+    /// set), on `Err` and on panic (at once; the panic then resumes). An error from `work`
+    /// is returned unchanged.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// use herdlock::{Herd, Outcome};
+    /// let herd = Herd::memory();
+    /// let outcome = herd
+    ///     .once("nightly-import", || async { Ok::<_, herdlock::Error>(()) })
+    ///     .await?;
+    /// assert_eq!(outcome, Outcome::Ran(()));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// `work`'s own error, unchanged; herdlock's errors (bad key, connection) converted
+    /// with `E: From<herdlock::Error>`. A failure to release after `work` succeeded is
+    /// reported as an error too (the lock then expires with its TTL).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling drops `work` mid-way; the guard's drop releases the lock in the
+    /// background.
+    pub async fn once<F, Fut, T, E>(&self, key: &str, work: F) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        self.once_with(key, &LockOptions::default(), work).await
+    }
+
+    /// [`once`](Herd::once) with options (TTL, grace period).
+    ///
+    /// # Errors
+    ///
+    /// As [`once`](Herd::once).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`once`](Herd::once).
+    pub async fn once_with<F, Fut, T, E>(
+        &self,
+        key: &str,
+        options: &LockOptions,
+        work: F,
+    ) -> Result<Outcome<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: From<Error>,
+    {
+        let guard = match self.try_lock_with(key, options).await? {
+            TryLock::Acquired(guard) => guard,
+            TryLock::Busy(holder) => return Ok(Outcome::Busy(holder)),
+        };
+        match AssertUnwindSafe(work()).catch_unwind().await {
+            Ok(Ok(value)) => {
+                guard.release().await?;
+                Ok(Outcome::Ran(value))
+            }
+            Ok(Err(e)) => {
+                if let Err(release_error) = guard.release_now().await {
+                    tracing::warn!(key, error = %release_error, "release after a failed job failed");
+                }
+                Err(e)
+            }
+            Err(panic) => {
+                if let Err(release_error) = guard.release_now().await {
+                    tracing::warn!(key, error = %release_error, "release after a panicked job failed");
+                }
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+
+    /// The holder, remaining TTL and last fencing token of `key`, for debugging stuck work.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad key; connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads.
+    pub async fn lock_status(&self, key: &str) -> Result<LockStatus> {
+        let keys = self.job_keys(key)?;
+        let reply = self.backend().status(&keys).await?;
+        let holder = match reply.holder {
+            Some(value) => Some(Holder::parse(&value, reply.pttl_ms)?),
+            None => None,
+        };
+        Ok(LockStatus {
+            holder,
+            last_fence: reply.last_fence,
+        })
+    }
+}
