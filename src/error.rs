@@ -4,6 +4,8 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
 
+use crate::codec::JobError;
+
 /// A specialized `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -54,6 +56,7 @@ struct Inner {
     kind: ErrorKind,
     message: String,
     source: Option<Arc<dyn StdError + Send + Sync>>,
+    job: Option<JobError>,
 }
 
 impl Error {
@@ -63,6 +66,7 @@ impl Error {
                 kind,
                 message: message.into(),
                 source: None,
+                job: None,
             }),
         }
     }
@@ -77,8 +81,27 @@ impl Error {
                 kind,
                 message: message.into(),
                 source: Some(Arc::new(source)),
+                job: None,
             }),
         }
+    }
+
+    /// An error carrying what a fan-out job reported.
+    pub(crate) fn job(kind: ErrorKind, message: impl Into<String>, job: JobError) -> Error {
+        Error {
+            inner: Arc::new(Inner {
+                kind,
+                message: message.into(),
+                source: None,
+                job: Some(job),
+            }),
+        }
+    }
+
+    /// What the fan-out job reported (message, code, detail), when this error is a job's
+    /// failure, panic or rejected result, as received by every waiter.
+    pub fn job_error(&self) -> Option<&JobError> {
+        self.inner.job.as_ref()
     }
 
     pub(crate) fn invalid(message: impl Into<String>) -> Error {
@@ -119,6 +142,11 @@ impl Error {
     /// The caller passed an argument herdlock rejects.
     pub fn is_invalid_input(&self) -> bool {
         self.kind() == ErrorKind::InvalidInput
+    }
+
+    /// A fan-out job failed, panicked or exceeded its maximum duration.
+    pub fn is_job_failure(&self) -> bool {
+        matches!(self.kind(), ErrorKind::JobFailed | ErrorKind::JobPanicked) || self.inner.job.is_some()
     }
 
     /// The message without the source chain (what [`Display`](fmt::Display) prints).

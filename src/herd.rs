@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::backend::memory::MemoryBackend;
 use crate::backend::redis::{ConnectSettings, RedisBackend};
 use crate::backend::Backend;
+use crate::coalesce::Flights;
 use crate::error::{Error, Result};
 use crate::keys::{self, JobKeys};
 
@@ -34,6 +35,7 @@ pub(crate) struct HerdInner {
     pub(crate) prefix: String,
     pub(crate) owner: String,
     pub(crate) lock_ttl: Duration,
+    pub(crate) flights: Flights,
 }
 
 /// Configures and builds a [`Herd`]. Every setter documents its default and why.
@@ -197,6 +199,7 @@ impl Builder {
                 prefix: self.prefix,
                 owner: self.owner.unwrap_or_else(default_owner),
                 lock_ttl: self.lock_ttl,
+                flights: Flights::default(),
             }),
         })
     }
@@ -226,6 +229,7 @@ impl Herd {
                 prefix: builder.prefix,
                 owner: default_owner(),
                 lock_ttl: builder.lock_ttl,
+                flights: Flights::default(),
             }),
         }
     }

@@ -38,6 +38,8 @@ pub(crate) struct JobKeys {
     pub(crate) lock: String,
     /// `prefix:{key}:fence`: INCR'd on every acquisition.
     pub(crate) fence: String,
+    /// `prefix:{key}:result`: the last fan-out result envelope, with a short linger.
+    pub(crate) result: String,
     /// `prefix:{key}`: the pub/sub channel for release and completion notices.
     pub(crate) channel: String,
 }
@@ -49,6 +51,7 @@ impl JobKeys {
             key: key.to_owned(),
             lock: format!("{base}:lock"),
             fence: format!("{base}:fence"),
+            result: format!("{base}:result"),
             channel: base,
         }
     }

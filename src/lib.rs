@@ -79,12 +79,19 @@
 #![doc(test(attr(deny(warnings))))]
 
 mod backend;
+mod coalesce;
+mod codec;
 mod error;
+mod fanout;
 mod herd;
 mod keys;
 mod lock;
 
+pub use codec::{Codec, JobError};
 pub use error::{Error, ErrorKind, Result};
+pub use fanout::{
+    Completer, FanoutOptions, Fanned, Follower, Push, Role, MAX_RESULT_SIZE_LIMIT,
+};
 pub use herd::{Builder, Herd};
 pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
 pub use lock::{FencingToken, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock};

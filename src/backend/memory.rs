@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::{AcquireReply, Notice, StatusReply, Subscription, SubscriptionGuard};
+use super::{AcquireReply, CheckReply, FanoutReply, Notice, StatusReply, Subscription};
 use crate::keys::JobKeys;
 
 /// Capacity of a key's notice queue; a receiver that falls further behind sees a Resync.
@@ -27,7 +27,16 @@ struct State {
     /// Invariant: an entry whose deadline has passed is treated as absent by every step.
     values: HashMap<String, Entry>,
     counters: HashMap<String, u64>,
+    results: HashMap<String, Stored>,
     channels: HashMap<String, broadcast::Sender<Notice>>,
+}
+
+#[derive(Debug)]
+struct Stored {
+    envelope: Vec<u8>,
+    ok: bool,
+    at: Instant,
+    expires: Instant,
 }
 
 #[derive(Debug)]
@@ -58,6 +67,17 @@ impl State {
                 expires: Some(t), ..
             }) => i64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(i64::MAX),
         }
+    }
+
+    fn result(&mut self, key: &str) -> Option<&Stored> {
+        if self
+            .results
+            .get(key)
+            .is_some_and(|r| r.expires <= Instant::now())
+        {
+            self.results.remove(key);
+        }
+        self.results.get(key)
     }
 
     fn publish(&mut self, channel: &str, payload: &[u8]) {
@@ -109,6 +129,68 @@ impl MemoryBackend {
         AcquireReply::Acquired { token, fence }
     }
 
+    pub(crate) fn fanout_acquire(
+        &self,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+        cache_age: Option<Duration>,
+    ) -> FanoutReply {
+        if let Some(max_age) = cache_age {
+            let mut st = self.lock();
+            if let Some(stored) = st.result(&keys.result) {
+                if stored.ok && stored.at.elapsed() <= max_age {
+                    return FanoutReply::Cached {
+                        envelope: stored.envelope.clone(),
+                    };
+                }
+            }
+        }
+        // The cache check and the acquire are two critical sections; that is fine because a
+        // result stored in between is simply not served from the cache (as if it came later).
+        FanoutReply::Lock(self.acquire(keys, nonce, owner, ttl))
+    }
+
+    pub(crate) fn fanout_check(&self, keys: &JobKeys) -> CheckReply {
+        let mut st = self.lock();
+        let pttl_ms = st.pttl(&keys.lock);
+        let holder = st.get(&keys.lock).map(|e| e.value.clone());
+        let envelope = st.result(&keys.result).map(|r| r.envelope.clone());
+        CheckReply {
+            holder,
+            pttl_ms,
+            envelope,
+        }
+    }
+
+    pub(crate) fn complete(
+        &self,
+        keys: &JobKeys,
+        token: &str,
+        envelope: &[u8],
+        ok: bool,
+        linger: Duration,
+    ) -> bool {
+        let mut st = self.lock();
+        if !st.get(&keys.lock).is_some_and(|e| e.value == token) {
+            return false;
+        }
+        let now = Instant::now();
+        st.results.insert(
+            keys.result.clone(),
+            Stored {
+                envelope: envelope.to_vec(),
+                ok,
+                at: now,
+                expires: now + linger,
+            },
+        );
+        st.values.remove(&keys.lock);
+        st.publish(&keys.channel, envelope);
+        true
+    }
+
     pub(crate) fn release(&self, keys: &JobKeys, token: &str, grace: Duration) -> bool {
         let mut st = self.lock();
         match st.get(&keys.lock) {
@@ -158,6 +240,6 @@ impl MemoryBackend {
                 rx
             }
         };
-        Subscription::new(rx, SubscriptionGuard::Memory)
+        Subscription::new(rx, None)
     }
 }

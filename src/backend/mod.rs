@@ -32,6 +32,23 @@ pub(crate) enum AcquireReply {
     Busy { holder: String, pttl_ms: i64 },
 }
 
+/// The reply of the fan-out acquire step.
+#[derive(Debug, Clone)]
+pub(crate) enum FanoutReply {
+    /// As [`AcquireReply`].
+    Lock(AcquireReply),
+    /// A successful result younger than the requested cache age.
+    Cached { envelope: Vec<u8> },
+}
+
+/// The reply of the fan-out check step.
+#[derive(Debug, Clone)]
+pub(crate) struct CheckReply {
+    pub(crate) holder: Option<String>,
+    pub(crate) pttl_ms: i64,
+    pub(crate) envelope: Option<Vec<u8>>,
+}
+
 /// The reply of the status step.
 #[derive(Debug, Clone)]
 pub(crate) struct StatusReply {
@@ -55,16 +72,12 @@ pub(crate) enum Notice {
 /// last local subscriber of that key).
 pub(crate) struct Subscription {
     rx: broadcast::Receiver<Notice>,
-    _guard: SubscriptionGuard,
-}
-
-pub(crate) enum SubscriptionGuard {
-    Redis(redis::ChannelGuard),
-    Memory,
+    /// Unsubscribes on drop (Redis only; the in-memory channel needs no bookkeeping).
+    _guard: Option<redis::ChannelGuard>,
 }
 
 impl Subscription {
-    pub(crate) fn new(rx: broadcast::Receiver<Notice>, guard: SubscriptionGuard) -> Self {
+    pub(crate) fn new(rx: broadcast::Receiver<Notice>, guard: Option<redis::ChannelGuard>) -> Self {
         Subscription { rx, _guard: guard }
     }
 
@@ -142,6 +155,46 @@ impl Backend {
         match self {
             Backend::Redis(b) => b.subscribe(keys).await,
             Backend::Memory(b) => Ok(b.subscribe(keys)),
+        }
+    }
+
+    /// As [`acquire`](Backend::acquire), but first serves a successful stored result no
+    /// older than `cache_age`, when one is given.
+    pub(crate) async fn fanout_acquire(
+        &self,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+        cache_age: Option<Duration>,
+    ) -> Result<FanoutReply> {
+        match self {
+            Backend::Redis(b) => b.fanout_acquire(keys, nonce, owner, ttl, cache_age).await,
+            Backend::Memory(b) => Ok(b.fanout_acquire(keys, nonce, owner, ttl, cache_age)),
+        }
+    }
+
+    /// The holder, its remaining TTL and the last stored result envelope, in one snapshot.
+    pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
+        match self {
+            Backend::Redis(b) => b.fanout_check(keys).await,
+            Backend::Memory(b) => Ok(b.fanout_check(keys)),
+        }
+    }
+
+    /// Atomically: if `token` still holds the lock, store `envelope` for `linger`, publish
+    /// it and release the lock. `false`: not the holder (nothing was written).
+    pub(crate) async fn complete(
+        &self,
+        keys: &JobKeys,
+        token: &str,
+        envelope: &[u8],
+        ok: bool,
+        linger: Duration,
+    ) -> Result<bool> {
+        match self {
+            Backend::Redis(b) => b.complete(keys, token, envelope, ok, linger).await,
+            Backend::Memory(b) => Ok(b.complete(keys, token, envelope, ok, linger)),
         }
     }
 

@@ -24,7 +24,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub, PubSubSink}
 use redis::{Client, Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
-use super::{AcquireReply, Notice, StatusReply, Subscription, SubscriptionGuard};
+use super::{AcquireReply, CheckReply, FanoutReply, Notice, StatusReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{millis, JobKeys};
 
@@ -66,6 +66,9 @@ struct Scripts {
     release: Script,
     extend: Script,
     status: Script,
+    fanout_acquire: Script,
+    fanout_check: Script,
+    complete: Script,
 }
 
 impl Scripts {
@@ -75,6 +78,9 @@ impl Scripts {
             release: Script::new(include_str!("../scripts/release.lua")),
             extend: Script::new(include_str!("../scripts/extend.lua")),
             status: Script::new(include_str!("../scripts/status.lua")),
+            fanout_acquire: Script::new(include_str!("../scripts/fanout_acquire.lua")),
+            fanout_check: Script::new(include_str!("../scripts/fanout_check.lua")),
+            complete: Script::new(include_str!("../scripts/complete.lua")),
         }
     }
 }
@@ -163,21 +169,66 @@ impl RedisBackend {
             .arg(owner)
             .arg(millis(ttl));
         let reply = self.invoke("acquire", &inv).await?;
-        let items = array(&reply, 3, "acquire")?;
-        let acquired = int(&items[0], "acquire")?;
-        let value = string(&items[1], "acquire")?;
-        let n = int(&items[2], "acquire")?;
-        Ok(if acquired == 1 {
-            AcquireReply::Acquired {
-                token: value,
-                fence: u64::try_from(n).map_err(|_| malformed("acquire"))?,
-            }
-        } else {
-            AcquireReply::Busy {
-                holder: value,
-                pttl_ms: n,
-            }
+        match parse_acquire(&reply, "acquire")? {
+            FanoutReply::Lock(reply) => Ok(reply),
+            FanoutReply::Cached { .. } => Err(malformed("acquire")),
+        }
+    }
+
+    pub(crate) async fn fanout_acquire(
+        &self,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+        cache_age: Option<Duration>,
+    ) -> Result<FanoutReply> {
+        let max_age = cache_age.map_or(-1, |age| i64::try_from(millis(age)).unwrap_or(i64::MAX));
+        let mut inv = self.inner.scripts.fanout_acquire.prepare_invoke();
+        inv.key(&keys.lock)
+            .key(&keys.fence)
+            .key(&keys.result)
+            .arg(nonce)
+            .arg(owner)
+            .arg(millis(ttl))
+            .arg(max_age);
+        let reply = self.invoke("fanout acquire", &inv).await?;
+        parse_acquire(&reply, "fanout acquire")
+    }
+
+    pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
+        let mut inv = self.inner.scripts.fanout_check.prepare_invoke();
+        inv.key(&keys.lock).key(&keys.result);
+        let reply = self.invoke("fanout check", &inv).await?;
+        let items = array(&reply, 3, "fanout check")?;
+        let holder = string(&items[0], "fanout check")?;
+        let pttl_ms = int(&items[1], "fanout check")?;
+        let envelope = bytes(&items[2], "fanout check")?;
+        Ok(CheckReply {
+            holder: (!holder.is_empty()).then_some(holder),
+            pttl_ms,
+            envelope: (!envelope.is_empty()).then_some(envelope),
         })
+    }
+
+    pub(crate) async fn complete(
+        &self,
+        keys: &JobKeys,
+        token: &str,
+        envelope: &[u8],
+        ok: bool,
+        linger: Duration,
+    ) -> Result<bool> {
+        let mut inv = self.inner.scripts.complete.prepare_invoke();
+        inv.key(&keys.lock)
+            .key(&keys.result)
+            .arg(token)
+            .arg(envelope)
+            .arg(millis(linger))
+            .arg(if ok { "1" } else { "0" })
+            .arg(&keys.channel);
+        let reply = self.invoke("complete", &inv).await?;
+        Ok(int(&reply, "complete")? == 1)
     }
 
     pub(crate) async fn release(
@@ -247,6 +298,34 @@ async fn bounded<T>(
             ErrorKind::Connection,
             format!("redis did not answer {what} within {limit:?}"),
         )),
+    }
+}
+
+/// Parses `{1, holder, fence}`, `{0, holder, pttl}` or `{2, envelope, age}`.
+fn parse_acquire(reply: &Value, what: &str) -> Result<FanoutReply> {
+    let items = array(reply, 3, what)?;
+    let n = int(&items[2], what)?;
+    Ok(match int(&items[0], what)? {
+        1 => FanoutReply::Lock(AcquireReply::Acquired {
+            token: string(&items[1], what)?,
+            fence: u64::try_from(n).map_err(|_| malformed(what))?,
+        }),
+        0 => FanoutReply::Lock(AcquireReply::Busy {
+            holder: string(&items[1], what)?,
+            pttl_ms: n,
+        }),
+        2 => FanoutReply::Cached {
+            envelope: bytes(&items[1], what)?,
+        },
+        _ => return Err(malformed(what)),
+    })
+}
+
+fn bytes(v: &Value, what: &str) -> Result<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Ok(b.clone()),
+        Value::SimpleString(s) => Ok(s.clone().into_bytes()),
+        _ => Err(malformed(what)),
     }
 }
 
@@ -378,7 +457,7 @@ impl Notifier {
             }
         }
         drop(sink);
-        Subscription::new(rx, SubscriptionGuard::Redis(guard))
+        Subscription::new(rx, Some(guard))
     }
 }
 

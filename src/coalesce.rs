@@ -1,0 +1,469 @@
+//! Local single-flight and the fan-out protocol: one remote attempt per key per process.
+//!
+//! All concurrent callers of one job id in one process share one *flight*: a task the herd
+//! owns, which talks to the backend on their behalf and publishes one outcome to all of
+//! them through a `watch` channel. Callers only wait on that channel, each under its own
+//! deadline, so a caller that times out or is dropped never affects the job or the others
+//! (DESIGN invariants 3, 4 and 7).
+//!
+//! ## The protocol a flight follows (DESIGN invariant 1)
+//!
+//! 1. *Acquire* (one script): serve a fresh cached result if the caller asked for one;
+//!    else take the lock, bumping the fence (the run's generation `g`); else report the
+//!    holder of the running generation `g`.
+//! 2. *Lead*: run the job on its own task (a panic becomes a "job panicked" outcome), keep
+//!    the lease alive with a watchdog, then *complete* (one script): if still the holder,
+//!    store the envelope tagged with `g` for a short linger, publish it, release the lock.
+//! 3. *Follow*: subscribe to the job's channel and wait for the confirmation, then *check*
+//!    (one script): a stored result of generation `>= g` is taken; a lock still held means
+//!    wait for a notice; a free lock with no such result means the leader died or gave up,
+//!    so go back to 1 and contend (one of the waiters becomes the next leader). A notice
+//!    is accepted directly only if it is a well-formed envelope of exactly generation `g`
+//!    with the run's holder token; anything else only triggers a re-check of Redis. If no
+//!    notice comes, re-check when the holder's lease would have run out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use crate::backend::{parse_holder, AcquireReply, Backend, FanoutReply, Notice};
+use crate::codec::{self, Body, Envelope, Status};
+use crate::error::{Error, ErrorKind, Result};
+use crate::herd::{nonce, Herd};
+use crate::keys::JobKeys;
+
+/// When a lock reports no TTL, re-check this often.
+const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
+/// Added to a lease's remaining TTL before re-checking, so the re-check finds it expired.
+const RECHECK_MARGIN: Duration = Duration::from_millis(2);
+
+/// A job, type-erased: it runs and encodes its own result.
+pub(crate) type JobFn = Box<dyn FnOnce() -> BoxFuture<'static, Body> + Send>;
+
+/// How a flight obtained its outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum How {
+    /// This process ran the job.
+    Led,
+    /// Another process ran it (or another local caller's flight did).
+    Followed,
+    /// A cached result was served.
+    Cached,
+}
+
+/// What every caller of a flight receives.
+#[derive(Debug, Clone)]
+pub(crate) struct FlightOutcome {
+    pub(crate) result: Result<Arc<Envelope>>,
+    pub(crate) how: How,
+}
+
+type Slot = watch::Sender<Option<Arc<FlightOutcome>>>;
+pub(crate) type Waiter = watch::Receiver<Option<Arc<FlightOutcome>>>;
+
+/// Settings of one run, taken from the options of the caller that started the flight.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RunSettings {
+    pub(crate) ttl: Duration,
+    pub(crate) linger: Duration,
+    pub(crate) cache_age: Option<Duration>,
+    pub(crate) max_duration: Option<Duration>,
+}
+
+/// What a flight does when it wins the lock.
+pub(crate) enum Mode {
+    /// Run this job.
+    Run(JobFn),
+    /// Hand a completer to the pusher (`Some(body sender)`), or tell it it follows
+    /// (`None`). Push flights cannot take over a dead leader: they have no job.
+    Push(Option<oneshot::Sender<Option<oneshot::Sender<Body>>>>),
+}
+
+/// The flights of one herd, by job id.
+#[derive(Debug, Default)]
+pub(crate) struct Flights {
+    /// Invariant: an entry exists exactly while its flight task has not yet published an
+    /// outcome or retired; joining (subscribing) and retiring both happen under this lock,
+    /// so a caller never joins a flight that has already given up.
+    map: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+impl Flights {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Removes the flight if it is still the registered one for `id`.
+    fn remove(&self, id: &str, slot: &Arc<Slot>) {
+        let mut map = self.map();
+        if map.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            map.remove(id);
+        }
+    }
+
+    /// Retires a following flight whose callers are all gone; `false` if a new caller
+    /// joined meanwhile (the flight must keep going).
+    fn retire(&self, id: &str, slot: &Arc<Slot>) -> bool {
+        let mut map = self.map();
+        if slot.receiver_count() > 0 {
+            return false;
+        }
+        if map.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            map.remove(id);
+        }
+        true
+    }
+}
+
+/// Joins the flight for `keys`, or starts one with `mode`. Returns the waiter and whether
+/// this call started the flight (when it joined, `mode` is dropped unused).
+pub(crate) fn join_or_start(
+    herd: &Herd,
+    keys: &JobKeys,
+    settings: RunSettings,
+    mode: Mode,
+) -> (Waiter, bool) {
+    let flights = &herd.inner.flights;
+    let mut map = flights.map();
+    if let Some(slot) = map.get(&keys.key) {
+        return (slot.subscribe(), false);
+    }
+    let (tx, rx) = watch::channel(None);
+    let slot = Arc::new(tx);
+    map.insert(keys.key.clone(), Arc::clone(&slot));
+    drop(map);
+    tokio::spawn(fly(herd.clone(), keys.clone(), slot, settings, mode));
+    (rx, true)
+}
+
+/// Waits for a flight's outcome until `deadline`.
+pub(crate) async fn wait(
+    mut waiter: Waiter,
+    deadline: Instant,
+    timed_out: impl FnOnce() -> Error,
+) -> Result<Arc<FlightOutcome>> {
+    match tokio::time::timeout_at(deadline, waiter.wait_for(Option::is_some)).await {
+        Err(_) => Err(timed_out()),
+        Ok(Ok(outcome)) => match outcome.as_ref() {
+            Some(outcome) => Ok(Arc::clone(outcome)),
+            None => Err(abandoned("the run ended without an outcome")),
+        },
+        // The flight task is gone without publishing: the runtime is shutting down.
+        Ok(Err(_)) => Err(abandoned("the run was stopped (runtime shutting down)")),
+    }
+}
+
+fn abandoned(why: &str) -> Error {
+    Error::new(ErrorKind::Abandoned, why)
+}
+
+/// The flight task.
+async fn fly(herd: Herd, keys: JobKeys, slot: Arc<Slot>, settings: RunSettings, mode: Mode) {
+    let outcome = drive(&herd, &keys, &slot, settings, mode).await;
+    herd.inner.flights.remove(&keys.key, &slot);
+    if let Some(outcome) = outcome {
+        slot.send_replace(Some(Arc::new(outcome)));
+    }
+}
+
+/// Runs the protocol; `None` when every caller left while following.
+async fn drive(
+    herd: &Herd,
+    keys: &JobKeys,
+    slot: &Arc<Slot>,
+    settings: RunSettings,
+    mut mode: Mode,
+) -> Option<FlightOutcome> {
+    let backend = herd.backend();
+    let fail = |e: Error| {
+        Some(FlightOutcome {
+            result: Err(e),
+            how: How::Followed,
+        })
+    };
+    loop {
+        let reply = backend
+            .fanout_acquire(keys, &nonce(), herd.owner(), settings.ttl, settings.cache_age)
+            .await;
+        let (holder, pttl_ms) = match reply {
+            Err(e) => return fail(e),
+            Ok(FanoutReply::Cached { envelope }) => {
+                tell_follower(&mut mode);
+                return Some(FlightOutcome {
+                    result: decode_stored(&keys.key, &envelope).map(Arc::new),
+                    how: How::Cached,
+                });
+            }
+            Ok(FanoutReply::Lock(AcquireReply::Acquired { token, fence })) => {
+                return Some(lead(backend, keys, settings, mode, token, fence).await);
+            }
+            Ok(FanoutReply::Lock(AcquireReply::Busy { holder, pttl_ms })) => (holder, pttl_ms),
+        };
+        tell_follower(&mut mode);
+        let generation = match parse_holder(&holder) {
+            Ok((generation, _)) => generation,
+            Err(e) => return fail(e),
+        };
+        match follow(backend, keys, slot, &herd.inner.flights, generation, holder, pttl_ms).await
+        {
+            Followed::Done(result) => {
+                return Some(FlightOutcome {
+                    result,
+                    how: How::Followed,
+                })
+            }
+            Followed::NoCallers => return None,
+            Followed::Vacant => {
+                if matches!(mode, Mode::Push(_)) {
+                    return fail(abandoned(&format!(
+                        "the leader of job `{}` died or gave up before completing it",
+                        keys.key
+                    )));
+                }
+                tracing::debug!(job = %keys.key, generation, "leader gone without a result; contending");
+            }
+        }
+    }
+}
+
+/// Tells a pusher that it follows (no-op for run flights or once told).
+fn tell_follower(mode: &mut Mode) {
+    if let Mode::Push(role) = mode {
+        if let Some(role) = role.take() {
+            let _ = role.send(None);
+        }
+    }
+}
+
+fn decode_stored(job: &str, bytes: &[u8]) -> Result<Envelope> {
+    Envelope::decode(bytes).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Codec,
+            format!("the result stored for job `{job}` is malformed"),
+            e,
+        )
+    })
+}
+
+/// Leads run `fence`: runs the job (or waits for the pusher's completion), then completes.
+async fn lead(
+    backend: &Backend,
+    keys: &JobKeys,
+    settings: RunSettings,
+    mode: Mode,
+    token: String,
+    fence: u64,
+) -> FlightOutcome {
+    let watchdog = Watchdog::start(backend.clone(), keys.clone(), token.clone(), settings.ttl);
+    let body = match mode {
+        Mode::Run(job) => run_job(job, settings.max_duration).await,
+        Mode::Push(role) => {
+            let (done_tx, done_rx) = oneshot::channel();
+            let handed = role.is_some_and(|role| role.send(Some(done_tx)).is_ok());
+            let body = if handed {
+                await_completion(done_rx, settings.max_duration).await
+            } else {
+                None
+            };
+            match body {
+                Some(body) => body,
+                None => {
+                    drop(watchdog);
+                    // Give the run up so remote waiters contend again at once.
+                    if let Err(e) = backend.release(keys, &token, Duration::ZERO).await {
+                        tracing::warn!(job = %keys.key, error = %e, "releasing an abandoned push run failed");
+                    }
+                    return FlightOutcome {
+                        result: Err(abandoned(&format!(
+                            "the leader of job `{}` dropped its completer without completing",
+                            keys.key
+                        ))),
+                        how: How::Led,
+                    };
+                }
+            }
+        }
+    };
+    drop(watchdog);
+    let bytes = Envelope::encode(fence, &token, &body);
+    match backend
+        .complete(keys, &token, &bytes, body.status == Status::Ok, settings.linger)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            job = %keys.key,
+            generation = fence,
+            "the run's lock was lost before it completed; its result was not published"
+        ),
+        Err(e) => tracing::warn!(job = %keys.key, error = %e, "publishing a run's result failed"),
+    }
+    FlightOutcome {
+        result: decode_stored(&keys.key, &bytes).map(Arc::new),
+        how: How::Led,
+    }
+}
+
+/// Runs the job on its own task, so a panic is caught and reported, never propagated.
+async fn run_job(job: JobFn, max_duration: Option<Duration>) -> Body {
+    let mut handle = tokio::spawn(job());
+    let joined = match max_duration {
+        None => (&mut handle).await,
+        Some(limit) => match tokio::time::timeout(limit, &mut handle).await {
+            Ok(joined) => joined,
+            Err(_) => {
+                handle.abort();
+                return codec::failure(
+                    Status::TimedOut,
+                    &format!("ran longer than its maximum duration of {limit:?}"),
+                );
+            }
+        },
+    };
+    match joined {
+        Ok(body) => body,
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(non-string panic payload)".to_owned());
+            codec::failure(Status::JobPanicked, &message)
+        }
+        Err(_) => codec::failure(Status::JobPanicked, "the job's task was cancelled"),
+    }
+}
+
+async fn await_completion(
+    done: oneshot::Receiver<Body>,
+    max_duration: Option<Duration>,
+) -> Option<Body> {
+    match max_duration {
+        None => done.await.ok(),
+        Some(limit) => match tokio::time::timeout(limit, done).await {
+            Ok(body) => body.ok(),
+            Err(_) => Some(codec::failure(
+                Status::TimedOut,
+                &format!("was not completed within its maximum duration of {limit:?}"),
+            )),
+        },
+    }
+}
+
+enum Followed {
+    Done(Result<Arc<Envelope>>),
+    Vacant,
+    NoCallers,
+}
+
+/// Waits for run `generation` (or a later one) to finish.
+async fn follow(
+    backend: &Backend,
+    keys: &JobKeys,
+    slot: &Arc<Slot>,
+    flights: &Flights,
+    mut generation: u64,
+    mut token: String,
+    mut pttl_ms: i64,
+) -> Followed {
+    let mut sub = match backend.subscribe(keys).await {
+        Ok(sub) => sub,
+        Err(e) => return Followed::Done(Err(e)),
+    };
+    loop {
+        // Subscribed (confirmed) before this check: a completion after it is delivered.
+        let check = match backend.fanout_check(keys).await {
+            Ok(check) => check,
+            Err(e) => return Followed::Done(Err(e)),
+        };
+        if let Some(bytes) = check.envelope {
+            match decode_stored(&keys.key, &bytes) {
+                Ok(env) if env.generation >= generation => {
+                    return Followed::Done(Ok(Arc::new(env)));
+                }
+                Ok(_) => {} // an earlier run's result: never accepted
+                Err(e) => return Followed::Done(Err(e)),
+            }
+        }
+        let Some(holder) = check.holder else {
+            return Followed::Vacant;
+        };
+        if let Ok((g, _)) = parse_holder(&holder) {
+            if g > generation {
+                // Run `generation` ended without a stored result and a newer run started.
+                generation = g;
+                token = holder;
+            }
+        }
+        if check.pttl_ms >= 0 {
+            pttl_ms = check.pttl_ms;
+        }
+        let recheck = u64::try_from(pttl_ms)
+            .map(Duration::from_millis)
+            .unwrap_or(FALLBACK_RECHECK);
+        let wake_at = Instant::now() + recheck + RECHECK_MARGIN;
+        loop {
+            tokio::select! {
+                notice = sub.recv() => {
+                    if let Notice::Message(bytes) = notice {
+                        if let Ok(env) = Envelope::decode(&bytes) {
+                            if env.generation == generation && env.token == token {
+                                return Followed::Done(Ok(Arc::new(env)));
+                            }
+                        }
+                    }
+                    break; // anything else is only a hint: re-check the state
+                }
+                () = tokio::time::sleep_until(wake_at) => break,
+                () = slot.closed() => {
+                    if flights.retire(&keys.key, slot) {
+                        return Followed::NoCallers;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Keeps a run's lease alive while it runs: extends it to `ttl` every `ttl / 3`. Stops when
+/// dropped, or when an extension finds the lock held by someone else.
+struct Watchdog {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watchdog {
+    fn start(backend: Backend, keys: JobKeys, token: String, ttl: Duration) -> Watchdog {
+        let period = (ttl / 3).max(Duration::from_millis(1));
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match backend.extend(&keys, &token, ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(job = %keys.key, "lease lost: another holder has the lock");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = %keys.key, error = %e, "lease extension failed; retrying");
+                    }
+                }
+            }
+        });
+        Watchdog { task }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

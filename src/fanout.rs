@@ -1,0 +1,508 @@
+//! Fan-out: run a job once across the cluster and hand its result to every caller.
+//! [`Herd::fanout`], [`Herd::fanout_with`] and the lower-level [`Herd::push`].
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::codec::{self, Body, Codec, JobError};
+use crate::coalesce::{self, How, Mode, RunSettings, Waiter};
+use crate::error::{Error, ErrorKind, Result};
+use crate::herd::Herd;
+use crate::keys;
+
+/// The largest accepted [`FanoutOptions::max_result_size`]: 512 MiB, Redis' own limit
+/// for one string.
+pub const MAX_RESULT_SIZE_LIMIT: usize = 512 * 1024 * 1024;
+
+/// How a caller obtained its fan-out result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Role {
+    /// This caller started the run that produced the result: the job ran in this process.
+    Leader,
+    /// The result was shared: another caller (in this process or another) ran the job.
+    Follower,
+    /// A stored result no older than the requested [cache age](FanoutOptions::cache_age)
+    /// was served; no job ran.
+    Cached,
+}
+
+/// A fan-out result and how this caller obtained it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Fanned<T> {
+    /// The job's result, after the same serialization round trip every caller sees.
+    pub value: T,
+    /// Whether this caller led, followed or was served from the cache.
+    pub role: Role,
+}
+
+/// Options of one fan-out call. Every field has a documented default.
+///
+/// When several callers in one process join the same run, the run uses the options of
+/// the caller that started it; each caller's [`timeout`](FanoutOptions::timeout) is
+/// always its own.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct FanoutOptions {
+    timeout: Duration,
+    ttl: Option<Duration>,
+    codec: Codec,
+    linger: Duration,
+    cache_age: Option<Duration>,
+    max_duration: Option<Duration>,
+    max_result_size: usize,
+}
+
+impl Default for FanoutOptions {
+    fn default() -> Self {
+        FanoutOptions {
+            timeout: Duration::from_secs(30),
+            ttl: None,
+            codec: Codec::Json,
+            linger: Duration::from_secs(5),
+            cache_age: None,
+            max_duration: None,
+            max_result_size: 1024 * 1024,
+        }
+    }
+}
+
+impl FanoutOptions {
+    /// Options with every field at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long this caller waits for the result.
+    ///
+    /// Default: 30 s. It is this caller's alone: when it passes, this caller gets a
+    /// [`Timeout`](ErrorKind::Timeout) error and the job, its lock and every other waiter
+    /// carry on. Zero is rejected (a fan-out always waits for the run it joins).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The run's lease. A watchdog extends it every third of the TTL while the job runs,
+    /// so a job may run longer than the TTL; if the leader dies, waiters take over within
+    /// about one TTL.
+    ///
+    /// Default: the herd's [`lock_ttl`](crate::Builder::lock_ttl).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// How results are serialized. Default: [`Codec::Json`].
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// How long a finished run's result stays in Redis.
+    ///
+    /// Default: 5 s. It must outlast the moment between a waiter finding the run in
+    /// progress and checking for its result (milliseconds), and it bounds how old a
+    /// [cached](FanoutOptions::cache_age) result can be.
+    pub fn linger(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
+    }
+
+    /// Accept a successful result that finished at most `age` ago instead of starting a
+    /// new run (cache-stampede protection).
+    ///
+    /// Default: none: a caller that arrives after a run finished starts a new run, so it
+    /// never receives a result computed before it asked. Cached results can only be as old
+    /// as the [linger](FanoutOptions::linger) of the run that stored them.
+    pub fn cache_age(mut self, age: Duration) -> Self {
+        self.cache_age = Some(age);
+        self
+    }
+
+    /// Stop a job that runs longer than this and give every waiter a
+    /// [`Timeout`](ErrorKind::Timeout) error.
+    ///
+    /// Default: none (the job runs until it finishes; every caller has its own timeout).
+    pub fn max_duration(mut self, limit: Duration) -> Self {
+        self.max_duration = Some(limit);
+        self
+    }
+
+    /// The largest serialized result accepted. A larger result is not stored; every
+    /// waiter gets a [`Codec`](ErrorKind::Codec) error instead.
+    ///
+    /// Default: 1 MiB, which protects Redis memory (the result is stored for the linger
+    /// and sent to every subscribed process). At most [`MAX_RESULT_SIZE_LIMIT`].
+    pub fn max_result_size(mut self, bytes: usize) -> Self {
+        self.max_result_size = bytes;
+        self
+    }
+
+    fn validate(&self, herd: &Herd) -> Result<RunSettings> {
+        keys::validate_wait(self.timeout).map_err(|_| {
+            Error::invalid(format!(
+                "fan-out timeout must be between 1 ms and {:?}, got {:?}",
+                keys::MAX_WAIT,
+                self.timeout
+            ))
+        })?;
+        let ttl = self.ttl.unwrap_or(herd.inner.lock_ttl);
+        keys::validate_ttl("fan-out ttl", ttl)?;
+        keys::validate_ttl("result linger", self.linger)?;
+        if let Some(age) = self.cache_age {
+            keys::validate_ttl("cache age", age)?;
+        }
+        if let Some(limit) = self.max_duration {
+            keys::validate_ttl("maximum job duration", limit)?;
+        }
+        if self.max_result_size == 0 || self.max_result_size > MAX_RESULT_SIZE_LIMIT {
+            return Err(Error::invalid(format!(
+                "maximum result size must be between 1 and {MAX_RESULT_SIZE_LIMIT} bytes, got {}",
+                self.max_result_size
+            )));
+        }
+        Ok(RunSettings {
+            ttl,
+            linger: self.linger,
+            cache_age: self.cache_age,
+            max_duration: self.max_duration,
+        })
+    }
+}
+
+impl Herd {
+    /// Runs `job` once across the cluster for `job_id` and returns its result to every
+    /// caller.
+    ///
+    /// The first caller anywhere becomes the leader and runs `job` on a task the herd owns;
+    /// every other caller of the same `job_id` (in this process or any other) waits for
+    /// the leader's result, serialized with the [codec](FanoutOptions::codec), or its
+    /// error. Callers in one process share one remote attempt. A caller that arrives after
+    /// a run finished starts a new run. See [`fanout_with`](Herd::fanout_with) for options
+    /// and the caller's role.
+    ///
+    /// # Examples
+    ///
+    /// Deduplicate concurrent requests: eight callers, one run.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// let herd = herdlock::Herd::memory();
+    /// let runs = Arc::new(AtomicUsize::new(0));
+    /// let mut callers = Vec::new();
+    /// for _ in 0..8 {
+    ///     let (herd, runs) = (herd.clone(), runs.clone());
+    ///     callers.push(tokio::spawn(async move {
+    ///         herd.fanout("user:42", Duration::from_secs(5), move || async move {
+    ///             runs.fetch_add(1, Ordering::SeqCst);
+    ///             tokio::time::sleep(Duration::from_millis(50)).await;
+    ///             Ok::<_, herdlock::JobError>(String::from("profile of user 42"))
+    ///         })
+    ///         .await
+    ///     }));
+    /// }
+    /// for caller in callers {
+    ///     assert_eq!(caller.await.expect("task ran")?, "profile of user 42");
+    /// }
+    /// assert_eq!(runs.load(Ordering::SeqCst), 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Timeout`](ErrorKind::Timeout) when `timeout` passes (the job carries on for the
+    /// others); [`JobFailed`](ErrorKind::JobFailed) with the job's message (and
+    /// [`Error::job_error`]) when the job returned an error; [`JobPanicked`](ErrorKind::JobPanicked);
+    /// [`Codec`](ErrorKind::Codec) when the result could not be serialized, was too large,
+    /// or could not be decoded as `T`; [`Abandoned`](ErrorKind::Abandoned) when the runtime
+    /// shut down; [`InvalidInput`](ErrorKind::InvalidInput) and connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future only stops this caller from waiting. The job, if
+    /// this caller started it, keeps running for the others.
+    pub async fn fanout<T, E, F, Fut>(&self, job_id: &str, timeout: Duration, job: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Into<JobError> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+    {
+        let options = FanoutOptions::default().timeout(timeout);
+        Ok(self.fanout_with(job_id, &options, job).await?.value)
+    }
+
+    /// [`fanout`](Herd::fanout) with options, also reporting this caller's [`Role`].
+    ///
+    /// # Examples
+    ///
+    /// Cache-stampede protection: accept a result up to 2 s old.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use herdlock::{FanoutOptions, Role};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// let herd = herdlock::Herd::memory();
+    /// let options = FanoutOptions::new().cache_age(Duration::from_secs(2));
+    /// let first = herd.fanout_with("prices", &options, || async { Ok::<_, herdlock::JobError>(7) }).await?;
+    /// let second = herd.fanout_with("prices", &options, || async { Ok::<_, herdlock::JobError>(8) }).await?;
+    /// assert_eq!((first.value, first.role), (7, Role::Leader));
+    /// assert_eq!((second.value, second.role), (7, Role::Cached));
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`fanout`](Herd::fanout), plus [`InvalidInput`](ErrorKind::InvalidInput) for
+    /// options out of range.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`fanout`](Herd::fanout).
+    pub async fn fanout_with<T, E, F, Fut>(
+        &self,
+        job_id: &str,
+        options: &FanoutOptions,
+        job: F,
+    ) -> Result<Fanned<T>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Into<JobError> + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+    {
+        let keys = self.job_keys(job_id)?;
+        let settings = options.validate(self)?;
+        let deadline = Instant::now() + options.timeout;
+        let codec = options.codec;
+        let max_size = options.max_result_size;
+        let job: coalesce::JobFn = Box::new(move || {
+            async move {
+                let result = job().await.map_err(Into::into);
+                codec::body_of(result, codec, max_size)
+            }
+            .boxed()
+        });
+        let (waiter, started) = coalesce::join_or_start(self, &keys, settings, Mode::Run(job));
+        settle(job_id, waiter, started, deadline, options.timeout).await
+    }
+
+    /// The lower-level form of fan-out (after dlock's `push`): registers interest in
+    /// `job_id` and returns this caller's role. The leader gets a [`Completer`] to finish
+    /// the run later, from any task; everyone else gets a [`Follower`] to await the
+    /// result.
+    ///
+    /// If the leader drops every clone of its completer without completing, the run is
+    /// released at once and its followers fail with [`Abandoned`](ErrorKind::Abandoned)
+    /// (they have no job to take over with). The leader's lease is kept alive by a
+    /// watchdog until it completes; [`max_duration`](FanoutOptions::max_duration) bounds
+    /// how long that may take.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use herdlock::{FanoutOptions, Push};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// let herd = herdlock::Herd::memory();
+    /// let options = FanoutOptions::new();
+    /// let Push::Leader(completer) = herd.push::<u32>("report", &options).await? else {
+    ///     unreachable!("first caller leads");
+    /// };
+    /// let Push::Follower(follower) = herd.push::<u32>("report", &options).await? else {
+    ///     unreachable!("second caller follows");
+    /// };
+    /// tokio::spawn(async move { completer.complete(Ok(99)) });
+    /// assert_eq!(follower.wait().await?, 99);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad id or options. Backend errors
+    /// reach the [`Follower`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling before the role is known gives the run up (as a dropped completer).
+    pub async fn push<T>(&self, job_id: &str, options: &FanoutOptions) -> Result<Push<T>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+    {
+        let keys = self.job_keys(job_id)?;
+        let settings = options.validate(self)?;
+        let deadline = Instant::now() + options.timeout;
+        let (role_tx, role_rx) = oneshot::channel();
+        let (waiter, started) =
+            coalesce::join_or_start(self, &keys, settings, Mode::Push(Some(role_tx)));
+        let follower = |waiter| Follower {
+            job_id: job_id.to_owned(),
+            waiter,
+            started: false,
+            deadline,
+            timeout: options.timeout,
+            _value: PhantomData,
+        };
+        if !started {
+            return Ok(Push::Follower(follower(waiter)));
+        }
+        match role_rx.await {
+            Ok(Some(done)) => Ok(Push::Leader(Completer {
+                done: Arc::new(Mutex::new(Some(done))),
+                codec: options.codec,
+                max_size: options.max_result_size,
+                _value: PhantomData,
+            })),
+            // Follower, cached, or the flight failed before a role: the waiter tells.
+            Ok(None) | Err(_) => Ok(Push::Follower(Follower {
+                started: true,
+                ..follower(waiter)
+            })),
+        }
+    }
+}
+
+async fn settle<T: DeserializeOwned>(
+    job_id: &str,
+    waiter: Waiter,
+    started: bool,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Fanned<T>> {
+    let outcome = coalesce::wait(waiter, deadline, || {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("timed out after {timeout:?} waiting for job `{job_id}`"),
+        )
+    })
+    .await?;
+    let role = match outcome.how {
+        How::Led if started => Role::Leader,
+        How::Led | How::Followed => Role::Follower,
+        How::Cached => Role::Cached,
+    };
+    let envelope = outcome.result.clone()?;
+    let value = codec::open(job_id, &envelope)?;
+    Ok(Fanned { value, role })
+}
+
+/// A caller's role after [`Herd::push`].
+#[derive(Debug)]
+#[must_use]
+pub enum Push<T> {
+    /// This caller leads the run and must complete it.
+    Leader(Completer<T>),
+    /// Another caller leads; await the result.
+    Follower(Follower<T>),
+}
+
+/// Finishes a pushed run. Cheap to clone; completing is idempotent: the first
+/// [`complete`](Completer::complete) wins and later ones are no-ops. Dropping every
+/// clone without completing gives the run up.
+#[must_use = "dropping the completer without completing abandons the run"]
+pub struct Completer<T> {
+    done: Arc<Mutex<Option<oneshot::Sender<Body>>>>,
+    codec: Codec,
+    max_size: usize,
+    _value: PhantomData<fn(T)>,
+}
+
+impl<T> Clone for Completer<T> {
+    fn clone(&self) -> Self {
+        Completer {
+            done: Arc::clone(&self.done),
+            codec: self.codec,
+            max_size: self.max_size,
+            _value: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for Completer<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completer")
+            .field("codec", &self.codec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Serialize> Completer<T> {
+    /// Completes the run with `result`, which every follower receives (serialized with the
+    /// codec of the push options). Returns `true` if this call completed the run, `false`
+    /// if it had already been completed (a no-op) or was given up.
+    pub fn complete(&self, result: std::result::Result<T, JobError>) -> bool {
+        let sender = self
+            .done
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        match sender {
+            Some(sender) => sender
+                .send(codec::body_of(result, self.codec, self.max_size))
+                .is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Awaits a pushed run's result.
+#[must_use = "a follower does nothing unless waited on"]
+pub struct Follower<T> {
+    job_id: String,
+    waiter: Waiter,
+    started: bool,
+    deadline: Instant,
+    timeout: Duration,
+    _value: PhantomData<fn() -> T>,
+}
+
+impl<T> fmt::Debug for Follower<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Follower")
+            .field("job_id", &self.job_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: DeserializeOwned> Follower<T> {
+    /// Waits for the run's result, until the push call's timeout (counted from the push).
+    ///
+    /// # Errors
+    ///
+    /// As [`Herd::fanout`], plus [`Abandoned`](ErrorKind::Abandoned) when the leader gave
+    /// the run up or died.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn wait(self) -> Result<T> {
+        let fanned: Fanned<T> = settle(
+            &self.job_id,
+            self.waiter,
+            self.started,
+            self.deadline,
+            self.timeout,
+        )
+        .await?;
+        Ok(fanned.value)
+    }
+}
