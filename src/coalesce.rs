@@ -189,7 +189,13 @@ async fn drive(
     };
     loop {
         let reply = backend
-            .fanout_acquire(keys, &nonce(), herd.owner(), settings.ttl, settings.cache_age)
+            .fanout_acquire(
+                keys,
+                &nonce(),
+                herd.owner(),
+                settings.ttl,
+                settings.cache_age,
+            )
             .await;
         let (holder, pttl_ms) = match reply {
             Err(e) => return fail(e),
@@ -210,7 +216,16 @@ async fn drive(
             Ok((generation, _)) => generation,
             Err(e) => return fail(e),
         };
-        match follow(backend, keys, slot, &herd.inner.flights, generation, holder, pttl_ms).await
+        match follow(
+            backend,
+            keys,
+            slot,
+            &herd.inner.flights,
+            generation,
+            holder,
+            pttl_ms,
+        )
+        .await
         {
             Followed::Done(result) => {
                 return Some(FlightOutcome {
@@ -293,7 +308,13 @@ async fn lead(
     drop(watchdog);
     let bytes = Envelope::encode(fence, &token, &body);
     match backend
-        .complete(keys, &token, &bytes, body.status == Status::Ok, settings.linger)
+        .complete(
+            keys,
+            &token,
+            &bytes,
+            body.status == Status::Ok,
+            settings.linger,
+        )
         .await
     {
         Ok(true) => {}

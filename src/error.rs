@@ -146,7 +146,8 @@ impl Error {
 
     /// A fan-out job failed, panicked or exceeded its maximum duration.
     pub fn is_job_failure(&self) -> bool {
-        matches!(self.kind(), ErrorKind::JobFailed | ErrorKind::JobPanicked) || self.inner.job.is_some()
+        matches!(self.kind(), ErrorKind::JobFailed | ErrorKind::JobPanicked)
+            || self.inner.job.is_some()
     }
 
     /// The message without the source chain (what [`Display`](fmt::Display) prints).

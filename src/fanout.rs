@@ -13,8 +13,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::codec::{self, Body, Codec, JobError};
 use crate::coalesce::{self, How, Mode, RunSettings, Waiter};
+use crate::codec::{self, Body, Codec, JobError};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::Herd;
 use crate::keys;

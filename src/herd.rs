@@ -170,6 +170,24 @@ impl Builder {
         self.finish(Backend::Memory(MemoryBackend::default()))
     }
 
+    /// Builds an in-memory herd that shares `other`'s in-memory state but has its own
+    /// options (owner label, TTL) and its own local coalescing: a second "node" of an
+    /// in-process cluster, for tests and simulations.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option, or when `other`
+    /// is not an in-memory herd.
+    pub fn memory_peer(self, other: &Herd) -> Result<Herd> {
+        self.settings()?;
+        match &other.inner.backend {
+            Backend::Memory(memory) => self.finish(Backend::Memory(memory.clone())),
+            Backend::Redis(_) => Err(Error::invalid(
+                "memory_peer needs an in-memory herd to share state with",
+            )),
+        }
+    }
+
     fn settings(&self) -> Result<ConnectSettings> {
         keys::validate_prefix(&self.prefix)?;
         if let Some(owner) = &self.owner {

@@ -228,7 +228,12 @@ impl LockGuard {
     /// If cancelled, the extension may or may not have been applied.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         keys::validate_ttl("lock ttl", ttl)?;
-        if self.herd.backend().extend(&self.keys, &self.token, ttl).await? {
+        if self
+            .herd
+            .backend()
+            .extend(&self.keys, &self.token, ttl)
+            .await?
+        {
             Ok(())
         } else {
             Err(lost(&self.keys.key))
@@ -359,7 +364,9 @@ impl Herd {
                 grace,
                 released: false,
             }),
-            AcquireReply::Busy { holder, pttl_ms } => TryLock::Busy(Holder::parse(&holder, pttl_ms)?),
+            AcquireReply::Busy { holder, pttl_ms } => {
+                TryLock::Busy(Holder::parse(&holder, pttl_ms)?)
+            }
         })
     }
 

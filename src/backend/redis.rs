@@ -130,6 +130,7 @@ impl RedisBackend {
         }
     }
 
+    /// Runs a script that must not be repeated (release, complete).
     async fn invoke(&self, what: &str, inv: &redis::ScriptInvocation<'_>) -> Result<Value> {
         let mut conn = self.inner.conn.clone();
         bounded(
@@ -138,6 +139,32 @@ impl RedisBackend {
             inv.invoke_async::<Value>(&mut conn),
         )
         .await
+    }
+
+    /// Runs a script that is safe to repeat (reads, extend, and acquire, which recognises
+    /// its own nonce), retrying once when the connection turned out to be dead: the
+    /// connection manager reconnects on that error, so the first call after a Redis
+    /// restart succeeds instead of failing.
+    async fn invoke_idempotent(
+        &self,
+        what: &str,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<Value> {
+        let mut conn = self.inner.conn.clone();
+        let limit = self.inner.settings.command_timeout;
+        let first = tokio::time::timeout(limit, inv.invoke_async::<Value>(&mut conn)).await;
+        match first {
+            Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
+                tracing::debug!(what, error = %e, "connection dropped; retrying once");
+                bounded(what, limit, inv.invoke_async::<Value>(&mut conn)).await
+            }
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Error::redis(what, e)),
+            Err(_) => Err(Error::new(
+                ErrorKind::Connection,
+                format!("redis did not answer {what} within {limit:?}"),
+            )),
+        }
     }
 
     pub(crate) async fn ping(&self) -> Result<()> {
@@ -168,7 +195,7 @@ impl RedisBackend {
             .arg(nonce)
             .arg(owner)
             .arg(millis(ttl));
-        let reply = self.invoke("acquire", &inv).await?;
+        let reply = self.invoke_idempotent("acquire", &inv).await?;
         match parse_acquire(&reply, "acquire")? {
             FanoutReply::Lock(reply) => Ok(reply),
             FanoutReply::Cached { .. } => Err(malformed("acquire")),
@@ -192,14 +219,14 @@ impl RedisBackend {
             .arg(owner)
             .arg(millis(ttl))
             .arg(max_age);
-        let reply = self.invoke("fanout acquire", &inv).await?;
+        let reply = self.invoke_idempotent("fanout acquire", &inv).await?;
         parse_acquire(&reply, "fanout acquire")
     }
 
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
         let mut inv = self.inner.scripts.fanout_check.prepare_invoke();
         inv.key(&keys.lock).key(&keys.result);
-        let reply = self.invoke("fanout check", &inv).await?;
+        let reply = self.invoke_idempotent("fanout check", &inv).await?;
         let items = array(&reply, 3, "fanout check")?;
         let holder = string(&items[0], "fanout check")?;
         let pttl_ms = int(&items[1], "fanout check")?;
@@ -249,18 +276,19 @@ impl RedisBackend {
     pub(crate) async fn extend(&self, keys: &JobKeys, token: &str, ttl: Duration) -> Result<bool> {
         let mut inv = self.inner.scripts.extend.prepare_invoke();
         inv.key(&keys.lock).arg(token).arg(millis(ttl));
-        let reply = self.invoke("extend", &inv).await?;
+        let reply = self.invoke_idempotent("extend", &inv).await?;
         Ok(int(&reply, "extend")? == 1)
     }
 
     pub(crate) async fn status(&self, keys: &JobKeys) -> Result<StatusReply> {
         let mut inv = self.inner.scripts.status.prepare_invoke();
         inv.key(&keys.lock).key(&keys.fence);
-        let reply = self.invoke("status", &inv).await?;
+        let reply = self.invoke_idempotent("status", &inv).await?;
         let items = array(&reply, 3, "status")?;
         let holder = string(&items[0], "status")?;
         let pttl_ms = int(&items[1], "status")?;
-        let last_fence = u64::try_from(int(&items[2], "status")?).map_err(|_| malformed("status"))?;
+        let last_fence =
+            u64::try_from(int(&items[2], "status")?).map_err(|_| malformed("status"))?;
         Ok(StatusReply {
             holder: (!holder.is_empty()).then_some(holder),
             pttl_ms,
@@ -273,7 +301,10 @@ impl RedisBackend {
     }
 }
 
-fn client_config(url: &str, settings: ConnectSettings) -> Result<(Client, ConnectionManagerConfig)> {
+fn client_config(
+    url: &str,
+    settings: ConnectSettings,
+) -> Result<(Client, ConnectionManagerConfig)> {
     let client = Client::open(url)
         .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
     let config = ConnectionManagerConfig::new()
@@ -452,7 +483,9 @@ impl Notifier {
         if let Some(s) = sink.as_mut() {
             match tokio::time::timeout(self.shared.command_timeout, s.subscribe(channel)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(channel, error = %e, "subscribe failed; relying on resync"),
+                Ok(Err(e)) => {
+                    tracing::debug!(channel, error = %e, "subscribe failed; relying on resync")
+                }
                 Err(_) => tracing::debug!(channel, "subscribe timed out; relying on resync"),
             }
         }

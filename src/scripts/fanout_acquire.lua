@@ -18,6 +18,11 @@ if max_age >= 0 then
 end
 local current = redis.call('GET', KEYS[1])
 if current then
+  -- A retry of an attempt that already succeeded (its reply was lost): same nonce.
+  local fence, nonce = string.match(current, '^(%d+):([^:]*):')
+  if nonce == ARGV[1] then
+    return {1, current, tonumber(fence)}
+  end
   return {0, current, redis.call('PTTL', KEYS[1])}
 end
 local fence = redis.call('INCR', KEYS[2])

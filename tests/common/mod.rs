@@ -1,0 +1,20 @@
+//! The test harness: a real `redis-server` ([`server`]) and worker processes ([`procs`]).
+//!
+//! Every test module uses some of these helpers and none uses all, so unused ones are not
+//! warnings here.
+#![allow(dead_code)]
+
+pub(crate) mod procs;
+pub(crate) mod server;
+
+use std::time::Duration;
+
+pub(crate) use procs::{
+    emit, ready_then_go, worker_param, worker_read_line, worker_ready_and_wait_go, worker_role,
+    Worker,
+};
+pub(crate) use server::{shared, unique_prefix, RedisServer, ServerConfig};
+
+/// A generous bound for one step of a test (a worker getting ready, a line arriving, a
+/// process exiting): long enough for a loaded CI machine, short enough to fail a hung test.
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(30);

@@ -1,0 +1,704 @@
+//! A real `redis-server` for the tests: on a free loopback port, in its own temp dir, with no
+//! persistence, a log file, a readiness check, and a kill on drop.
+//!
+//! Most tests share one server per test binary ([`shared`]) and keep out of each other's way with
+//! a [`unique_prefix`]. A test that stops, restarts or otherwise breaks the server starts its own
+//! with [`RedisServer::start`] or [`RedisServer::start_with`].
+//!
+//! The binaries come from `PATH` unless [`REDIS_SERVER_ENV`] / [`REDIS_CLI_ENV`] name others.
+//! `scripts/test` installs them on Debian.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Env var naming the `redis-server` binary to run (default: `redis-server` on `PATH`).
+pub(crate) const REDIS_SERVER_ENV: &str = "HERDLOCK_REDIS_SERVER";
+
+/// Env var naming the `redis-cli` binary [`RedisServer::cmd`] runs (default: `redis-cli` on `PATH`).
+pub(crate) const REDIS_CLI_ENV: &str = "HERDLOCK_REDIS_CLI";
+
+/// How long a server may take to answer its first command after being spawned.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many fresh ports [`RedisServer::start_with`] tries when another process takes the
+/// port between our probe and the server's bind.
+const START_ATTEMPTS: u32 = 5;
+
+/// How many log lines a failing test prints.
+const LOG_TAIL_LINES: usize = 50;
+
+/// How a server is configured. `ServerConfig::default()` is what [`RedisServer::start`] uses.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ServerConfig {
+    /// `--requirepass`: clients must `AUTH` with this password. Default: none.
+    pub(crate) password: Option<String>,
+    /// More `redis-server` arguments, appended after the harness's own (which they override),
+    /// for example `["--maxmemory", "1mb"]`. Default: none.
+    pub(crate) extra_args: Vec<String>,
+}
+
+/// A `redis-server` process the test owns.
+///
+/// Dropping it kills the server (SIGKILL), waits for it and removes its temp dir. If the
+/// thread is panicking, the tail of the server log is printed to stderr first.
+///
+/// A watchdog (see [`Watchdog`]) kills the server if the test process dies without running
+/// `Drop`: a crash, a `kill -9`, or, for [`shared`], the normal end of the test binary.
+#[derive(Debug)]
+pub(crate) struct RedisServer {
+    /// The loopback port; it never changes, [`RedisServer::restart`] reuses it.
+    port: u16,
+    /// `--requirepass`, also used by [`RedisServer::cmd`] and [`RedisServer::url`].
+    password: Option<String>,
+    /// Extra `redis-server` arguments from [`ServerConfig`].
+    extra_args: Vec<String>,
+    /// The server's working dir, holding `redis.log` and `redis.stderr`; removed on drop.
+    dir: PathBuf,
+    /// The running server; `None` after [`RedisServer::stop`] or a failed start.
+    process: Option<Child>,
+    /// Kills the server if this process dies without dropping `self`.
+    watchdog: Watchdog,
+}
+
+impl RedisServer {
+    /// Starts a private server with the default [`ServerConfig`] and waits until it answers.
+    ///
+    /// # Panics
+    ///
+    /// If the server cannot be started or does not answer within 10 s; the message says why
+    /// and the log tail is printed.
+    pub(crate) fn start() -> RedisServer {
+        RedisServer::start_with(ServerConfig::default())
+    }
+
+    /// Starts a private server with `config` and waits until it answers.
+    ///
+    /// If another process takes the port before the server binds it, starts again on a
+    /// fresh port (up to 5 times).
+    ///
+    /// # Panics
+    ///
+    /// If the server cannot be started or does not answer within 10 s.
+    pub(crate) fn start_with(config: ServerConfig) -> RedisServer {
+        let dir = make_temp_dir();
+        let watchdog = Watchdog::spawn(&dir);
+        // Built before the first launch so that a panic below still runs `Drop`, which prints
+        // the log and removes the dir.
+        let mut server = RedisServer {
+            port: 0,
+            password: config.password,
+            extra_args: config.extra_args,
+            dir,
+            process: None,
+            watchdog,
+        };
+        let mut clashes = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            server.port = free_port();
+            match server.launch() {
+                Ok(()) => return server,
+                Err(LaunchError::PortInUse) => clashes.push(server.port),
+                Err(LaunchError::Failed(why)) => panic!("redis-server failed to start: {why}"),
+            }
+        }
+        panic!("redis-server could not bind a free port; ports taken before it could bind them: {clashes:?}");
+    }
+
+    /// The port the server listens on, on 127.0.0.1.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL to connect with: `redis://127.0.0.1:PORT/`, or `redis://:PASSWORD@127.0.0.1:PORT/`
+    /// when the server has a password.
+    pub(crate) fn url(&self) -> String {
+        match &self.password {
+            Some(password) => self.url_with_password(password),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
+    }
+
+    /// The server's URL with `password` in it, right or wrong: `redis://:PASSWORD@127.0.0.1:PORT/`.
+    /// The password is percent-encoded.
+    pub(crate) fn url_with_password(&self, password: &str) -> String {
+        format!(
+            "redis://:{}@127.0.0.1:{}/",
+            percent_encode(password),
+            self.port
+        )
+    }
+
+    /// The server's password, if it has one.
+    pub(crate) fn password(&self) -> Option<&str> {
+        self.password.as_deref()
+    }
+
+    /// The server's working dir (kept across [`RedisServer::restart`], removed on drop).
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The server's process id, or `None` while it is stopped.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Child::id)
+    }
+
+    /// Runs `redis-cli -h 127.0.0.1 -p PORT [-a PASSWORD] ARGS...` and returns its stdout,
+    /// without the final newline.
+    ///
+    /// Meant for fault injection and inspection: `CLIENT KILL TYPE pubsub`, `CLIENT PAUSE 500`,
+    /// `DEBUG SLEEP 1` (enabled for local clients on Redis 7+), `INFO commandstats`, `KEYS p*`.
+    /// An array reply comes back one element per line. An error reply (`ERR ...`, `WRONGTYPE ...`)
+    /// comes back as text, because `redis-cli` exits with success on those: assert on it.
+    /// This blocks until the reply arrives; to run a command in the background (say
+    /// `DEBUG SLEEP` while the test goes on), use [`RedisServer::spawn_cmd`].
+    ///
+    /// # Panics
+    ///
+    /// If `redis-cli` cannot be run or fails (for example, the server is stopped).
+    pub(crate) fn cmd(&self, args: &[&str]) -> String {
+        let output = self
+            .cli_command(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {} (install redis-tools, or set {REDIS_CLI_ENV}): {e}",
+                    cli_binary()
+                )
+            });
+        assert!(
+            output.status.success(),
+            "redis-cli {args:?} against port {} failed with {}: {}{}",
+            self.port,
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        let mut stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if stdout.ends_with('\n') {
+            stdout.pop();
+        }
+        stdout
+    }
+
+    /// Starts `redis-cli ... ARGS...` like [`RedisServer::cmd`] without waiting for it: for
+    /// commands that block the server, such as `DEBUG SLEEP 2`. Its stdout and stderr are
+    /// piped; `wait_with_output` on the returned child collects them.
+    ///
+    /// # Panics
+    ///
+    /// If `redis-cli` cannot be run.
+    pub(crate) fn spawn_cmd(&self, args: &[&str]) -> Child {
+        self.cli_command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {} (install redis-tools, or set {REDIS_CLI_ENV}): {e}",
+                    cli_binary()
+                )
+            })
+    }
+
+    /// Every key herdlock may have made under `prefix`, sorted: those matching `PREFIX:*` and
+    /// `PREFIX` itself (glob characters in `prefix` are escaped). Use it to check that a test
+    /// left nothing behind.
+    ///
+    /// # Panics
+    ///
+    /// Like [`RedisServer::cmd`].
+    pub(crate) fn keys_under(&self, prefix: &str) -> Vec<String> {
+        let escaped = glob_escape(prefix);
+        let mut keys: Vec<String> = [format!("{escaped}:*"), escaped]
+            .iter()
+            .flat_map(|pattern| {
+                self.cmd(&["KEYS", pattern])
+                    .lines()
+                    .filter(|line| !line.is_empty())
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    /// Kills the server with SIGKILL and waits for it to die, keeping its port and dir for
+    /// [`RedisServer::restart`]. Connections see a reset; all data is lost (there is no
+    /// persistence). Does nothing if the server is already stopped.
+    pub(crate) fn stop(&mut self) {
+        let Some(mut child) = self.process.take() else {
+            return;
+        };
+        // Once SIGKILL is sent the server is doomed, but its pid stays ours until `wait`
+        // reaps it: tell the watchdog to forget the pid in between, so it can never kill a
+        // recycled pid.
+        let _ = child.kill();
+        self.watchdog.forget();
+        let _ = child.wait();
+    }
+
+    /// Starts the server again on the same port and dir (stopping it first if it runs) and
+    /// waits until it answers. The new server is empty.
+    ///
+    /// # Panics
+    ///
+    /// If the server does not come back within 10 s, for example because another process
+    /// took the port meanwhile.
+    pub(crate) fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match self.launch() {
+                Ok(()) => return,
+                // Something (perhaps an outgoing connection's ephemeral port) holds the port
+                // for now; it must be ours again, so retry until the deadline.
+                Err(LaunchError::PortInUse) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(LaunchError::PortInUse) => panic!(
+                    "redis-server could not restart: port {} stayed in use for {READY_TIMEOUT:?}",
+                    self.port
+                ),
+                Err(LaunchError::Failed(why)) => panic!("redis-server failed to restart: {why}"),
+            }
+        }
+    }
+
+    /// The last `lines` lines of the server log, then anything the server wrote to stderr.
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
+        let log = fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        let mut tail = all[all.len().saturating_sub(lines)..].join("\n");
+        let stderr = fs::read_to_string(self.dir.join("redis.stderr")).unwrap_or_default();
+        if !stderr.trim().is_empty() {
+            tail.push_str("\n--- redis-server stderr ---\n");
+            tail.push_str(&stderr);
+        }
+        tail
+    }
+
+    /// A `redis-cli` command line for this server, stdio not yet set.
+    fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(cli_binary());
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        if let Some(password) = &self.password {
+            command.args(["--no-auth-warning", "-a", password]);
+        }
+        command.args(args);
+        command
+    }
+
+    /// Spawns `redis-server` on `self.port` and waits until it answers, or fails.
+    fn launch(&mut self) -> Result<(), LaunchError> {
+        let log_path = self.dir.join("redis.log");
+        // Only what this launch logs counts when looking for a bind failure.
+        let log_start = fs::metadata(&log_path).map_or(0, |meta| meta.len());
+        let stderr = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.stderr"))
+            .map_err(|e| LaunchError::Failed(format!("cannot create redis.stderr: {e}")))?;
+
+        let binary = server_binary();
+        let mut command = Command::new(&binary);
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(&log_path);
+        if debug_command_is_configurable() {
+            // Redis 7 refuses `DEBUG` unless told otherwise; fault tests use `DEBUG SLEEP`.
+            command.args(["--enable-debug-command", "local"]);
+        }
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        command.args(&self.extra_args);
+        // No pipes: a server holding a pipe open would keep a worker's parent from seeing EOF.
+        command
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let mut child = command.spawn().map_err(|e| {
+            LaunchError::Failed(format!(
+                "cannot run {binary} (install redis-server, as scripts/test does, or set {REDIS_SERVER_ENV}): {e}"
+            ))
+        })?;
+        self.watchdog.watch(child.id());
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.watchdog.forget();
+                    let log = read_from(&log_path, log_start);
+                    if log.contains("Address already in use") {
+                        return Err(LaunchError::PortInUse);
+                    }
+                    return Err(LaunchError::Failed(format!(
+                        "redis-server exited with {status} on port {}; log:\n{}",
+                        self.port,
+                        self.log_tail(LOG_TAIL_LINES)
+                    )));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = child.kill();
+                    self.watchdog.forget();
+                    let _ = child.wait();
+                    return Err(LaunchError::Failed(format!(
+                        "cannot check on redis-server: {e}"
+                    )));
+                }
+            }
+            let last_error = match ping(self.port, self.password.as_deref(), child.id()) {
+                Ok(()) => {
+                    self.process = Some(child);
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                self.watchdog.forget();
+                let _ = child.wait();
+                return Err(LaunchError::Failed(format!(
+                    "redis-server on port {} did not answer within {READY_TIMEOUT:?} (last error: {last_error}); log:\n{}",
+                    self.port,
+                    self.log_tail(LOG_TAIL_LINES)
+                )));
+            }
+            // Bounded readiness polling: the server is usually up within a few milliseconds.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- redis-server on port {} (dir {}): last {LOG_TAIL_LINES} log lines ---\n{}\n--- end of redis-server log ---",
+                self.port,
+                self.dir.display(),
+                self.log_tail(LOG_TAIL_LINES)
+            );
+        }
+        self.stop();
+        self.watchdog.dismiss();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The server shared by every test in this test binary, started on first use.
+///
+/// Keep tests apart with [`unique_prefix`], never `FLUSHDB`, and never break this server:
+/// tests that stop, restart, pause or kill clients of a server start their own. The server is
+/// killed and its dir removed when the test binary exits (statics are never dropped; the
+/// [`Watchdog`] does it).
+///
+/// # Panics
+///
+/// If the server cannot be started, or when called in a worker process: a worker must use
+/// the parent's server, whose URL the parent passes as a worker param.
+pub(crate) fn shared() -> &'static RedisServer {
+    static SHARED: OnceLock<RedisServer> = OnceLock::new();
+    assert!(
+        super::procs::worker_role().is_none(),
+        "a worker process must not start its own shared server: pass the parent's `url()` as a worker param"
+    );
+    SHARED.get_or_init(RedisServer::start)
+}
+
+/// A key prefix no other test (nor another run of this test, nor another test process) uses:
+/// `hlt-NAME-PID-N`, with `NAME` cut to 80 characters and anything but ASCII letters, digits,
+/// `_`, `-` and `.` replaced by `_`. It contains no `{`, `}` or `:` and is short enough for
+/// herdlock's prefix limit. Pass it to the herd under test and to workers, and check
+/// [`RedisServer::keys_under`] at the end.
+pub(crate) fn unique_prefix(test_name: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name: String = test_name
+        .chars()
+        .take(80)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("hlt-{name}-{}-{n}", std::process::id())
+}
+
+/// Why a launch failed.
+enum LaunchError {
+    /// The port was taken before the server could bind it; another port may work.
+    PortInUse,
+    /// Anything else, with the reason and the log.
+    Failed(String),
+}
+
+/// A `sh` process that kills the server if the test process dies without dropping the
+/// [`RedisServer`], then removes the server's dir.
+///
+/// The test process holds the only write end of the watchdog's stdin pipe (Rust opens pipes
+/// close-on-exec, so no other child inherits it). However the test process ends (normal exit
+/// with statics never dropped, a panic that aborts, SIGKILL), the kernel closes that end, the
+/// watchdog's `read` sees EOF, and it kills the last pid it was told to watch. This needs no
+/// `libc`/`prctl(PR_SET_PDEATHSIG)`, no polling of the parent pid (which would see a zombie
+/// parent as alive), and it survives `restart` because the harness sends each new pid.
+///
+/// Protocol, one line each: a pid (watch this one instead), `none` (watch nothing), `exit`
+/// (the `RedisServer` was dropped and cleaned up: quit without doing anything).
+#[derive(Debug)]
+struct Watchdog {
+    /// The `sh` process.
+    child: Child,
+    /// The write end of its stdin; `None` once dismissed.
+    stdin: Option<ChildStdin>,
+}
+
+/// The watchdog's script; `$1` is the server's dir.
+const WATCHDOG_SCRIPT: &str = r#"
+pid=
+while IFS= read -r line; do
+  case "$line" in
+    exit) exit 0 ;;
+    none) pid= ;;
+    *) pid=$line ;;
+  esac
+done
+if [ -n "$pid" ]; then kill -9 "$pid" 2>/dev/null; fi
+rm -rf -- "$1"
+"#;
+
+impl Watchdog {
+    fn spawn(dir: &Path) -> Watchdog {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(WATCHDOG_SCRIPT)
+            .arg("herdlock-redis-watchdog")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("`sh` runs: the redis watchdog needs a POSIX shell");
+        let stdin = child.stdin.take();
+        Watchdog { child, stdin }
+    }
+
+    /// Watch `pid` from now on.
+    fn watch(&mut self, pid: u32) {
+        self.send(&pid.to_string());
+    }
+
+    /// Watch nothing: the server is dead (or about to be, and reaped by us).
+    fn forget(&mut self) {
+        self.send("none");
+    }
+
+    /// The owner cleaned up: let the watchdog quit, and reap it.
+    fn dismiss(&mut self) {
+        self.send("exit");
+        self.stdin = None;
+        let _ = self.child.wait();
+    }
+
+    fn send(&mut self, line: &str) {
+        if let Some(stdin) = &mut self.stdin {
+            // Failing to reach the watchdog only loses the crash safety net; the test goes on.
+            if let Err(e) = writeln!(stdin, "{line}").and_then(|()| stdin.flush()) {
+                eprintln!("herdlock test harness: redis watchdog unreachable: {e}");
+            }
+        }
+    }
+}
+
+/// The `redis-server` binary: `$HERDLOCK_REDIS_SERVER`, else `redis-server` on `PATH`.
+fn server_binary() -> String {
+    std::env::var(REDIS_SERVER_ENV).unwrap_or_else(|_| "redis-server".to_owned())
+}
+
+/// The `redis-cli` binary: `$HERDLOCK_REDIS_CLI`, else `redis-cli` on `PATH`.
+fn cli_binary() -> String {
+    std::env::var(REDIS_CLI_ENV).unwrap_or_else(|_| "redis-cli".to_owned())
+}
+
+/// Whether the server knows `--enable-debug-command` (Redis 7 and later), asked once.
+fn debug_command_is_configurable() -> bool {
+    static ANSWER: OnceLock<bool> = OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        let Ok(output) = Command::new(server_binary()).arg("--version").output() else {
+            // The spawn that follows fails too, and says why.
+            return false;
+        };
+        // "Redis server v=7.0.15 sha=..."
+        let version = String::from_utf8_lossy(&output.stdout);
+        version
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("v="))
+            .and_then(|v| v.split('.').next())
+            .and_then(|major| major.parse::<u32>().ok())
+            .is_some_and(|major| major >= 7)
+    })
+}
+
+/// A loopback port nobody listens on right now. The server may still lose it to another
+/// process before binding it; `start_with` then tries another.
+pub(crate) fn free_port() -> u16 {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .expect("binding 127.0.0.1:0 works: the tests need loopback networking");
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+        .port()
+}
+
+/// Creates a fresh dir under the system temp dir.
+fn make_temp_dir() -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let base = std::env::temp_dir();
+    for _ in 0..1000 {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = base.join(format!("herdlock-redis-{}-{n}", std::process::id()));
+        match fs::create_dir(&dir) {
+            Ok(()) => return dir,
+            // Left over from an earlier process with our pid: pick the next name.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => panic!("cannot create a temp dir {}: {e}", dir.display()),
+        }
+    }
+    panic!("cannot find a free temp dir name under {}", base.display());
+}
+
+/// The text of `path` from byte `offset` on, or "" if it cannot be read.
+fn read_from(path: &Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(path) {
+        if file.seek(SeekFrom::Start(offset)).is_ok() {
+            let mut bytes = Vec::new();
+            let _ = file.read_to_end(&mut bytes);
+            text = String::from_utf8_lossy(&bytes).into_owned();
+        }
+    }
+    text
+}
+
+/// Checks that our server (`expected_pid`, not some other process that took the port)
+/// answers on `port`: `AUTH` if needed, `INFO server` with our pid in it, and `PING`.
+fn ping(port: u16, password: Option<&str>, expected_pid: u32) -> Result<(), String> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let stream = TcpStream::connect_timeout(&address, Duration::from_millis(500))
+        .map_err(|e| format!("connect: {e}"))?;
+    let timeout = Some(Duration::from_secs(2));
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|e| format!("set timeouts: {e}"))?;
+    let mut request = Vec::new();
+    if let Some(password) = password {
+        request.extend(resp_command(&["AUTH", password]));
+    }
+    request.extend(resp_command(&["INFO", "server"]));
+    request.extend(resp_command(&["PING"]));
+    (&stream)
+        .write_all(&request)
+        .map_err(|e| format!("send: {e}"))?;
+
+    let mut reader = BufReader::new(&stream);
+    if password.is_some() {
+        read_reply(&mut reader)?;
+    }
+    let info = read_reply(&mut reader)?;
+    let pid_line = format!("process_id:{expected_pid}");
+    if !info.lines().any(|line| line.trim_end() == pid_line) {
+        return Err(format!(
+            "port {port} is answered by another redis-server, not pid {expected_pid}"
+        ));
+    }
+    match read_reply(&mut reader)?.as_str() {
+        "PONG" => Ok(()),
+        other => Err(format!("PING answered {other:?}")),
+    }
+}
+
+/// A command as a RESP array of bulk strings.
+fn resp_command(args: &[&str]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for arg in args {
+        out.extend(format!("${}\r\n", arg.len()).into_bytes());
+        out.extend(arg.as_bytes());
+        out.extend(b"\r\n");
+    }
+    out
+}
+
+/// Reads one simple-string, integer or bulk-string reply; an error reply is `Err`.
+fn read_reply(reader: &mut impl BufRead) -> Result<String, String> {
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    let line = line.trim_end_matches("\r\n");
+    let (kind, rest) = line.split_at(line.len().min(1));
+    match kind {
+        "+" | ":" => Ok(rest.to_owned()),
+        "-" => Err(format!("error reply: {rest}")),
+        "$" => {
+            let len: usize = rest
+                .parse()
+                .map_err(|_| format!("bad bulk length {rest:?}"))?;
+            let mut bytes = vec![0; len + 2];
+            reader
+                .read_exact(&mut bytes)
+                .map_err(|e| format!("read: {e}"))?;
+            bytes.truncate(len);
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        _ => Err(format!("unexpected reply {line:?}")),
+    }
+}
+
+/// Escapes the glob characters of a Redis `KEYS` pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, for the userinfo of a URL.
+fn percent_encode(text: &str) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            write!(out, "%{byte:02X}").expect("writing to a String cannot fail");
+        }
+    }
+    out
+}

@@ -1,0 +1,438 @@
+//! Real faults against a real Redis: a killed and restarted server, killed pub/sub
+//! connections, a paused server, bad credentials, garbage on the channels. Each test that
+//! breaks its server gets a private one.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herdlock::{ErrorKind, FanoutOptions, Herd, JobError, LockOptions};
+
+use crate::common::server::{self, RedisServer, ServerConfig};
+use crate::fixture::within;
+
+async fn herd_on(server: &RedisServer, owner: &str) -> Herd {
+    Herd::builder()
+        .prefix(server::unique_prefix(owner))
+        .owner(owner)
+        .connect_timeout(Duration::from_millis(500))
+        .command_timeout(Duration::from_millis(1000))
+        .connect(&server.url())
+        .await
+        .expect("connect")
+}
+
+/// Polls `PUBSUB NUMSUB channel` until at least `n` subscribers (bounded).
+fn wait_subscribers(server: &RedisServer, channel: &str, n: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = server.cmd(&["PUBSUB", "NUMSUB", channel]);
+        let count = out
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if count >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw {n} subscribers on {channel}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Issue 2, test 8: server killed, calls fail fast with a connection error; restarted on
+/// the same port, calls succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_and_restarted() {
+    let mut server = RedisServer::start();
+    let herd = Herd::builder()
+        .owner("survivor")
+        .connect_timeout(Duration::from_millis(500))
+        .command_timeout(Duration::from_millis(1000))
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    herd.try_lock("k")
+        .await
+        .expect("works")
+        .acquired()
+        .expect("free")
+        .release()
+        .await
+        .expect("release");
+    server.stop();
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let e = herd.try_lock("k").await.expect_err("redis is down");
+        assert!(e.is_connection(), "attempt {attempt}: {e:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    let started = Instant::now();
+    let e = herd
+        .lock("k", Duration::from_secs(10))
+        .await
+        .expect_err("down");
+    assert!(e.is_connection(), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    let e = herd
+        .fanout("job", Duration::from_secs(10), || async {
+            Ok::<_, JobError>(1)
+        })
+        .await
+        .expect_err("down");
+    assert!(e.is_connection(), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+
+    server.restart();
+    // The command connection reconnects on the first call after the restart.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let guard = loop {
+        match herd.try_lock("k").await {
+            Ok(t) => break t.acquired().expect("free after restart"),
+            Err(e) => {
+                assert!(e.is_connection(), "{e:?}");
+                assert!(Instant::now() < deadline, "never reconnected: {e:?}");
+            }
+        }
+    };
+    guard.release().await.expect("release");
+    assert_eq!(
+        herd.fanout("job", Duration::from_secs(5), || async {
+            Ok::<_, JobError>(2)
+        })
+        .await
+        .expect("fanout after restart"),
+        2
+    );
+}
+
+/// Issue 2, test 8: the first call after a restart succeeds outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_call_after_restart_succeeds() {
+    let mut server = RedisServer::start();
+    let herd = herd_on(&server, "next-call").await;
+    herd.try_lock("k")
+        .await
+        .expect("works")
+        .acquired()
+        .expect("free")
+        .release()
+        .await
+        .expect("release");
+    server.stop();
+    server.restart();
+    let guard = herd
+        .try_lock("k")
+        .await
+        .expect("first call after restart")
+        .acquired()
+        .expect("free");
+    guard.release().await.expect("release");
+}
+
+/// Issue 2, test 8: `CLIENT KILL TYPE pubsub` while a waiter waits; the release still
+/// wakes it, long before the 30 s TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_killed_while_waiting() {
+    let server = RedisServer::start();
+    let holder = herd_on(&server, "holder").await;
+    let waiter = Herd::builder()
+        .prefix(holder.prefix())
+        .owner("waiter")
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    let long = LockOptions::new().ttl(Duration::from_secs(30));
+    let guard = holder
+        .lock_with("k", Duration::from_secs(1), &long)
+        .await
+        .expect("lock");
+    let task = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            waiter
+                .lock("k", Duration::from_secs(25))
+                .await
+                .map(|g| (g, Instant::now()))
+        }
+    });
+    let channel = format!("{}:{{k}}", holder.prefix());
+    wait_subscribers(&server, &channel, 1);
+    let killed = server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(
+        killed.trim().parse::<u32>().unwrap_or(0) >= 1,
+        "killed: {killed}"
+    );
+    // The notifier reconnects and re-subscribes.
+    wait_subscribers(&server, &channel, 1);
+    let released = Instant::now();
+    guard.release().await.expect("release");
+    let (got, at) = within(Duration::from_secs(10), "waiter", task)
+        .await
+        .expect("task")
+        .expect("lock");
+    assert!(at.duration_since(released) < Duration::from_secs(3));
+    got.release().await.expect("release");
+}
+
+/// Issue 2, test 8: a wrong password is an auth error, not "busy" and not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_is_an_auth_error() {
+    let server = RedisServer::start_with(ServerConfig {
+        password: Some("s3cret".into()),
+        ..ServerConfig::default()
+    });
+    let started = Instant::now();
+    let e = Herd::connect(&server.url_with_password("wrong"))
+        .await
+        .expect_err("wrong password");
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e:?}");
+    assert!(e.is_connection());
+    let port = server.port();
+    let e = Herd::connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .expect_err("no password");
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let herd = Herd::connect(&server.url()).await.expect("right password");
+    herd.try_lock("k")
+        .await
+        .expect("works")
+        .acquired()
+        .expect("free")
+        .release()
+        .await
+        .expect("release");
+
+    // The lazy form reports the same error from the first call.
+    let lazy = Herd::builder()
+        .connect_lazy(&server.url_with_password("wrong"))
+        .expect("url is fine");
+    let e = lazy
+        .try_lock("k")
+        .await
+        .expect_err("auth fails on first use");
+    assert_eq!(e.kind(), ErrorKind::Auth, "{e:?}");
+}
+
+/// Nothing listens: a connection error within the connect timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_a_connection_error() {
+    let port = server::free_port();
+    let started = Instant::now();
+    let e = Herd::builder()
+        .connect_timeout(Duration::from_millis(500))
+        .connect(&format!("redis://127.0.0.1:{port}/"))
+        .await
+        .expect_err("nothing listens");
+    assert_eq!(e.kind(), ErrorKind::Connection, "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Issue 3, test 9: garbage and forged envelopes on a job's channel are never accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_channel_is_ignored() {
+    let server = server::shared();
+    let prefix = server::unique_prefix("garbage");
+    let leader = Herd::builder()
+        .prefix(prefix.clone())
+        .owner("leader")
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    let follower = Herd::builder()
+        .prefix(prefix.clone())
+        .owner("follower")
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let lead = tokio::spawn({
+        let leader = leader.clone();
+        async move {
+            leader
+                .fanout("g", Duration::from_secs(20), move || async move {
+                    let _ = go_rx.await;
+                    Ok::<_, JobError>("real".to_owned())
+                })
+                .await
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let holder = loop {
+        if let Some(h) = leader.lock_status("g").await.expect("status").holder {
+            break h;
+        }
+        assert!(Instant::now() < deadline, "leader never started");
+        tokio::task::yield_now().await;
+    };
+    let follow = tokio::spawn({
+        let follower = follower.clone();
+        async move {
+            follower
+                .fanout("g", Duration::from_secs(20), || async {
+                    Ok::<_, JobError>("mine".to_owned())
+                })
+                .await
+        }
+    });
+    let channel = format!("{prefix}:{{g}}");
+    wait_subscribers(server, &channel, 1);
+    let generation = holder.fence.get();
+    let forged = |generation: u64, token: &str, payload: &[u8]| {
+        let mut bytes = b"HLE1\x00\x01".to_vec();
+        bytes.extend_from_slice(&generation.to_be_bytes());
+        bytes.extend_from_slice(&u16::try_from(token.len()).expect("short").to_be_bytes());
+        bytes.extend_from_slice(token.as_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    let client = redis::Client::open(server.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    let messages: Vec<Vec<u8>> = vec![
+        b"".to_vec(),
+        b"garbage".to_vec(),
+        b"HLE1".to_vec(),
+        vec![0xff; 300],
+        b"released".to_vec(),
+        forged(generation, "not-the-token", b"\"forged\""),
+        forged(generation - 1, "old", b"\"stale\""),
+        forged(generation + 7, "future", b"\"future\""),
+        forged(generation, "", b"\"forged\""),
+    ];
+    for message in &messages {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(message.as_slice())
+            .query_async(&mut conn)
+            .await
+            .expect("publish");
+    }
+    // Every forged message only made the follower re-check; it is still waiting.
+    wait_subscribers(server, &channel, 1);
+    assert!(!follow.is_finished(), "follower accepted a forged message");
+    let _ = go_tx.send(());
+    for task in [lead, follow] {
+        let value = within(Duration::from_secs(10), "caller", task)
+            .await
+            .expect("task")
+            .expect("fanout");
+        assert_eq!(value, "real");
+    }
+}
+
+fn total_calls(server: &RedisServer) -> u64 {
+    server
+        .cmd(&["INFO", "commandstats"])
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Issue 3, test 3: 10,000 concurrent callers of one key in one process cost the same
+/// Redis commands as one caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_do_not_grow_with_callers() {
+    let server = RedisServer::start();
+    let herd = herd_on(&server, "counted").await;
+    // Warm up: scripts loaded, connections made.
+    herd.fanout("warm", Duration::from_secs(5), || async {
+        Ok::<_, JobError>(0)
+    })
+    .await
+    .expect("warm");
+    let mut deltas = Vec::new();
+    for (round, callers) in [(0, 1usize), (1, 10_000)] {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let before = total_calls(&server);
+        let mut tasks = Vec::with_capacity(callers);
+        for _ in 0..callers {
+            let herd = herd.clone();
+            let runs = Arc::clone(&runs);
+            tasks.push(tokio::spawn(async move {
+                herd.fanout(
+                    &format!("counted-{round}"),
+                    Duration::from_secs(30),
+                    move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok::<_, JobError>(7)
+                    },
+                )
+                .await
+            }));
+        }
+        for task in tasks {
+            assert_eq!(task.await.expect("task").expect("fanout"), 7);
+        }
+        let after = total_calls(&server);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        // Subtract the INFO call that produced `before` itself.
+        deltas.push(after - before - 1);
+    }
+    assert_eq!(
+        deltas[0], deltas[1],
+        "commands for 1 caller vs 10,000: {deltas:?}"
+    );
+}
+
+/// DESIGN invariant 6: a paused server and a killed pub/sub connection during a herd;
+/// every waiter still resolves with the one result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herd_survives_pause_and_pubsub_kill() {
+    let server = RedisServer::start();
+    let a = herd_on(&server, "a").await;
+    let b = Herd::builder()
+        .prefix(a.prefix())
+        .owner("b")
+        .command_timeout(Duration::from_secs(5))
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let options = FanoutOptions::new()
+        .timeout(Duration::from_secs(15))
+        .ttl(Duration::from_secs(5));
+    let mut tasks = Vec::new();
+    for (i, node) in [a.clone(), b.clone(), b.clone()].into_iter().enumerate() {
+        let (runs, options) = (runs.clone(), options.clone());
+        tasks.push(tokio::spawn(async move {
+            node.fanout_with("paused", &options, move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Ok::<_, JobError>(format!("from {i}"))
+            })
+            .await
+        }));
+    }
+    let channel = format!("{}:{{paused}}", a.prefix());
+    wait_subscribers(&server, &channel, 1);
+    server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    server.cmd(&["CLIENT", "PAUSE", "1000"]);
+    let mut values = Vec::new();
+    for task in tasks {
+        let fanned = within(Duration::from_secs(20), "caller", task)
+            .await
+            .expect("task")
+            .expect("fanout");
+        values.push(fanned.value);
+    }
+    assert!(values.windows(2).all(|w| w[0] == w[1]), "{values:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}

@@ -1,0 +1,106 @@
+//! Fixtures shared by the behavioural suites: one scenario, both backends.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use herdlock::Herd;
+
+use crate::common::server::{self, RedisServer};
+
+/// Which engine a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Memory,
+    Redis,
+}
+
+/// Builds herds ("nodes") that share one backend and one key prefix.
+pub(crate) struct Fx {
+    pub(crate) kind: Kind,
+    pub(crate) prefix: String,
+    first: Mutex<Option<Herd>>,
+}
+
+impl Fx {
+    pub(crate) fn new(kind: Kind, test: &str) -> Fx {
+        Fx {
+            kind,
+            prefix: server::unique_prefix(test),
+            first: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn server(&self) -> &'static RedisServer {
+        server::shared()
+    }
+
+    /// A new node with its own owner label, connections and local coalescing.
+    pub(crate) async fn node(&self, owner: &str) -> Herd {
+        self.node_with(owner, |b| b).await
+    }
+
+    pub(crate) async fn node_with(
+        &self,
+        owner: &str,
+        tweak: impl FnOnce(herdlock::Builder) -> herdlock::Builder,
+    ) -> Herd {
+        let builder = tweak(Herd::builder().prefix(self.prefix.clone()).owner(owner));
+        match self.kind {
+            Kind::Redis => builder
+                .connect(&self.server().url())
+                .await
+                .expect("connect to the test redis"),
+            Kind::Memory => {
+                let mut first = self.first.lock().expect("fixture lock");
+                match first.as_ref() {
+                    Some(first) => builder.memory_peer(first).expect("memory peer"),
+                    None => {
+                        let herd = builder.memory().expect("memory herd");
+                        *first = Some(herd.clone());
+                        herd
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Generates `mod $name { memory, redis }` tests from one async scenario `fn(Fx)`.
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() {
+                    super::$name(crate::fixture::Fx::new(
+                        crate::fixture::Kind::Memory,
+                        concat!(module_path!(), "::memory"),
+                    ))
+                    .await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$name(crate::fixture::Fx::new(
+                        crate::fixture::Kind::Redis,
+                        concat!(module_path!(), "::redis"),
+                    ))
+                    .await;
+                }
+            }
+        )*
+    };
+}
+pub(crate) use both_backends;
+
+/// Awaits `fut`, failing the test if it takes longer than `limit` (no test may hang).
+pub(crate) async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
+    }
+}
