@@ -286,22 +286,21 @@ async fn lead(
             } else {
                 None
             };
-            match body {
-                Some(body) => body,
-                None => {
-                    drop(watchdog);
-                    // Give the run up so remote waiters contend again at once.
-                    if let Err(e) = backend.release(keys, &token, Duration::ZERO).await {
-                        tracing::warn!(job = %keys.key, error = %e, "releasing an abandoned push run failed");
-                    }
-                    return FlightOutcome {
-                        result: Err(abandoned(&format!(
-                            "the leader of job `{}` dropped its completer without completing",
-                            keys.key
-                        ))),
-                        how: How::Led,
-                    };
+            if let Some(body) = body {
+                body
+            } else {
+                drop(watchdog);
+                // Give the run up so remote waiters contend again at once.
+                if let Err(e) = backend.release(keys, &token, Duration::ZERO).await {
+                    tracing::warn!(job = %keys.key, error = %e, "releasing an abandoned push run failed");
                 }
+                return FlightOutcome {
+                    result: Err(abandoned(&format!(
+                        "the leader of job `{}` dropped its completer without completing",
+                        keys.key
+                    ))),
+                    how: How::Led,
+                };
             }
         }
     };
@@ -336,16 +335,17 @@ async fn run_job(job: JobFn, max_duration: Option<Duration>) -> Body {
     let mut handle = tokio::spawn(job());
     let joined = match max_duration {
         None => (&mut handle).await,
-        Some(limit) => match tokio::time::timeout(limit, &mut handle).await {
-            Ok(joined) => joined,
-            Err(_) => {
+        Some(limit) => {
+            if let Ok(joined) = tokio::time::timeout(limit, &mut handle).await {
+                joined
+            } else {
                 handle.abort();
                 return codec::failure(
                     Status::TimedOut,
                     &format!("ran longer than its maximum duration of {limit:?}"),
                 );
             }
-        },
+        }
     };
     match joined {
         Ok(body) => body,
@@ -426,9 +426,7 @@ async fn follow(
         if check.pttl_ms >= 0 {
             pttl_ms = check.pttl_ms;
         }
-        let recheck = u64::try_from(pttl_ms)
-            .map(Duration::from_millis)
-            .unwrap_or(FALLBACK_RECHECK);
+        let recheck = u64::try_from(pttl_ms).map_or(FALLBACK_RECHECK, Duration::from_millis);
         let wake_at = Instant::now() + recheck + RECHECK_MARGIN;
         loop {
             tokio::select! {

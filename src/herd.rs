@@ -139,7 +139,7 @@ impl Builder {
         let backend = RedisBackend::connect(url, settings).await?;
         let backend = Backend::Redis(backend);
         backend.ping().await?;
-        self.finish(backend)
+        Ok(self.finish(backend))
     }
 
     /// Like [`connect`](Builder::connect), but connects on first use: this only checks
@@ -156,7 +156,7 @@ impl Builder {
     pub fn connect_lazy(self, url: &str) -> Result<Herd> {
         let settings = self.settings()?;
         let backend = RedisBackend::connect_lazy(url, settings)?;
-        self.finish(Backend::Redis(backend))
+        Ok(self.finish(Backend::Redis(backend)))
     }
 
     /// Builds an in-memory herd: the same semantics, for one process (tests, the quick
@@ -167,7 +167,7 @@ impl Builder {
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option.
     pub fn memory(self) -> Result<Herd> {
         self.settings()?;
-        self.finish(Backend::Memory(MemoryBackend::default()))
+        Ok(self.finish(Backend::Memory(MemoryBackend::default())))
     }
 
     /// Builds an in-memory herd that shares `other`'s in-memory state but has its own
@@ -181,7 +181,7 @@ impl Builder {
     pub fn memory_peer(self, other: &Herd) -> Result<Herd> {
         self.settings()?;
         match &other.inner.backend {
-            Backend::Memory(memory) => self.finish(Backend::Memory(memory.clone())),
+            Backend::Memory(memory) => Ok(self.finish(Backend::Memory(memory.clone()))),
             Backend::Redis(_) => Err(Error::invalid(
                 "memory_peer needs an in-memory herd to share state with",
             )),
@@ -210,8 +210,8 @@ impl Builder {
         })
     }
 
-    fn finish(self, backend: Backend) -> Result<Herd> {
-        Ok(Herd {
+    fn finish(self, backend: Backend) -> Herd {
+        Herd {
             inner: Arc::new(HerdInner {
                 backend,
                 prefix: self.prefix,
@@ -219,7 +219,7 @@ impl Builder {
                 lock_ttl: self.lock_ttl,
                 flights: Flights::default(),
             }),
-        })
+        }
     }
 }
 

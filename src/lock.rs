@@ -195,7 +195,7 @@ impl fmt::Debug for LockGuard {
             .field("key", &self.keys.key)
             .field("fence", &self.fence)
             .field("owner", &self.herd.owner())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -463,7 +463,7 @@ impl Herd {
                 let wake_at = (Instant::now() + recheck).min(deadline);
                 tokio::select! {
                     _ = sub.recv() => {}
-                    _ = tokio::time::sleep_until(wake_at) => {}
+                    () = tokio::time::sleep_until(wake_at) => {}
                 }
                 if Instant::now() >= deadline {
                     return Err(timed_out());

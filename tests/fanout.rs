@@ -124,10 +124,7 @@ async fn errors_and_panics_reach_every_waiter(fx: Fx) {
         tasks.push(tokio::spawn(async move {
             node.fanout("panicking", Duration::from_secs(10), || async {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                if true {
-                    panic!("job exploded");
-                }
-                Ok::<u8, JobError>(0)
+                Ok::<u8, JobError>(explode())
             })
             .await
         }));
@@ -149,6 +146,10 @@ async fn errors_and_panics_reach_every_waiter(fx: Fx) {
         .expect("fresh run"),
         1
     );
+}
+
+fn explode() -> u8 {
+    panic!("job exploded")
 }
 
 /// Waits (bounded) until a run of `job` holds its lock.
@@ -460,14 +461,16 @@ async fn push_dropped_completer_does_not_hang(fx: Fx) {
     ));
 }
 
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Report {
+    id: u64,
+    rows: Vec<(String, f64)>,
+}
+
+#[allow(clippy::many_single_char_names)] // a, b: the two nodes, as everywhere in this file
 async fn codecs_and_unusable_results(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-    struct Report {
-        id: u64,
-        rows: Vec<(String, f64)>,
-    }
     let report = Report {
         id: 7,
         rows: vec![("a".into(), 1.5), ("b".into(), -2.0)],

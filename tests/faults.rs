@@ -16,7 +16,7 @@ async fn herd_on(server: &RedisServer, owner: &str) -> Herd {
         .prefix(server::unique_prefix(owner))
         .owner(owner)
         .connect_timeout(Duration::from_millis(500))
-        .command_timeout(Duration::from_millis(1000))
+        .command_timeout(Duration::from_secs(1))
         .connect(&server.url())
         .await
         .expect("connect")
@@ -51,7 +51,7 @@ async fn server_killed_and_restarted() {
     let herd = Herd::builder()
         .owner("survivor")
         .connect_timeout(Duration::from_millis(500))
-        .command_timeout(Duration::from_millis(1000))
+        .command_timeout(Duration::from_secs(1))
         .connect(&server.url())
         .await
         .expect("connect");

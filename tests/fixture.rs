@@ -31,6 +31,7 @@ impl Fx {
     }
 
     pub(crate) fn server(&self) -> &'static RedisServer {
+        assert_eq!(self.kind, Kind::Redis, "only Redis scenarios have a server");
         server::shared()
     }
 
@@ -52,13 +53,12 @@ impl Fx {
                 .expect("connect to the test redis"),
             Kind::Memory => {
                 let mut first = self.first.lock().expect("fixture lock");
-                match first.as_ref() {
-                    Some(first) => builder.memory_peer(first).expect("memory peer"),
-                    None => {
-                        let herd = builder.memory().expect("memory herd");
-                        *first = Some(herd.clone());
-                        herd
-                    }
+                if let Some(first) = first.as_ref() {
+                    builder.memory_peer(first).expect("memory peer")
+                } else {
+                    let herd = builder.memory().expect("memory herd");
+                    *first = Some(herd.clone());
+                    herd
                 }
             }
         }
@@ -101,6 +101,6 @@ pub(crate) async fn within<T>(
 ) -> T {
     match tokio::time::timeout(limit, fut).await {
         Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {limit:?}"),
+        Err(elapsed) => panic!("{what} did not finish within {limit:?} ({elapsed})"),
     }
 }

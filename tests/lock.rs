@@ -175,7 +175,7 @@ async fn outcome_form(fx: Fx) {
 /// Issue 2, test 6: three triggers 300 ms apart; grace 1 s runs once, no grace three times.
 async fn grace_period_suppresses_late_triggers(fx: Fx) {
     for (grace, expected) in [(Some(Duration::from_secs(1)), 1), (None, 3)] {
-        let key = format!("nightly-{}", expected);
+        let key = format!("nightly-{expected}");
         let runs = Arc::new(AtomicUsize::new(0));
         let mut options = LockOptions::new().ttl(Duration::from_secs(10));
         if let Some(g) = grace {

@@ -239,7 +239,7 @@ async fn fanout_error() {
             Err(e) => emit(&format!(
                 "error {:?}|{}|{}",
                 e.kind(),
-                e.job_error().map(JobError::message).unwrap_or("-"),
+                e.job_error().map_or("-", JobError::message),
                 e.job_error().and_then(JobError::code).unwrap_or("-")
             )),
         }

@@ -232,13 +232,12 @@ impl MemoryBackend {
 
     pub(crate) fn subscribe(&self, keys: &JobKeys) -> Subscription {
         let mut st = self.lock();
-        let rx = match st.channels.get(&keys.channel) {
-            Some(tx) => tx.subscribe(),
-            None => {
-                let (tx, rx) = broadcast::channel(CHANNEL_CAPACITY);
-                st.channels.insert(keys.channel.clone(), tx);
-                rx
-            }
+        let rx = if let Some(tx) = st.channels.get(&keys.channel) {
+            tx.subscribe()
+        } else {
+            let (tx, rx) = broadcast::channel(CHANNEL_CAPACITY);
+            st.channels.insert(keys.channel.clone(), tx);
+            rx
         };
         Subscription::new(rx, None)
     }

@@ -484,7 +484,7 @@ impl Notifier {
             match tokio::time::timeout(self.shared.command_timeout, s.subscribe(channel)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::debug!(channel, error = %e, "subscribe failed; relying on resync")
+                    tracing::debug!(channel, error = %e, "subscribe failed; relying on resync");
                 }
                 Err(_) => tracing::debug!(channel, "subscribe timed out; relying on resync"),
             }
@@ -549,27 +549,26 @@ async fn listen(
 ) {
     let mut backoff = RECONNECT_MIN;
     loop {
-        let pubsub = match first.take() {
-            Some(p) => p,
-            None => {
-                let attempt = tokio::time::timeout(connect_timeout, client.get_async_pubsub());
-                let outcome = tokio::select! {
-                    _ = &mut shutdown => return,
-                    r = attempt => r,
-                };
-                match outcome {
-                    Ok(Ok(p)) => p,
-                    other => {
-                        if let Ok(Err(e)) = other {
-                            tracing::debug!(error = %e, "pub/sub reconnect failed");
-                        }
-                        tokio::select! {
-                            _ = &mut shutdown => return,
-                            _ = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(RECONNECT_MAX);
-                        continue;
+        let pubsub = if let Some(p) = first.take() {
+            p
+        } else {
+            let attempt = tokio::time::timeout(connect_timeout, client.get_async_pubsub());
+            let outcome = tokio::select! {
+                _ = &mut shutdown => return,
+                r = attempt => r,
+            };
+            match outcome {
+                Ok(Ok(p)) => p,
+                other => {
+                    if let Ok(Err(e)) = other {
+                        tracing::debug!(error = %e, "pub/sub reconnect failed");
                     }
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue;
                 }
             }
         };
