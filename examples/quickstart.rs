@@ -13,15 +13,12 @@ use herdlock::{FanoutOptions, Herd, Outcome, Role};
 
 #[tokio::main]
 async fn main() -> Result<(), herdlock::Error> {
-    let herd = match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: redis at {url}");
-            Herd::connect(&url).await?
-        }
-        Err(_) => {
-            println!("backend: in-memory (set REDIS_URL to use Redis)");
-            Herd::memory()
-        }
+    let herd = if let Ok(url) = std::env::var("REDIS_URL") {
+        println!("backend: redis at {url}");
+        Herd::connect(&url).await?
+    } else {
+        println!("backend: in-memory (set REDIS_URL to use Redis)");
+        Herd::memory()
     };
     println!("owner label: {}", herd.owner());
 
@@ -60,7 +57,7 @@ async fn main() -> Result<(), herdlock::Error> {
             herd.fanout_with("quickstart:user:42", &options, move || async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                Ok::<_, herdlock::JobError>(format!("profile of user 42"))
+                Ok::<_, herdlock::JobError>("profile of user 42".to_string())
             })
             .await
         }));
