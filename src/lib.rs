@@ -93,3 +93,8 @@ pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role, MAX_RES
 pub use herd::{Builder, Herd};
 pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
 pub use lock::{FencingToken, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock};
+
+/// The README's examples, compiled as doc tests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme {}
