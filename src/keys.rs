@@ -28,8 +28,15 @@ pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
 /// The shortest accepted lock TTL: 1 ms, the resolution of Redis `PX`.
 pub const MIN_TTL: Duration = Duration::from_millis(1);
 
-/// Every Redis name one key uses. All share the hash tag `{key}` so a script that touches
-/// several of them stays in one Redis Cluster slot.
+/// Every Redis name one key uses. All share one hash tag, so a script that touches several
+/// of them stays in one Redis Cluster slot.
+///
+/// A plain key `k` maps to `prefix:{k}:…`. A key that contains a hash tag of its own,
+/// `a:{t}:b`, maps to `prefix:{t}:a:{t}:b:…`: every key with the tag `t` then lands in one
+/// slot, which is how keys that must be locked together atomically ([`multi`]) are placed
+/// on a Redis Cluster.
+///
+/// [`multi`]: crate::Herd::try_multi
 #[derive(Debug, Clone)]
 pub(crate) struct JobKeys {
     /// The caller's key, as given.
@@ -46,7 +53,10 @@ pub(crate) struct JobKeys {
 
 impl JobKeys {
     pub(crate) fn new(prefix: &str, key: &str) -> JobKeys {
-        let base = format!("{prefix}:{{{key}}}");
+        let base = match hash_tag(key) {
+            Some(tag) => format!("{prefix}:{{{tag}}}:{key}"),
+            None => format!("{prefix}:{{{key}}}"),
+        };
         JobKeys {
             key: key.to_owned(),
             lock: format!("{base}:lock"),
@@ -55,6 +65,13 @@ impl JobKeys {
             channel: base,
         }
     }
+}
+
+/// The key's own hash tag: the text between its one `{` and the `}` after it.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open..].find('}')? + open;
+    Some(&key[open + 1..close])
 }
 
 pub(crate) fn validate_key(key: &str) -> Result<()> {
@@ -66,6 +83,15 @@ pub(crate) fn validate_key(key: &str) -> Result<()> {
             "key is {} bytes long, more than the limit of {MAX_KEY_LEN}",
             key.len()
         )));
+    }
+    let opens = key.matches('{').count();
+    let closes = key.matches('}').count();
+    if opens + closes > 0
+        && !(opens == 1 && closes == 1 && hash_tag(key).is_some_and(|t| !t.is_empty()))
+    {
+        return Err(Error::invalid(
+            "a key may contain braces only as one non-empty hash tag, like `account:{bank-1}:42`",
+        ));
     }
     Ok(())
 }
@@ -155,6 +181,17 @@ mod unit {
         assert_eq!(k.lock, "herdlock:{job:1}:lock");
         assert_eq!(k.fence, "herdlock:{job:1}:fence");
         assert_eq!(k.channel, "herdlock:{job:1}");
+    }
+
+    #[test]
+    fn a_keys_own_hash_tag_places_it() {
+        let k = JobKeys::new("p", "acct:{bank}:1");
+        assert_eq!(k.lock, "p:{bank}:acct:{bank}:1:lock");
+        assert_eq!(k.channel, "p:{bank}:acct:{bank}:1");
+        assert!(validate_key("acct:{bank}:1").is_ok());
+        for bad in ["a{", "a}", "{}", "a}b{", "{a}{b}", "a{b"] {
+            assert!(validate_key(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -86,6 +86,7 @@ mod fanout;
 mod herd;
 mod keys;
 mod lock;
+mod multi;
 
 pub use codec::{Codec, JobError};
 pub use error::{Error, ErrorKind, Result};
@@ -93,6 +94,7 @@ pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role, MAX_RES
 pub use herd::{Builder, Herd};
 pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
 pub use lock::{FencingToken, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock};
+pub use multi::{HeldKey, KeyRelease, MultiGuard, TryMulti, MAX_MULTI_KEYS};
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

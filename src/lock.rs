@@ -25,6 +25,10 @@ const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
 pub struct FencingToken(u64);
 
 impl FencingToken {
+    pub(crate) fn new(value: u64) -> FencingToken {
+        FencingToken(value)
+    }
+
     /// The token as a number.
     pub fn get(self) -> u64 {
         self.0
@@ -50,7 +54,7 @@ pub struct Holder {
 }
 
 impl Holder {
-    fn parse(value: &str, pttl_ms: i64) -> Result<Holder> {
+    pub(crate) fn parse(value: &str, pttl_ms: i64) -> Result<Holder> {
         let (fence, owner) = parse_holder(value)?;
         Ok(Holder {
             owner: owner.to_owned(),
@@ -152,6 +156,12 @@ impl LockOptions {
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
+    }
+
+    pub(crate) fn resolve_ttl(&self, herd: &Herd) -> Result<Duration> {
+        let ttl = self.ttl.unwrap_or(herd.inner.lock_ttl);
+        keys::validate_ttl("lock ttl", ttl)?;
+        Ok(ttl)
     }
 
     fn resolve(&self, herd: &Herd) -> Result<(Duration, Duration)> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::{AcquireReply, CheckReply, FanoutReply, Notice, StatusReply, Subscription};
+use super::{AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, StatusReply, Subscription};
 use crate::keys::JobKeys;
 
 /// Capacity of a key's notice queue; a receiver that falls further behind sees a Resync.
@@ -127,6 +127,74 @@ impl MemoryBackend {
             },
         );
         AcquireReply::Acquired { token, fence }
+    }
+
+    pub(crate) fn multi_acquire(
+        &self,
+        keys: &[JobKeys],
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> MultiReply {
+        let mut st = self.lock();
+        let mut busy = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            if let Some(entry) = st.get(&k.lock) {
+                let holder = entry.value.clone();
+                let pttl = st.pttl(&k.lock);
+                busy.push((i, holder, pttl));
+            }
+        }
+        if !busy.is_empty() {
+            return MultiReply::Busy(busy);
+        }
+        let expires = Some(Instant::now() + ttl);
+        let values = keys
+            .iter()
+            .map(|k| {
+                let counter = st.counters.entry(k.fence.clone()).or_insert(0);
+                *counter += 1;
+                let value = format!("{counter}:{nonce}:{owner}");
+                st.values.insert(
+                    k.lock.clone(),
+                    Entry {
+                        value: value.clone(),
+                        expires,
+                    },
+                );
+                value
+            })
+            .collect();
+        MultiReply::Acquired(values)
+    }
+
+    pub(crate) fn multi_extend(
+        &self,
+        keys: &[JobKeys],
+        tokens: &[String],
+        ttl: Duration,
+    ) -> Vec<usize> {
+        let mut st = self.lock();
+        let lost: Vec<usize> = keys
+            .iter()
+            .zip(tokens)
+            .enumerate()
+            .filter(|(_, (k, t))| st.get(&k.lock).is_none_or(|e| &e.value != *t))
+            .map(|(i, _)| i)
+            .collect();
+        for (k, t) in keys.iter().zip(tokens) {
+            if let Some(entry) = st.get(&k.lock) {
+                if &entry.value == t {
+                    if lost.is_empty() {
+                        entry.expires = Some(Instant::now() + ttl);
+                    } else {
+                        st.values.remove(&k.lock);
+                        st.publish(&k.channel, b"released");
+                    }
+                }
+            }
+        }
+        lost
     }
 
     pub(crate) fn fanout_acquire(

@@ -49,6 +49,15 @@ pub(crate) struct CheckReply {
     pub(crate) envelope: Option<Vec<u8>>,
 }
 
+/// The reply of the multi-key acquire step.
+#[derive(Debug, Clone)]
+pub(crate) enum MultiReply {
+    /// Every key is now held; the stored holder value of each, in order.
+    Acquired(Vec<String>),
+    /// Nothing was changed; these keys (index, holder value, pttl) are held by others.
+    Busy(Vec<(usize, String, i64)>),
+}
+
 /// The reply of the status step.
 #[derive(Debug, Clone)]
 pub(crate) struct StatusReply {
@@ -195,6 +204,51 @@ impl Backend {
         match self {
             Backend::Redis(b) => b.complete(keys, token, envelope, ok, linger).await,
             Backend::Memory(b) => Ok(b.complete(keys, token, envelope, ok, linger)),
+        }
+    }
+
+    /// Atomically: if none of `keys` is held, take them all (each bumping its own fence);
+    /// otherwise change nothing and report every held one.
+    pub(crate) async fn multi_acquire(
+        &self,
+        keys: &[JobKeys],
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<MultiReply> {
+        match self {
+            Backend::Redis(b) => b.multi_acquire(keys, nonce, owner, ttl).await,
+            Backend::Memory(b) => Ok(b.multi_acquire(keys, nonce, owner, ttl)),
+        }
+    }
+
+    /// Releases each key still held with its token (waking its waiters); per-key outcome.
+    pub(crate) async fn multi_release(
+        &self,
+        keys: &[JobKeys],
+        tokens: &[String],
+    ) -> Result<Vec<bool>> {
+        match self {
+            Backend::Redis(b) => b.multi_release(keys, tokens).await,
+            Backend::Memory(b) => Ok(keys
+                .iter()
+                .zip(tokens)
+                .map(|(k, t)| b.release(k, t, Duration::ZERO))
+                .collect()),
+        }
+    }
+
+    /// Atomically: extend every key, or, if any is lost, release the others and return
+    /// the indexes of the lost ones.
+    pub(crate) async fn multi_extend(
+        &self,
+        keys: &[JobKeys],
+        tokens: &[String],
+        ttl: Duration,
+    ) -> Result<Vec<usize>> {
+        match self {
+            Backend::Redis(b) => b.multi_extend(keys, tokens, ttl).await,
+            Backend::Memory(b) => Ok(b.multi_extend(keys, tokens, ttl)),
         }
     }
 

@@ -24,7 +24,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub, PubSubSink}
 use redis::{Client, Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
-use super::{AcquireReply, CheckReply, FanoutReply, Notice, StatusReply, Subscription};
+use super::{AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, StatusReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{millis, JobKeys};
 
@@ -69,6 +69,9 @@ struct Scripts {
     fanout_acquire: Script,
     fanout_check: Script,
     complete: Script,
+    multi_acquire: Script,
+    multi_release: Script,
+    multi_extend: Script,
 }
 
 impl Scripts {
@@ -81,6 +84,9 @@ impl Scripts {
             fanout_acquire: Script::new(include_str!("../scripts/fanout_acquire.lua")),
             fanout_check: Script::new(include_str!("../scripts/fanout_check.lua")),
             complete: Script::new(include_str!("../scripts/complete.lua")),
+            multi_acquire: Script::new(include_str!("../scripts/multi_acquire.lua")),
+            multi_release: Script::new(include_str!("../scripts/multi_release.lua")),
+            multi_extend: Script::new(include_str!("../scripts/multi_extend.lua")),
         }
     }
 }
@@ -294,6 +300,104 @@ impl RedisBackend {
             pttl_ms,
             last_fence,
         })
+    }
+
+    pub(crate) async fn multi_acquire(
+        &self,
+        keys: &[JobKeys],
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<MultiReply> {
+        let what = "multi acquire";
+        let mut inv = self.inner.scripts.multi_acquire.prepare_invoke();
+        for k in keys {
+            inv.key(&k.lock).key(&k.fence);
+        }
+        inv.arg(nonce).arg(owner).arg(millis(ttl));
+        let reply = self.invoke_idempotent(what, &inv).await?;
+        let items = array(&reply, 2, what)?;
+        let Value::Array(list) = &items[1] else {
+            return Err(malformed(what));
+        };
+        if int(&items[0], what)? == 1 {
+            if list.len() != keys.len() {
+                return Err(malformed(what));
+            }
+            return Ok(MultiReply::Acquired(
+                list.iter()
+                    .map(|v| string(v, what))
+                    .collect::<Result<_>>()?,
+            ));
+        }
+        let mut busy = Vec::new();
+        for chunk in list.chunks(3) {
+            let [index, holder, pttl] = chunk else {
+                return Err(malformed(what));
+            };
+            let index = usize::try_from(int(index, what)?)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .filter(|i| *i < keys.len())
+                .ok_or_else(|| malformed(what))?;
+            busy.push((index, string(holder, what)?, int(pttl, what)?));
+        }
+        Ok(MultiReply::Busy(busy))
+    }
+
+    pub(crate) async fn multi_release(
+        &self,
+        keys: &[JobKeys],
+        tokens: &[String],
+    ) -> Result<Vec<bool>> {
+        let what = "multi release";
+        let mut inv = self.inner.scripts.multi_release.prepare_invoke();
+        for k in keys {
+            inv.key(&k.lock);
+        }
+        for t in tokens {
+            inv.arg(t);
+        }
+        for k in keys {
+            inv.arg(&k.channel);
+        }
+        let reply = self.invoke(what, &inv).await?;
+        let items = array(&reply, keys.len(), what)?;
+        items.iter().map(|v| Ok(int(v, what)? == 1)).collect()
+    }
+
+    pub(crate) async fn multi_extend(
+        &self,
+        keys: &[JobKeys],
+        tokens: &[String],
+        ttl: Duration,
+    ) -> Result<Vec<usize>> {
+        let what = "multi extend";
+        let mut inv = self.inner.scripts.multi_extend.prepare_invoke();
+        for k in keys {
+            inv.key(&k.lock);
+        }
+        for t in tokens {
+            inv.arg(t);
+        }
+        for k in keys {
+            inv.arg(&k.channel);
+        }
+        inv.arg(millis(ttl));
+        let reply = self.invoke(what, &inv).await?;
+        let Value::Array(items) = &reply else {
+            return Err(malformed(what));
+        };
+        items
+            .iter()
+            .map(|v| {
+                usize::try_from(int(v, what)?)
+                    .ok()
+                    .and_then(|i| i.checked_sub(1))
+                    .filter(|i| *i < keys.len())
+                    .ok_or_else(|| malformed(what))
+            })
+            .collect()
     }
 
     pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {

@@ -1,0 +1,392 @@
+//! Multi-key locks: hold all of several locks, or none. [`Herd::try_multi`],
+//! [`Herd::multi`] and [`MultiGuard`].
+//!
+//! ## Key placement
+//!
+//! Acquisition is one script over every key, so on one Redis it is atomic: no caller ever
+//! holds a subset, and callers racing for overlapping sets in any order never deadlock (a
+//! caller either gets every key or changes nothing). On a Redis Cluster a script may only
+//! touch keys of one slot: give keys that must be locked together one hash tag of their
+//! own, `account:{bank-1}:alice` and `account:{bank-1}:bob`, and herdlock places all of their
+//! Redis keys in that tag's slot (see the key layout in the crate docs).
+
+use std::fmt;
+use std::time::Duration;
+
+use futures::future::select_all;
+use futures::FutureExt;
+use tokio::time::Instant;
+
+use crate::backend::{parse_holder, MultiReply, Subscription};
+use crate::error::{Error, ErrorKind, Result};
+use crate::herd::{nonce, Herd};
+use crate::keys::{self, JobKeys};
+use crate::lock::{FencingToken, Holder, LockOptions};
+
+/// The most keys one multi-key lock may hold.
+///
+/// One script call carries every key; 64 keeps that call small and its atomic section short
+/// (Redis runs nothing else meanwhile).
+pub const MAX_MULTI_KEYS: usize = 64;
+
+/// A key of a multi-key request that someone else holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HeldKey {
+    /// The key, as requested.
+    pub key: String,
+    /// Who holds it.
+    pub holder: Holder,
+}
+
+/// The result of [`Herd::try_multi`].
+#[derive(Debug)]
+#[must_use = "dropping an acquired multi-lock releases it in the background"]
+pub enum TryMulti {
+    /// Every key is held by the caller now.
+    Acquired(MultiGuard),
+    /// Some keys are held by others (all of them are listed); nothing was locked.
+    Busy(Vec<HeldKey>),
+}
+
+impl TryMulti {
+    /// The guard, if every key was acquired.
+    pub fn acquired(self) -> Option<MultiGuard> {
+        match self {
+            TryMulti::Acquired(guard) => Some(guard),
+            TryMulti::Busy(_) => None,
+        }
+    }
+}
+
+/// What happened to one key when a [`MultiGuard`] was released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyRelease {
+    /// The key was held and is now released.
+    Released,
+    /// The key had already expired or been taken over; it was left alone.
+    Lost,
+}
+
+/// Several locks held together. Release with [`release`](MultiGuard::release); dropping
+/// the guard releases in the background (best effort; the TTL is the backstop).
+#[must_use = "dropping the guard releases the locks in the background"]
+pub struct MultiGuard {
+    herd: Herd,
+    keys: Vec<JobKeys>,
+    tokens: Vec<String>,
+    fences: Vec<FencingToken>,
+    released: bool,
+}
+
+impl fmt::Debug for MultiGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MultiGuard")
+            .field("keys", &self.keys().collect::<Vec<_>>())
+            .field("fences", &self.fences)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MultiGuard {
+    /// The keys held, de-duplicated, in the order first requested.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|k| k.key.as_str())
+    }
+
+    /// The fencing token of `key`, if this guard holds it.
+    pub fn fence(&self, key: &str) -> Option<FencingToken> {
+        self.keys
+            .iter()
+            .position(|k| k.key == key)
+            .map(|i| self.fences[i])
+    }
+
+    /// Every key with its fencing token.
+    pub fn fences(&self) -> impl Iterator<Item = (&str, FencingToken)> {
+        self.keys
+            .iter()
+            .map(|k| k.key.as_str())
+            .zip(self.fences.iter().copied())
+    }
+
+    /// Extends every lock to `ttl` from now: all of them, or none.
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost) naming the keys that had expired or been taken
+    /// over; the keys this guard still held are then **released** (all or nothing), and the
+    /// guard holds nothing. [`InvalidInput`](ErrorKind::InvalidInput) for a TTL out of range;
+    /// connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the extension may or may not have been applied.
+    pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
+        keys::validate_ttl("lock ttl", ttl)?;
+        let lost = self
+            .herd
+            .backend()
+            .multi_extend(&self.keys, &self.tokens, ttl)
+            .await?;
+        if lost.is_empty() {
+            return Ok(());
+        }
+        self.released = true;
+        let names: Vec<&str> = lost.iter().map(|&i| self.keys[i].key.as_str()).collect();
+        Err(Error::new(
+            ErrorKind::LockLost,
+            format!(
+                "multi-lock lost key(s) {}; the other keys were released",
+                quoted(&names)
+            ),
+        ))
+    }
+
+    /// Releases every lock still held and reports each key's outcome. A key that had
+    /// already expired is reported as [`KeyRelease::Lost`], not as an error.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors only (the locks then expire with their TTL).
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the release may or may not have happened; the TTL is the backstop.
+    pub async fn release(mut self) -> Result<Vec<(String, KeyRelease)>> {
+        self.released = true;
+        let outcomes = self
+            .herd
+            .backend()
+            .multi_release(&self.keys, &self.tokens)
+            .await?;
+        Ok(self
+            .keys
+            .iter()
+            .zip(outcomes)
+            .map(|(k, released)| {
+                let outcome = if released {
+                    KeyRelease::Released
+                } else {
+                    KeyRelease::Lost
+                };
+                (k.key.clone(), outcome)
+            })
+            .collect())
+    }
+}
+
+impl Drop for MultiGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let backend = self.herd.backend().clone();
+        let keys = std::mem::take(&mut self.keys);
+        let tokens = std::mem::take(&mut self.tokens);
+        handle.spawn(async move {
+            if let Err(e) = backend.multi_release(&keys, &tokens).await {
+                tracing::debug!(error = %e, "background release of a dropped multi-lock failed");
+            }
+        });
+    }
+}
+
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Herd {
+    /// Takes every lock in `keys` now, or none of them. Never waits.
+    ///
+    /// Duplicate keys are ignored (the set is what counts). On contention, every key held
+    /// by someone else is reported with its holder, and nothing is left locked.
+    ///
+    /// # Examples
+    ///
+    /// A transfer between two accounts holds both:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// use herdlock::TryMulti;
+    /// let herd = herdlock::Herd::memory();
+    /// let TryMulti::Acquired(both) = herd.try_multi(&["acct:alice", "acct:bob"]).await? else {
+    ///     unreachable!("nobody holds them");
+    /// };
+    /// match herd.try_multi(&["acct:bob", "acct:carol"]).await? {
+    ///     TryMulti::Busy(held) => assert_eq!(held[0].key, "acct:bob"),
+    ///     TryMulti::Acquired(_) => unreachable!("bob is held"),
+    /// }
+    /// both.release().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for an empty key set, more than
+    /// [`MAX_MULTI_KEYS`] keys, or a bad key; connection errors. Contention is
+    /// [`TryMulti::Busy`], not an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled after the request was sent, the locks may have been taken; they then
+    /// expire with their TTL.
+    pub async fn try_multi(&self, keys: &[&str]) -> Result<TryMulti> {
+        self.try_multi_with(keys, &LockOptions::default()).await
+    }
+
+    /// [`try_multi`](Herd::try_multi) with options (the TTL; a grace period is not used by
+    /// multi-locks).
+    ///
+    /// # Errors
+    ///
+    /// As [`try_multi`](Herd::try_multi).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`try_multi`](Herd::try_multi).
+    pub async fn try_multi_with(&self, keys: &[&str], options: &LockOptions) -> Result<TryMulti> {
+        let keys = self.multi_keys(keys)?;
+        let ttl = options.resolve_ttl(self)?;
+        self.multi_attempt(keys, ttl).await
+    }
+
+    /// Takes every lock in `keys`, waiting up to `wait` until all are free at once.
+    ///
+    /// Waiters subscribe to every key's channel (confirmed) before re-checking, and are
+    /// woken by the release of any of them; a lost notice is covered by a re-check when the
+    /// earliest holder's TTL runs out.
+    ///
+    /// # Errors
+    ///
+    /// [`Timeout`](ErrorKind::Timeout), naming the keys still held, when `wait` passes;
+    /// otherwise as [`try_multi`](Herd::try_multi), plus
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a zero or absurd wait.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling while waiting leaves nothing behind.
+    pub async fn multi(&self, keys: &[&str], wait: Duration) -> Result<MultiGuard> {
+        self.multi_with(keys, wait, &LockOptions::default()).await
+    }
+
+    /// [`multi`](Herd::multi) with options (the TTL).
+    ///
+    /// # Errors
+    ///
+    /// As [`multi`](Herd::multi).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`multi`](Herd::multi).
+    pub async fn multi_with(
+        &self,
+        keys: &[&str],
+        wait: Duration,
+        options: &LockOptions,
+    ) -> Result<MultiGuard> {
+        let keys = self.multi_keys(keys)?;
+        let ttl = options.resolve_ttl(self)?;
+        keys::validate_wait(wait)?;
+        let deadline = Instant::now() + wait;
+        let mut last_held: Vec<String> = Vec::new();
+        let wait_loop = async {
+            let mut subs: Vec<Subscription> = Vec::new();
+            loop {
+                let earliest = match self.multi_attempt(keys.clone(), ttl).await? {
+                    TryMulti::Acquired(guard) => return Ok(guard),
+                    TryMulti::Busy(held) => {
+                        last_held = held.iter().map(|h| h.key.clone()).collect();
+                        held.iter().filter_map(|h| h.holder.remaining).min()
+                    }
+                };
+                if subs.is_empty() {
+                    // Subscribe (confirmed) to every key, then re-check at once.
+                    for k in &keys {
+                        subs.push(self.backend().subscribe(k).await?);
+                    }
+                    continue;
+                }
+                let recheck = earliest
+                    .unwrap_or(Duration::from_secs(1))
+                    .max(Duration::from_millis(1));
+                let wake_at = (Instant::now() + recheck).min(deadline);
+                let any_notice = select_all(subs.iter_mut().map(|s| s.recv().boxed()));
+                tokio::select! {
+                    _ = any_notice => {}
+                    () = tokio::time::sleep_until(wake_at) => {}
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, wait_loop).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "timed out after {wait:?} waiting for multi-lock; still held: {}",
+                    quoted(&last_held.iter().map(String::as_str).collect::<Vec<_>>())
+                ),
+            )),
+        }
+    }
+
+    fn multi_keys(&self, keys: &[&str]) -> Result<Vec<JobKeys>> {
+        if keys.is_empty() {
+            return Err(Error::invalid("a multi-lock needs at least one key"));
+        }
+        let mut unique: Vec<&str> = Vec::with_capacity(keys.len());
+        for key in keys {
+            if !unique.contains(key) {
+                unique.push(key);
+            }
+        }
+        if unique.len() > MAX_MULTI_KEYS {
+            return Err(Error::invalid(format!(
+                "a multi-lock takes at most {MAX_MULTI_KEYS} keys, got {}",
+                unique.len()
+            )));
+        }
+        unique.into_iter().map(|k| self.job_keys(k)).collect()
+    }
+
+    async fn multi_attempt(&self, keys: Vec<JobKeys>, ttl: Duration) -> Result<TryMulti> {
+        let reply = self
+            .backend()
+            .multi_acquire(&keys, &nonce(), self.owner(), ttl)
+            .await?;
+        match reply {
+            MultiReply::Acquired(tokens) => {
+                let fences = tokens
+                    .iter()
+                    .map(|t| parse_holder(t).map(|(f, _)| FencingToken::new(f)))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(TryMulti::Acquired(MultiGuard {
+                    herd: self.clone(),
+                    keys,
+                    tokens,
+                    fences,
+                    released: false,
+                }))
+            }
+            MultiReply::Busy(held) => held
+                .into_iter()
+                .map(|(i, holder, pttl)| {
+                    Ok(HeldKey {
+                        key: keys[i].key.clone(),
+                        holder: Holder::parse(&holder, pttl)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(TryMulti::Busy),
+        }
+    }
+}
