@@ -241,7 +241,7 @@ impl MemoryBackend {
         linger: Duration,
     ) -> bool {
         let mut st = self.lock();
-        if !st.get(&keys.lock).is_some_and(|e| e.value == token) {
+        if st.get(&keys.lock).is_none_or(|e| e.value != token) {
             return false;
         }
         let now = Instant::now();
