@@ -163,10 +163,10 @@ pub(crate) fn validate_wait(wait: Duration) -> Result<()> {
 /// Whole milliseconds, rounded up so that 1.5 ms never becomes 1 ms of lease.
 pub(crate) fn millis(d: Duration) -> u64 {
     let ms = d.as_millis();
-    let ms = if !d.as_nanos().is_multiple_of(1_000_000) {
-        ms + 1
-    } else {
+    let ms = if d.as_nanos().is_multiple_of(1_000_000) {
         ms
+    } else {
+        ms + 1
     };
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
