@@ -10,6 +10,7 @@ use crate::backend::Backend;
 use crate::coalesce::Flights;
 use crate::error::{Error, Result};
 use crate::keys::{self, JobKeys};
+use crate::semaphore::Gates;
 
 /// A cheap, cloneable handle to one coordination backend (Redis or in-memory) plus its
 /// settings. Share it by cloning; every clone uses the same connections.
@@ -36,6 +37,7 @@ pub(crate) struct HerdInner {
     pub(crate) owner: String,
     pub(crate) lock_ttl: Duration,
     pub(crate) flights: Flights,
+    pub(crate) gates: Gates,
 }
 
 /// Configures and builds a [`Herd`]. Every setter documents its default and why.
@@ -218,6 +220,7 @@ impl Builder {
                 owner: self.owner.unwrap_or_else(default_owner),
                 lock_ttl: self.lock_ttl,
                 flights: Flights::default(),
+                gates: Gates::default(),
             }),
         }
     }
@@ -248,6 +251,7 @@ impl Herd {
                 owner: default_owner(),
                 lock_ttl: builder.lock_ttl,
                 flights: Flights::default(),
+                gates: Gates::default(),
             }),
         }
     }

@@ -47,6 +47,14 @@ pub(crate) struct JobKeys {
     pub(crate) fence: String,
     /// `prefix:{key}:result`: the last fan-out result envelope, with a short linger.
     pub(crate) result: String,
+    /// `prefix:{key}:sem`: semaphore holders, scored by lease expiry.
+    pub(crate) sem: String,
+    /// `prefix:{key}:semq`: the fair semaphore queue, scored by ticket.
+    pub(crate) sem_queue: String,
+    /// `prefix:{key}:semqx`: liveness of queued waiters, scored by expiry.
+    pub(crate) sem_queue_expiry: String,
+    /// `prefix:{key}:semt`: the fair semaphore's ticket counter.
+    pub(crate) sem_ticket: String,
     /// `prefix:{key}`: the pub/sub channel for release and completion notices.
     pub(crate) channel: String,
 }
@@ -62,6 +70,10 @@ impl JobKeys {
             lock: format!("{base}:lock"),
             fence: format!("{base}:fence"),
             result: format!("{base}:result"),
+            sem: format!("{base}:sem"),
+            sem_queue: format!("{base}:semq"),
+            sem_queue_expiry: format!("{base}:semqx"),
+            sem_ticket: format!("{base}:semt"),
             channel: base,
         }
     }

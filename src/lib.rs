@@ -87,6 +87,7 @@ mod herd;
 mod keys;
 mod lock;
 mod multi;
+mod semaphore;
 
 pub use codec::{Codec, JobError};
 pub use error::{Error, ErrorKind, Result};
@@ -95,6 +96,10 @@ pub use herd::{Builder, Herd};
 pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
 pub use lock::{FencingToken, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock};
 pub use multi::{HeldKey, KeyRelease, MultiGuard, TryMulti, MAX_MULTI_KEYS};
+pub use semaphore::{
+    Permit, PermitHolder, Semaphore, SemaphoreOptions, SemaphoreStatus, TryPermit, MAX_PERMITS,
+    QUEUE_TTL,
+};
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

@@ -4,14 +4,17 @@
 //! Redis. Time is `tokio::time::Instant`, so tests may pause and advance it. Expired
 //! entries are dropped when next touched, as Redis does lazily.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use super::{AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, StatusReply, Subscription};
+use super::{
+    AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, SemArgs, SemOp, SemReply,
+    StatusReply, Subscription,
+};
 use crate::keys::JobKeys;
 
 /// Capacity of a key's notice queue; a receiver that falls further behind sees a Resync.
@@ -28,7 +31,61 @@ struct State {
     values: HashMap<String, Entry>,
     counters: HashMap<String, u64>,
     results: HashMap<String, Stored>,
+    semaphores: HashMap<String, Sem>,
     channels: HashMap<String, broadcast::Sender<Notice>>,
+}
+
+/// One semaphore: holders with lease deadlines, and the fair queue.
+#[derive(Debug, Default)]
+struct Sem {
+    holders: HashMap<String, Instant>,
+    /// Ticket → member, in arrival order.
+    queue: BTreeMap<u64, String>,
+    /// Member → (ticket, liveness deadline).
+    queued: HashMap<String, (u64, Instant)>,
+    next_ticket: u64,
+}
+
+impl Sem {
+    fn expire(&mut self, now: Instant) {
+        self.holders.retain(|_, until| *until > now);
+        let dead: Vec<String> = self
+            .queued
+            .iter()
+            .filter(|(_, (_, until))| *until <= now)
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in dead {
+            self.leave(&m);
+        }
+    }
+
+    fn leave(&mut self, member: &str) -> bool {
+        match self.queued.remove(member) {
+            Some((ticket, _)) => {
+                self.queue.remove(&ticket);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn rank(&self, member: &str) -> Option<usize> {
+        let (ticket, _) = self.queued.get(member)?;
+        Some(self.queue.range(..*ticket).count())
+    }
+
+    fn soonest_ms(&self, now: Instant) -> i64 {
+        self.holders.values().min().map_or(-1, |t| {
+            i64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(i64::MAX)
+        })
+    }
+
+    /// The members at the head of the queue that free permits could admit.
+    fn heads(&self, permits: u32) -> Vec<String> {
+        let free = (permits as usize).saturating_sub(self.holders.len());
+        self.queue.values().take(free).cloned().collect()
+    }
 }
 
 #[derive(Debug)]
@@ -195,6 +252,104 @@ impl MemoryBackend {
             }
         }
         lost
+    }
+
+    pub(crate) fn semaphore(&self, keys: &JobKeys, op: SemOp, args: SemArgs<'_>) -> SemReply {
+        let mut st = self.lock();
+        let now = Instant::now();
+        let sem = st.semaphores.entry(keys.sem.clone()).or_default();
+        sem.expire(now);
+        let member = args.member.to_owned();
+        let mut notices: Vec<Vec<u8>> = Vec::new();
+        let reply = match op {
+            SemOp::Try | SemOp::Queue => {
+                if sem.holders.contains_key(&member) {
+                    SemReply::Admitted
+                } else {
+                    let in_use = sem.holders.len() as u32;
+                    let free = args.permits.saturating_sub(in_use) as usize;
+                    let admit = if op == SemOp::Try {
+                        free > 0 && (sem.queue.is_empty() || sem.rank(&member) == Some(0))
+                    } else {
+                        if !sem.queued.contains_key(&member) {
+                            sem.next_ticket += 1;
+                            sem.queue.insert(sem.next_ticket, member.clone());
+                            sem.queued.insert(member.clone(), (sem.next_ticket, now));
+                        }
+                        if let Some(entry) = sem.queued.get_mut(&member) {
+                            entry.1 = now + args.queue_ttl;
+                        }
+                        sem.rank(&member).is_some_and(|rank| rank < free)
+                    };
+                    if admit {
+                        sem.leave(&member);
+                        sem.holders.insert(member, now + args.lease);
+                        if op == SemOp::Queue {
+                            notices.extend(
+                                sem.heads(args.permits)
+                                    .into_iter()
+                                    .map(|m| format!("wake:{m}").into_bytes()),
+                            );
+                        }
+                        SemReply::Admitted
+                    } else {
+                        SemReply::Busy {
+                            in_use,
+                            soonest_ms: sem.soonest_ms(now),
+                        }
+                    }
+                }
+            }
+            SemOp::Release => {
+                let removed = sem.holders.remove(&member).is_some();
+                if removed {
+                    notices.push(b"released".to_vec());
+                    notices.extend(
+                        sem.heads(args.permits)
+                            .into_iter()
+                            .map(|m| format!("wake:{m}").into_bytes()),
+                    );
+                }
+                SemReply::Done(removed)
+            }
+            SemOp::Extend => match sem.holders.get_mut(&member) {
+                Some(until) => {
+                    *until = now + args.lease;
+                    SemReply::Done(true)
+                }
+                None => SemReply::Done(false),
+            },
+            SemOp::Leave => {
+                if sem.leave(&member) {
+                    notices.extend(
+                        sem.heads(args.permits)
+                            .into_iter()
+                            .map(|m| format!("wake:{m}").into_bytes()),
+                    );
+                }
+                SemReply::Done(true)
+            }
+            SemOp::Status => SemReply::Status {
+                in_use: sem.holders.len() as u32,
+                queued: sem.queue.len() as u32,
+                holders: sem
+                    .holders
+                    .iter()
+                    .map(|(m, until)| {
+                        let ms = i64::try_from(until.saturating_duration_since(now).as_millis())
+                            .unwrap_or(i64::MAX);
+                        (m.clone(), ms)
+                    })
+                    .collect(),
+            },
+        };
+        if sem.holders.is_empty() && sem.queue.is_empty() {
+            st.semaphores.remove(&keys.sem);
+        }
+        for notice in notices {
+            st.publish(&keys.channel, &notice);
+        }
+        reply
     }
 
     pub(crate) fn fanout_acquire(

@@ -58,6 +58,60 @@ pub(crate) enum MultiReply {
     Busy(Vec<(usize, String, i64)>),
 }
 
+/// A semaphore step (all run by one script on Redis).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SemOp {
+    /// Admit now if a permit is free and nobody is queued ahead.
+    Try,
+    /// As `Try`, for a fair waiter: enqueue (or refresh the place) and admit in order.
+    Queue,
+    Release,
+    Extend,
+    /// A fair waiter gives up its place.
+    Leave,
+    Status,
+}
+
+impl SemOp {
+    fn name(self) -> &'static str {
+        match self {
+            SemOp::Try => "try",
+            SemOp::Queue => "queue",
+            SemOp::Release => "release",
+            SemOp::Extend => "extend",
+            SemOp::Leave => "leave",
+            SemOp::Status => "status",
+        }
+    }
+}
+
+/// The arguments of a semaphore step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SemArgs<'a> {
+    pub(crate) member: &'a str,
+    pub(crate) permits: u32,
+    pub(crate) lease: Duration,
+    pub(crate) queue_ttl: Duration,
+}
+
+/// The reply of a semaphore step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SemReply {
+    Admitted,
+    /// Not admitted; `soonest_ms` until the earliest lease ends (-1: none held).
+    Busy {
+        in_use: u32,
+        soonest_ms: i64,
+    },
+    /// Release / extend / leave: whether the member was there.
+    Done(bool),
+    Status {
+        in_use: u32,
+        queued: u32,
+        holders: Vec<(String, i64)>,
+    },
+}
+
 /// The reply of the status step.
 #[derive(Debug, Clone)]
 pub(crate) struct StatusReply {
@@ -249,6 +303,19 @@ impl Backend {
         match self {
             Backend::Redis(b) => b.multi_extend(keys, tokens, ttl).await,
             Backend::Memory(b) => Ok(b.multi_extend(keys, tokens, ttl)),
+        }
+    }
+
+    /// One semaphore step, atomically.
+    pub(crate) async fn semaphore(
+        &self,
+        keys: &JobKeys,
+        op: SemOp,
+        args: SemArgs<'_>,
+    ) -> Result<SemReply> {
+        match self {
+            Backend::Redis(b) => b.semaphore(keys, op, args).await,
+            Backend::Memory(b) => Ok(b.semaphore(keys, op, args)),
         }
     }
 

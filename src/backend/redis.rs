@@ -24,7 +24,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub, PubSubSink}
 use redis::{Client, Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
-use super::{AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, StatusReply, Subscription};
+use super::{
+    AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, SemArgs, SemOp, SemReply,
+    StatusReply, Subscription,
+};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{millis, JobKeys};
 
@@ -72,6 +75,7 @@ struct Scripts {
     multi_acquire: Script,
     multi_release: Script,
     multi_extend: Script,
+    semaphore: Script,
 }
 
 impl Scripts {
@@ -87,6 +91,7 @@ impl Scripts {
             multi_acquire: Script::new(include_str!("../scripts/multi_acquire.lua")),
             multi_release: Script::new(include_str!("../scripts/multi_release.lua")),
             multi_extend: Script::new(include_str!("../scripts/multi_extend.lua")),
+            semaphore: Script::new(include_str!("../scripts/semaphore.lua")),
         }
     }
 }
@@ -398,6 +403,66 @@ impl RedisBackend {
                     .ok_or_else(|| malformed(what))
             })
             .collect()
+    }
+
+    pub(crate) async fn semaphore(
+        &self,
+        keys: &JobKeys,
+        op: SemOp,
+        args: SemArgs<'_>,
+    ) -> Result<SemReply> {
+        let what = "semaphore";
+        let mut inv = self.inner.scripts.semaphore.prepare_invoke();
+        inv.key(&keys.sem)
+            .key(&keys.sem_queue)
+            .key(&keys.sem_queue_expiry)
+            .key(&keys.sem_ticket)
+            .arg(op.name())
+            .arg(args.member)
+            .arg(args.permits)
+            .arg(millis(args.lease))
+            .arg(millis(args.queue_ttl))
+            .arg(&keys.channel);
+        // Try/queue recognise their own member, extend and status are safe to repeat.
+        let reply = if op == SemOp::Release {
+            self.invoke(what, &inv).await?
+        } else {
+            self.invoke_idempotent(what, &inv).await?
+        };
+        let count = |v: &Value| u32::try_from(int(v, what)?).map_err(|_| malformed(what));
+        Ok(match op {
+            SemOp::Try | SemOp::Queue => {
+                let items = array(&reply, 3, what)?;
+                if int(&items[0], what)? == 1 {
+                    SemReply::Admitted
+                } else {
+                    SemReply::Busy {
+                        in_use: count(&items[1])?,
+                        soonest_ms: int(&items[2], what)?,
+                    }
+                }
+            }
+            SemOp::Release | SemOp::Extend | SemOp::Leave => {
+                SemReply::Done(int(&reply, what)? == 1)
+            }
+            SemOp::Status => {
+                let Value::Array(items) = &reply else {
+                    return Err(malformed(what));
+                };
+                if items.len() < 2 || items.len() % 2 != 0 {
+                    return Err(malformed(what));
+                }
+                let holders = items[2..]
+                    .chunks(2)
+                    .map(|pair| Ok((string(&pair[0], what)?, int(&pair[1], what)?)))
+                    .collect::<Result<_>>()?;
+                SemReply::Status {
+                    in_use: count(&items[0])?,
+                    queued: count(&items[1])?,
+                    holders,
+                }
+            }
+        })
     }
 
     pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {

@@ -1,0 +1,589 @@
+//! Distributed semaphores: at most N holders cluster-wide. [`Herd::semaphore`],
+//! [`Semaphore`] and [`Permit`].
+//!
+//! ## How it works
+//!
+//! Holders live in a Redis sorted set scored by their lease expiry, computed from Redis
+//! `TIME` (never a client clock); every step first drops expired holders, so a holder that
+//! died gives its permit back when its lease runs out. A live [`Permit`] is kept alive by a
+//! watchdog task that extends its lease every third of the lease.
+//!
+//! Waiters are woken by pub/sub: a release publishes `released` (for unfair waiters) and a
+//! `wake:<member>` notice for each fair waiter at the head of the queue that a free permit
+//! could admit. Each waiter also re-checks when the earliest lease would run out. In one
+//! process, unfair waiters of one semaphore pass a local gate of N, so a herd of local
+//! waiters costs at most N remote contenders.
+//!
+//! ## Fair mode
+//!
+//! Fair waiters take a ticket (a Redis counter) and are admitted in ticket order,
+//! cluster-wide. A queued waiter refreshes its place while it waits; a waiter that gives up
+//! leaves the queue at once, and one that died is dropped after [`QUEUE_TTL`]. `try_acquire`
+//! never jumps the queue.
+//!
+//! ## Changing N
+//!
+//! N is not stored in Redis: every caller enforces the N it passes. After N is lowered,
+//! holders beyond the new N keep their permits until they release (nothing is revoked), and
+//! callers with the new N are admitted only once fewer than N are held. After N is raised,
+//! callers with the new N are admitted at once up to it. Give every caller of one key the
+//! same N except while changing it.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::backend::{Backend, Notice, SemArgs, SemOp, SemReply};
+use crate::error::{Error, ErrorKind, Result};
+use crate::herd::{nonce, Herd};
+use crate::keys::{self, JobKeys};
+
+/// The largest accepted number of permits.
+pub const MAX_PERMITS: u32 = 100_000;
+
+/// How long a queued fair waiter keeps its place without refreshing it. Waiters refresh
+/// every third of it, so a waiter that died blocks the queue for at most this long.
+pub const QUEUE_TTL: Duration = Duration::from_secs(3);
+
+/// Options of a semaphore.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct SemaphoreOptions {
+    lease: Option<Duration>,
+    fair: bool,
+}
+
+impl SemaphoreOptions {
+    /// Options with every field at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long a permit lives unless extended. A watchdog extends it while the
+    /// [`Permit`] is alive; the lease bounds how long a dead holder blocks its permit.
+    ///
+    /// Default: the herd's [`lock_ttl`](crate::Builder::lock_ttl).
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// Admit waiters in arrival order, cluster-wide.
+    ///
+    /// Default: off. Unfair waiters are cheaper (no queue to keep) and, with a local gate,
+    /// faster under a herd; fair waiters never starve.
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+}
+
+/// A handle to one distributed semaphore. Cheap to clone.
+#[derive(Clone)]
+pub struct Semaphore {
+    herd: Herd,
+    keys: JobKeys,
+    permits: u32,
+    lease: Duration,
+    fair: bool,
+}
+
+impl fmt::Debug for Semaphore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Semaphore")
+            .field("key", &self.keys.key)
+            .field("permits", &self.permits)
+            .field("lease", &self.lease)
+            .field("fair", &self.fair)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of [`Semaphore::try_acquire`].
+#[derive(Debug)]
+#[must_use = "dropping an acquired permit releases it in the background"]
+pub enum TryPermit {
+    /// The caller holds a permit now.
+    Acquired(Permit),
+    /// No permit is free (or fair waiters are queued); nothing was changed.
+    Busy {
+        /// Permits in use.
+        in_use: u32,
+    },
+}
+
+impl TryPermit {
+    /// The permit, if one was acquired.
+    pub fn acquired(self) -> Option<Permit> {
+        match self {
+            TryPermit::Acquired(p) => Some(p),
+            TryPermit::Busy { .. } => None,
+        }
+    }
+}
+
+/// One holder of a semaphore, from [`Semaphore::status`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PermitHolder {
+    /// The holder's owner label.
+    pub owner: String,
+    /// Time left on its lease.
+    pub remaining: Duration,
+}
+
+/// A snapshot of a semaphore, for debugging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SemaphoreStatus {
+    /// Permits in use.
+    pub in_use: u32,
+    /// Fair waiters in the queue.
+    pub queued: u32,
+    /// Every holder with its remaining lease.
+    pub holders: Vec<PermitHolder>,
+}
+
+impl Herd {
+    /// A handle to the semaphore `key` with `permits` permits; `permits = 1` is a
+    /// serialized queue (a mutex with waiters).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// use std::time::Duration;
+    /// let herd = herdlock::Herd::memory();
+    /// let uploads = herd.semaphore("uploads", 2)?;
+    /// let a = uploads.acquire(Duration::from_secs(1)).await?;
+    /// let b = uploads.acquire(Duration::from_secs(1)).await?;
+    /// assert!(uploads.try_acquire().await?.acquired().is_none()); // both permits taken
+    /// a.release().await?;
+    /// let c = uploads.acquire(Duration::from_secs(1)).await?;
+    /// # b.release().await?; c.release().await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad key, zero permits or more than
+    /// [`MAX_PERMITS`].
+    pub fn semaphore(&self, key: &str, permits: u32) -> Result<Semaphore> {
+        self.semaphore_with(key, permits, &SemaphoreOptions::default())
+    }
+
+    /// [`semaphore`](Herd::semaphore) with options (lease, fair mode).
+    ///
+    /// # Errors
+    ///
+    /// As [`semaphore`](Herd::semaphore), plus [`InvalidInput`](ErrorKind::InvalidInput)
+    /// for a lease out of range.
+    pub fn semaphore_with(
+        &self,
+        key: &str,
+        permits: u32,
+        options: &SemaphoreOptions,
+    ) -> Result<Semaphore> {
+        let keys = self.job_keys(key)?;
+        if permits == 0 || permits > MAX_PERMITS {
+            return Err(Error::invalid(format!(
+                "a semaphore needs between 1 and {MAX_PERMITS} permits, got {permits}"
+            )));
+        }
+        let lease = options.lease.unwrap_or(self.inner.lock_ttl);
+        keys::validate_ttl("semaphore lease", lease)?;
+        Ok(Semaphore {
+            herd: self.clone(),
+            keys,
+            permits,
+            lease,
+            fair: options.fair,
+        })
+    }
+}
+
+impl Semaphore {
+    /// The key.
+    pub fn key(&self) -> &str {
+        &self.keys.key
+    }
+
+    /// The number of permits this handle enforces.
+    pub fn permits(&self) -> u32 {
+        self.permits
+    }
+
+    fn args<'a>(&self, member: &'a str) -> SemArgs<'a> {
+        SemArgs {
+            member,
+            permits: self.permits,
+            lease: self.lease,
+            queue_ttl: QUEUE_TTL,
+        }
+    }
+
+    async fn step(&self, op: SemOp, member: &str) -> Result<SemReply> {
+        self.herd
+            .backend()
+            .semaphore(&self.keys, op, self.args(member))
+            .await
+    }
+
+    fn member(&self) -> String {
+        format!("{}:{}", nonce(), self.herd.owner())
+    }
+
+    /// Takes a permit now if one is free (and, in fair mode, nobody is queued), or reports
+    /// how many are in use. Never waits.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors. Contention is [`TryPermit::Busy`], not an error.
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled after the request was sent, a permit may have been taken; it then
+    /// expires with its lease.
+    pub async fn try_acquire(&self) -> Result<TryPermit> {
+        let member = self.member();
+        Ok(match self.step(SemOp::Try, &member).await? {
+            SemReply::Admitted => TryPermit::Acquired(self.permit(member)),
+            SemReply::Busy { in_use, .. } => TryPermit::Busy { in_use },
+            other => return Err(unexpected(&other)),
+        })
+    }
+
+    /// Takes a permit, waiting up to `wait` for one.
+    ///
+    /// # Errors
+    ///
+    /// [`Timeout`](ErrorKind::Timeout) when `wait` passes;
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a zero or absurd wait; connection
+    /// errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancelling while waiting leaves nothing behind: a fair waiter's place in the queue is
+    /// given up in the background (or expires after [`QUEUE_TTL`]).
+    pub async fn acquire(&self, wait: Duration) -> Result<Permit> {
+        keys::validate_wait(wait)?;
+        let deadline = Instant::now() + wait;
+        let member = self.member();
+        let timed_out = || {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "timed out after {wait:?} waiting for a permit of semaphore `{}`",
+                    self.keys.key
+                ),
+            )
+        };
+        let mut leave = LeaveOnDrop {
+            armed: self.fair,
+            backend: self.herd.backend().clone(),
+            keys: self.keys.clone(),
+            member: member.clone(),
+            permits: self.permits,
+            lease: self.lease,
+        };
+        let wait_loop = async {
+            let op = if self.fair { SemOp::Queue } else { SemOp::Try };
+            if let SemReply::Admitted = self.step(op, &member).await? {
+                return Ok(());
+            }
+            // Unfair waiters of this process pass a local gate of N first.
+            let _gate = if self.fair {
+                None
+            } else {
+                Some(
+                    gate(&self.herd, &self.keys.key, self.permits)
+                        .acquire_owned()
+                        .await,
+                )
+            };
+            let wake = format!("wake:{member}");
+            let mut sub = self.herd.backend().subscribe(&self.keys).await?;
+            loop {
+                // Subscribed (confirmed) before this check.
+                let soonest = match self.step(op, &member).await? {
+                    SemReply::Admitted => return Ok(()),
+                    SemReply::Busy { soonest_ms, .. } => soonest_ms,
+                    other => return Err(unexpected(&other)),
+                };
+                let mut recheck = u64::try_from(soonest)
+                    .map(|ms| Duration::from_millis(ms + 2))
+                    .unwrap_or(Duration::from_secs(1));
+                if self.fair {
+                    recheck = recheck.min(QUEUE_TTL / 3);
+                }
+                let wake_at = (Instant::now() + recheck).min(deadline);
+                loop {
+                    tokio::select! {
+                        notice = sub.recv() => match notice {
+                            Notice::Message(bytes) if self.fair && *bytes != *wake.as_bytes() => continue,
+                            _ => break,
+                        },
+                        () = tokio::time::sleep_until(wake_at) => break,
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout_at(deadline, wait_loop).await {
+            Ok(Ok(())) => {
+                leave.armed = false;
+                Ok(self.permit(member))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// Permits in use, fair waiters queued, and every holder with its remaining lease.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn status(&self) -> Result<SemaphoreStatus> {
+        match self.step(SemOp::Status, "").await? {
+            SemReply::Status {
+                in_use,
+                queued,
+                holders,
+            } => Ok(SemaphoreStatus {
+                in_use,
+                queued,
+                holders: holders
+                    .into_iter()
+                    .map(|(member, ms)| PermitHolder {
+                        owner: member
+                            .split_once(':')
+                            .map_or(member.as_str(), |(_, owner)| owner)
+                            .to_owned(),
+                        remaining: Duration::from_millis(u64::try_from(ms).unwrap_or(0)),
+                    })
+                    .collect(),
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn permit(&self, member: String) -> Permit {
+        let lost = Arc::new(AtomicBool::new(false));
+        let watchdog = {
+            let (sem, member, lost) = (self.clone(), member.clone(), Arc::clone(&lost));
+            let period = (self.lease / 3).max(Duration::from_millis(1));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    match sem.step(SemOp::Extend, &member).await {
+                        Ok(SemReply::Done(true)) => {}
+                        Ok(_) => {
+                            tracing::warn!(key = %sem.keys.key, "semaphore permit lost: its lease ran out");
+                            lost.store(true, Ordering::SeqCst);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %sem.keys.key, error = %e, "permit extension failed; retrying")
+                        }
+                    }
+                }
+            })
+        };
+        Permit {
+            semaphore: self.clone(),
+            member,
+            lost,
+            watchdog,
+            released: false,
+        }
+    }
+}
+
+fn unexpected(reply: &SemReply) -> Error {
+    Error::new(
+        ErrorKind::Redis,
+        format!("unexpected semaphore reply {reply:?}"),
+    )
+}
+
+/// The per-process gate of unfair waiters of one semaphore.
+fn gate(herd: &Herd, key: &str, permits: u32) -> Arc<tokio::sync::Semaphore> {
+    let mut gates = herd
+        .inner
+        .gates
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    gates.retain(|_, g| g.strong_count() > 0);
+    let id = format!("{key}#{permits}");
+    if let Some(g) = gates.get(&id).and_then(Weak::upgrade) {
+        return g;
+    }
+    let g = Arc::new(tokio::sync::Semaphore::new(permits as usize));
+    gates.insert(id, Arc::downgrade(&g));
+    g
+}
+
+/// The local gates of one herd, by semaphore key and N.
+pub(crate) type Gates = Mutex<HashMap<String, Weak<tokio::sync::Semaphore>>>;
+
+/// Gives a fair waiter's place up when its wait ends without a permit.
+struct LeaveOnDrop {
+    armed: bool,
+    backend: Backend,
+    keys: JobKeys,
+    member: String,
+    permits: u32,
+    lease: Duration,
+}
+
+impl Drop for LeaveOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (backend, keys, member) = (
+            self.backend.clone(),
+            self.keys.clone(),
+            std::mem::take(&mut self.member),
+        );
+        let (permits, lease) = (self.permits, self.lease);
+        handle.spawn(async move {
+            let args = SemArgs {
+                member: &member,
+                permits,
+                lease,
+                queue_ttl: QUEUE_TTL,
+            };
+            if let Err(e) = backend.semaphore(&keys, SemOp::Leave, args).await {
+                tracing::debug!(error = %e, "leaving the semaphore queue failed; the place expires");
+            }
+        });
+    }
+}
+
+/// A held semaphore permit, kept alive by a watchdog until released or dropped.
+///
+/// Dropping it releases in the background (best effort; the lease is the backstop).
+#[must_use = "dropping the permit releases it in the background"]
+pub struct Permit {
+    semaphore: Semaphore,
+    member: String,
+    lost: Arc<AtomicBool>,
+    watchdog: tokio::task::JoinHandle<()>,
+    released: bool,
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("key", &self.semaphore.keys.key)
+            .field("owner", &self.semaphore.herd.owner())
+            .field("lost", &self.is_lost())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Permit {
+    /// The semaphore's key.
+    pub fn key(&self) -> &str {
+        &self.semaphore.keys.key
+    }
+
+    /// Whether the watchdog found the permit gone (its lease ran out, for example while
+    /// Redis was unreachable).
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::SeqCst)
+    }
+
+    /// Resets the lease to `lease` from now (the watchdog does this on its own; this is for
+    /// a longer lease).
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost) if the permit's lease had run out;
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a lease out of range; connection
+    /// errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the extension may or may not have been applied.
+    pub async fn extend(&self, lease: Duration) -> Result<()> {
+        keys::validate_ttl("semaphore lease", lease)?;
+        let args = SemArgs {
+            lease,
+            ..self.semaphore.args(&self.member)
+        };
+        match self
+            .semaphore
+            .herd
+            .backend()
+            .semaphore(&self.semaphore.keys, SemOp::Extend, args)
+            .await?
+        {
+            SemReply::Done(true) => Ok(()),
+            _ => Err(self.lost_error()),
+        }
+    }
+
+    /// Gives the permit back and wakes a waiter.
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost) if the lease had already run out; connection
+    /// errors (the permit then expires with its lease).
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the release may or may not have happened; the lease is the backstop.
+    pub async fn release(mut self) -> Result<()> {
+        self.released = true;
+        self.watchdog.abort();
+        match self.semaphore.step(SemOp::Release, &self.member).await? {
+            SemReply::Done(true) => Ok(()),
+            _ => Err(self.lost_error()),
+        }
+    }
+
+    fn lost_error(&self) -> Error {
+        Error::new(
+            ErrorKind::LockLost,
+            format!(
+                "permit of semaphore `{}` is no longer held (its lease ran out)",
+                self.semaphore.keys.key
+            ),
+        )
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+        if self.released {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let sem = self.semaphore.clone();
+        let member = std::mem::take(&mut self.member);
+        handle.spawn(async move {
+            if let Err(e) = sem.step(SemOp::Release, &member).await {
+                tracing::debug!(error = %e, "background release of a dropped permit failed");
+            }
+        });
+    }
+}
