@@ -23,6 +23,7 @@
 //!    notice comes, re-check when the holder's lease would have run out.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::JobKeys;
+use crate::watchdog::Renewal;
 
 /// When a lock reports no TTL, re-check this often.
 const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
@@ -72,6 +74,7 @@ pub(crate) struct RunSettings {
     pub(crate) linger: Duration,
     pub(crate) cache_age: Option<Duration>,
     pub(crate) max_duration: Option<Duration>,
+    pub(crate) cancel_on_lost: bool,
 }
 
 /// What a flight does when it wins the lock.
@@ -90,9 +93,20 @@ pub(crate) struct Flights {
     /// outcome or retired; joining (subscribing) and retiring both happen under this lock,
     /// so a caller never joins a flight that has already given up.
     map: Mutex<HashMap<String, Arc<Slot>>>,
+    /// Flights currently subscribed and waiting for another node's run (a gauge).
+    following: AtomicUsize,
 }
 
 impl Flights {
+    /// Flights in progress (each serves every local caller of one job id).
+    pub(crate) fn in_flight(&self) -> usize {
+        self.map().len()
+    }
+
+    /// Flights subscribed and waiting for another node's run.
+    pub(crate) fn following(&self) -> usize {
+        self.following.load(Ordering::SeqCst)
+    }
     fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
         self.map
             .lock()
@@ -207,7 +221,7 @@ async fn drive(
                 });
             }
             Ok(FanoutReply::Lock(AcquireReply::Acquired { token, fence })) => {
-                return Some(lead(backend, keys, settings, mode, token, fence).await);
+                return Some(lead(herd, keys, settings, mode, token, fence).await);
             }
             Ok(FanoutReply::Lock(AcquireReply::Busy { holder, pttl_ms })) => (holder, pttl_ms),
         };
@@ -267,29 +281,61 @@ fn decode_stored(job: &str, bytes: &[u8]) -> Result<Envelope> {
 }
 
 /// Leads run `fence`: runs the job (or waits for the pusher's completion), then completes.
+/// The herd's watchdog thread keeps the lease alive meanwhile; if it reports the lease
+/// lost, the job is cancelled (unless the options say otherwise) and nothing is published.
 async fn lead(
-    backend: &Backend,
+    herd: &Herd,
     keys: &JobKeys,
     settings: RunSettings,
     mode: Mode,
     token: String,
     fence: u64,
 ) -> FlightOutcome {
-    let watchdog = Watchdog::start(backend.clone(), keys.clone(), token.clone(), settings.ttl);
+    let backend = herd.backend();
+    let lease = herd.inner.watchdog.register(
+        Renewal::Lock {
+            keys: keys.clone(),
+            token: token.clone(),
+        },
+        settings.ttl,
+        None,
+    );
+    let lost_outcome = || FlightOutcome {
+        result: Err(Error::new(
+            ErrorKind::LockLost,
+            format!(
+                "the run of job `{}` lost its lock (another holder took over); it was cancelled",
+                keys.key
+            ),
+        )),
+        how: How::Led,
+    };
     let body = match mode {
-        Mode::Run(job) => run_job(job, settings.max_duration).await,
+        Mode::Run(job) => {
+            let run = run_job(job, settings.max_duration);
+            if settings.cancel_on_lost {
+                tokio::select! {
+                    body = run => body,
+                    () = lease.lost() => return lost_outcome(),
+                }
+            } else {
+                run.await
+            }
+        }
         Mode::Push(role) => {
             let (done_tx, done_rx) = oneshot::channel();
             let handed = role.is_some_and(|role| role.send(Some(done_tx)).is_ok());
             let body = if handed {
-                await_completion(done_rx, settings.max_duration).await
+                let completion = await_completion(done_rx, settings.max_duration);
+                tokio::select! {
+                    body = completion => body,
+                    () = lease.lost(), if settings.cancel_on_lost => return lost_outcome(),
+                }
             } else {
                 None
             };
-            if let Some(body) = body {
-                body
-            } else {
-                drop(watchdog);
+            let Some(body) = body else {
+                drop(lease);
                 // Give the run up so remote waiters contend again at once.
                 if let Err(e) = backend.release(keys, &token, Duration::ZERO).await {
                     tracing::warn!(job = %keys.key, error = %e, "releasing an abandoned push run failed");
@@ -301,10 +347,11 @@ async fn lead(
                     ))),
                     how: How::Led,
                 };
-            }
+            };
+            body
         }
     };
-    drop(watchdog);
+    drop(lease);
     let bytes = Envelope::encode(fence, &token, &body);
     match backend
         .complete(
@@ -378,6 +425,15 @@ async fn await_completion(
     }
 }
 
+/// Decrements a gauge on every exit path.
+struct Gauge<'a>(&'a AtomicUsize);
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 enum Followed {
     Done(Result<Arc<Envelope>>),
     Vacant,
@@ -398,6 +454,8 @@ async fn follow(
         Ok(sub) => sub,
         Err(e) => return Followed::Done(Err(e)),
     };
+    flights.following.fetch_add(1, Ordering::SeqCst);
+    let _gauge = Gauge(&flights.following);
     loop {
         // Subscribed (confirmed) before this check: a completion after it is delivered.
         let check = match backend.fanout_check(keys).await {
@@ -448,41 +506,5 @@ async fn follow(
                 }
             }
         }
-    }
-}
-
-/// Keeps a run's lease alive while it runs: extends it to `ttl` every `ttl / 3`. Stops when
-/// dropped, or when an extension finds the lock held by someone else.
-struct Watchdog {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Watchdog {
-    fn start(backend: Backend, keys: JobKeys, token: String, ttl: Duration) -> Watchdog {
-        let period = (ttl / 3).max(Duration::from_millis(1));
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match backend.extend(&keys, &token, ttl).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(job = %keys.key, "lease lost: another holder has the lock");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(job = %keys.key, error = %e, "lease extension failed; retrying");
-                    }
-                }
-            }
-        });
-        Watchdog { task }
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }

@@ -41,6 +41,9 @@ pub enum ErrorKind {
     JobPanicked,
     /// The run this caller waited for was abandoned before it produced a result.
     Abandoned,
+    /// Too few replicas acknowledged an acquisition (see
+    /// [`LockOptions::replicas`](crate::LockOptions::replicas)); it was released.
+    NotReplicated,
 }
 
 /// The error type of every fallible herdlock call.

@@ -61,6 +61,7 @@ pub struct FanoutOptions {
     cache_age: Option<Duration>,
     max_duration: Option<Duration>,
     max_result_size: usize,
+    cancel_on_lost: bool,
 }
 
 impl Default for FanoutOptions {
@@ -73,6 +74,7 @@ impl Default for FanoutOptions {
             cache_age: None,
             max_duration: None,
             max_result_size: 1024 * 1024,
+            cancel_on_lost: true,
         }
     }
 }
@@ -149,6 +151,18 @@ impl FanoutOptions {
         self
     }
 
+    /// Whether the leader cancels its job when the run's lease is lost (the watchdog found
+    /// another holder, or could not renew in time, e.g. after the process was paused).
+    /// The leader's local callers then get [`LockLost`](ErrorKind::LockLost), and nothing is
+    /// published under a generation the leader no longer owns.
+    ///
+    /// Default: on. Off lets the job finish; its result then reaches only this process's
+    /// callers (the completion script refuses to publish it).
+    pub fn cancel_on_lost(mut self, on: bool) -> Self {
+        self.cancel_on_lost = on;
+        self
+    }
+
     fn validate(&self, herd: &Herd) -> Result<RunSettings> {
         keys::validate_wait(self.timeout).map_err(|_| {
             Error::invalid(format!(
@@ -177,6 +191,7 @@ impl FanoutOptions {
             linger: self.linger,
             cache_age: self.cache_age,
             max_duration: self.max_duration,
+            cancel_on_lost: self.cancel_on_lost,
         })
     }
 }

@@ -11,6 +11,7 @@ use crate::coalesce::Flights;
 use crate::error::{Error, Result};
 use crate::keys::{self, JobKeys};
 use crate::semaphore::Gates;
+use crate::watchdog::Watchdog;
 
 /// A cheap, cloneable handle to one coordination backend (Redis or in-memory) plus its
 /// settings. Share it by cloning; every clone uses the same connections.
@@ -38,6 +39,17 @@ pub(crate) struct HerdInner {
     pub(crate) lock_ttl: Duration,
     pub(crate) flights: Flights,
     pub(crate) gates: Gates,
+    pub(crate) watchdog: Watchdog,
+}
+
+/// Local activity of a [`Herd`], from [`Herd::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct HerdStats {
+    /// Fan-out runs in progress in this process (one per job id, however many callers).
+    pub in_flight: usize,
+    /// Of those, the ones subscribed and waiting for another process's run.
+    pub following: usize,
 }
 
 /// Configures and builds a [`Herd`]. Every setter documents its default and why.
@@ -215,6 +227,7 @@ impl Builder {
     fn finish(self, backend: Backend) -> Herd {
         Herd {
             inner: Arc::new(HerdInner {
+                watchdog: Watchdog::new(backend.clone()),
                 backend,
                 prefix: self.prefix,
                 owner: self.owner.unwrap_or_else(default_owner),
@@ -243,17 +256,7 @@ impl Herd {
 
     /// An in-memory herd with default options. See [`Builder::memory`].
     pub fn memory() -> Herd {
-        let builder = Builder::default();
-        Herd {
-            inner: Arc::new(HerdInner {
-                backend: Backend::Memory(MemoryBackend::default()),
-                prefix: builder.prefix,
-                owner: default_owner(),
-                lock_ttl: builder.lock_ttl,
-                flights: Flights::default(),
-                gates: Gates::default(),
-            }),
-        }
+        Builder::default().finish(Backend::Memory(MemoryBackend::default()))
     }
 
     /// The key prefix.
@@ -269,6 +272,14 @@ impl Herd {
     /// The default lock TTL.
     pub fn lock_ttl(&self) -> Duration {
         self.inner.lock_ttl
+    }
+
+    /// A snapshot of this herd's local activity, for metrics and debugging.
+    pub fn stats(&self) -> HerdStats {
+        HerdStats {
+            in_flight: self.inner.flights.in_flight(),
+            following: self.inner.flights.following(),
+        }
     }
 
     /// Whether this herd runs on the in-memory backend.

@@ -88,11 +88,12 @@ mod keys;
 mod lock;
 mod multi;
 mod semaphore;
+mod watchdog;
 
 pub use codec::{Codec, JobError};
 pub use error::{Error, ErrorKind, Result};
 pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role, MAX_RESULT_SIZE_LIMIT};
-pub use herd::{Builder, Herd};
+pub use herd::{Builder, Herd, HerdStats};
 pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
 pub use lock::{FencingToken, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock};
 pub use multi::{HeldKey, KeyRelease, MultiGuard, TryMulti, MAX_MULTI_KEYS};

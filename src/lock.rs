@@ -12,6 +12,7 @@ use crate::backend::{parse_holder, AcquireReply, Backend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::{self, JobKeys};
+use crate::watchdog::{LeaseHandle, Renewal};
 
 /// When a busy lock reports no TTL (it should always have one), re-check this often.
 const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
@@ -78,6 +79,7 @@ pub struct LockStatus {
 /// The result of [`Herd::try_lock`]: the lock, or who has it.
 #[derive(Debug)]
 #[must_use = "dropping an acquired lock releases it in the background"]
+#[allow(clippy::large_enum_variant)] // Acquired is the common case; boxing it costs an allocation
 pub enum TryLock {
     /// The caller holds the lock now.
     Acquired(LockGuard),
@@ -127,11 +129,38 @@ impl<T> Outcome<T> {
 }
 
 /// Per-call lock options. Unset fields take the herd's defaults.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[must_use]
 pub struct LockOptions {
     ttl: Option<Duration>,
     grace: Duration,
+    auto_extend: bool,
+    max_hold: Option<Duration>,
+    cancel_on_lost: bool,
+    replicas: Option<(u32, Duration)>,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        LockOptions {
+            ttl: None,
+            grace: Duration::ZERO,
+            auto_extend: true,
+            max_hold: None,
+            cancel_on_lost: true,
+            replicas: None,
+        }
+    }
+}
+
+/// Lock options checked and resolved against the herd's defaults.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resolved {
+    pub(crate) ttl: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) auto_extend: bool,
+    pub(crate) max_hold: Option<Duration>,
+    pub(crate) replicas: Option<(u32, Duration)>,
 }
 
 impl LockOptions {
@@ -158,19 +187,68 @@ impl LockOptions {
         self
     }
 
-    pub(crate) fn resolve_ttl(&self, herd: &Herd) -> Result<Duration> {
-        let ttl = self.ttl.unwrap_or(herd.inner.lock_ttl);
-        keys::validate_ttl("lock ttl", ttl)?;
-        Ok(ttl)
+    /// Keep the lock alive while the guard lives: the herd's watchdog thread extends it
+    /// every third of the TTL, so work may take longer than the TTL, and the TTL only
+    /// bounds how long a *crashed* holder blocks others.
+    ///
+    /// Default: on. Turn it off for a lease that must run out on its own unless extended
+    /// by hand ([`LockGuard::extend`]).
+    pub fn auto_extend(mut self, on: bool) -> Self {
+        self.auto_extend = on;
+        self
     }
 
-    fn resolve(&self, herd: &Herd) -> Result<(Duration, Duration)> {
+    /// Stop extending the lock after it has been held this long, so it runs out one TTL
+    /// later even if the holder hangs.
+    ///
+    /// Default: none (extend while the guard lives).
+    pub fn max_hold(mut self, limit: Duration) -> Self {
+        self.max_hold = Some(limit);
+        self
+    }
+
+    /// Whether [`Herd::once`] cancels its work when the lock is lost (the watchdog found
+    /// another holder, or could not renew the lease in time); the caller then gets
+    /// [`LockLost`](ErrorKind::LockLost).
+    ///
+    /// Default: on, so a holder that lost its lock stops working at once ("seppuku"). Turn
+    /// it off to let the work finish and check [`LockGuard::is_lost`] yourself.
+    pub fn cancel_on_lost(mut self, on: bool) -> Self {
+        self.cancel_on_lost = on;
+        self
+    }
+
+    /// Report the lock acquired only once `replicas` replicas have acknowledged it (Redis
+    /// `WAIT`, up to `timeout`); if fewer do, release it and fail with
+    /// [`NotReplicated`](ErrorKind::NotReplicated). This narrows the window in which a
+    /// failover loses a fresh lock; it does not make Redis strongly consistent.
+    ///
+    /// Default: none (acknowledged by the primary only). The in-memory backend has no
+    /// replicas, so any `replicas > 0` fails there.
+    pub fn replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some((replicas, timeout));
+        self
+    }
+
+    pub(crate) fn resolve(&self, herd: &Herd) -> Result<Resolved> {
         let ttl = self.ttl.unwrap_or(herd.inner.lock_ttl);
         keys::validate_ttl("lock ttl", ttl)?;
         if !self.grace.is_zero() {
             keys::validate_ttl("grace period", self.grace)?;
         }
-        Ok((ttl, self.grace))
+        if let Some(limit) = self.max_hold {
+            keys::validate_ttl("maximum hold time", limit)?;
+        }
+        if let Some((_, timeout)) = self.replicas {
+            keys::validate_wait(timeout)?;
+        }
+        Ok(Resolved {
+            ttl,
+            grace: self.grace,
+            auto_extend: self.auto_extend,
+            max_hold: self.max_hold,
+            replicas: self.replicas.filter(|(n, _)| *n > 0),
+        })
     }
 }
 
@@ -195,7 +273,10 @@ pub struct LockGuard {
     keys: JobKeys,
     token: String,
     fence: FencingToken,
+    ttl: Duration,
     grace: Duration,
+    /// The watchdog's registration (auto-extend), dropped first on release.
+    lease: Option<LeaseHandle>,
     released: bool,
 }
 
@@ -244,10 +325,54 @@ impl LockGuard {
             .extend(&self.keys, &self.token, ttl)
             .await?
         {
+            if let Some(lease) = &self.lease {
+                lease.extended(ttl);
+            }
             Ok(())
         } else {
+            if let Some(lease) = &self.lease {
+                lease.mark_lost();
+            }
             Err(lost(&self.keys.key))
         }
+    }
+
+    /// Whether the lock is known to be lost: the watchdog found another holder or could
+    /// not renew the lease before it ran out, or an `extend` failed. Always `false` without
+    /// [auto-extend](LockOptions::auto_extend) until an `extend` fails.
+    pub fn is_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(LeaseHandle::is_lost)
+    }
+
+    /// Resolves when the lock is lost (see [`is_lost`](LockGuard::is_lost)); never while it
+    /// is held. Race it against the work the lock protects to stop that work at once.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lost(&self) {
+        match &self.lease {
+            Some(lease) => lease.lost().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Checks in with Redis: fails with [`LockLost`](ErrorKind::LockLost) once the lock is
+    /// lost, and otherwise extends it to its TTL (like `distributed-locker`'s heartbeat).
+    /// Call it between steps of long work to stop as soon as another holder took over.
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost); connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the extension may or may not have been applied.
+    pub async fn heartbeat(&self) -> Result<()> {
+        if self.is_lost() {
+            return Err(lost(&self.keys.key));
+        }
+        self.extend(self.ttl).await
     }
 
     /// Releases the lock (or, with a [grace period](LockOptions::grace), shortens it to the
@@ -264,12 +389,14 @@ impl LockGuard {
     /// If cancelled, the release may or may not have happened; the TTL is the backstop.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
+        self.lease = None; // stop renewing first
         release(self.herd.backend(), &self.keys, &self.token, self.grace).await
     }
 
     /// Releases at once, ignoring the grace period (used when the work failed).
     async fn release_now(mut self) -> Result<()> {
         self.released = true;
+        self.lease = None;
         release(self.herd.backend(), &self.keys, &self.token, Duration::ZERO).await
     }
 }
@@ -356,28 +483,57 @@ impl Herd {
     /// As [`try_lock`](Herd::try_lock).
     pub async fn try_lock_with(&self, key: &str, options: &LockOptions) -> Result<TryLock> {
         let keys = self.job_keys(key)?;
-        let (ttl, grace) = options.resolve(self)?;
-        self.attempt(keys, ttl, grace).await
+        let resolved = options.resolve(self)?;
+        self.attempt(keys, &resolved).await
     }
 
-    async fn attempt(&self, keys: JobKeys, ttl: Duration, grace: Duration) -> Result<TryLock> {
+    async fn attempt(&self, keys: JobKeys, options: &Resolved) -> Result<TryLock> {
         let reply = self
             .backend()
-            .acquire(&keys, &nonce(), self.owner(), ttl)
+            .acquire(&keys, &nonce(), self.owner(), options.ttl)
             .await?;
-        Ok(match reply {
-            AcquireReply::Acquired { token, fence } => TryLock::Acquired(LockGuard {
-                herd: self.clone(),
-                keys,
-                token,
-                fence: FencingToken(fence),
-                grace,
-                released: false,
-            }),
+        let (token, fence) = match reply {
+            AcquireReply::Acquired { token, fence } => (token, fence),
             AcquireReply::Busy { holder, pttl_ms } => {
-                TryLock::Busy(Holder::parse(&holder, pttl_ms)?)
+                return Ok(TryLock::Busy(Holder::parse(&holder, pttl_ms)?));
             }
-        })
+        };
+        let lease = options.auto_extend.then(|| {
+            self.inner.watchdog.register(
+                Renewal::Lock {
+                    keys: keys.clone(),
+                    token: token.clone(),
+                },
+                options.ttl,
+                options.max_hold,
+            )
+        });
+        let guard = LockGuard {
+            herd: self.clone(),
+            keys,
+            token,
+            fence: FencingToken(fence),
+            ttl: options.ttl,
+            grace: options.grace,
+            lease,
+            released: false,
+        };
+        if let Some((replicas, timeout)) = options.replicas {
+            let acked = self.backend().wait_replicas(replicas, timeout).await?;
+            if acked < replicas {
+                let key = guard.keys.key.clone();
+                if let Err(e) = guard.release_now().await {
+                    tracing::warn!(key, error = %e, "releasing an under-replicated lock failed");
+                }
+                return Err(Error::new(
+                    ErrorKind::NotReplicated,
+                    format!(
+                        "lock `{key}` was acknowledged by {acked} of {replicas} replicas within {timeout:?}; it was released"
+                    ),
+                ));
+            }
+        }
+        Ok(TryLock::Acquired(guard))
     }
 
     /// Takes the lock on `key`, waiting up to `wait` for it to be free.
@@ -439,7 +595,7 @@ impl Herd {
         options: &LockOptions,
     ) -> Result<LockGuard> {
         let keys = self.job_keys(key)?;
-        let (ttl, grace) = options.resolve(self)?;
+        let resolved = options.resolve(self)?;
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
         let timed_out = || {
@@ -450,7 +606,7 @@ impl Herd {
         };
         let wait_loop = async {
             // Fast path: no subscription round trip when the lock is free.
-            let holder = match self.attempt(keys.clone(), ttl, grace).await? {
+            let holder = match self.attempt(keys.clone(), &resolved).await? {
                 TryLock::Acquired(guard) => return Ok(guard),
                 TryLock::Busy(holder) => holder,
             };
@@ -458,7 +614,7 @@ impl Herd {
             // Subscribe (confirmed), then re-check: a release after this point is seen.
             let mut sub = self.backend().subscribe(&keys).await?;
             loop {
-                match self.attempt(keys.clone(), ttl, grace).await? {
+                match self.attempt(keys.clone(), &resolved).await? {
                     TryLock::Acquired(guard) => return Ok(guard),
                     TryLock::Busy(holder) => {
                         if holder.remaining.is_some() {
@@ -551,22 +707,36 @@ impl Herd {
             TryLock::Acquired(guard) => guard,
             TryLock::Busy(holder) => return Ok(Outcome::Busy(holder)),
         };
-        match AssertUnwindSafe(work()).catch_unwind().await {
-            Ok(Ok(value)) => {
+        let work = AssertUnwindSafe(work()).catch_unwind();
+        let finished = if options.cancel_on_lost {
+            tokio::select! {
+                finished = work => Some(finished),
+                () = guard.lost() => None,
+            }
+        } else {
+            Some(work.await)
+        };
+        match finished {
+            Some(Ok(Ok(value))) => {
                 guard.release().await?;
                 Ok(Outcome::Ran(value))
             }
-            Ok(Err(e)) => {
+            Some(Ok(Err(e))) => {
                 if let Err(release_error) = guard.release_now().await {
                     tracing::warn!(key, error = %release_error, "release after a failed job failed");
                 }
                 Err(e)
             }
-            Err(panic) => {
+            Some(Err(panic)) => {
                 if let Err(release_error) = guard.release_now().await {
                     tracing::warn!(key, error = %release_error, "release after a panicked job failed");
                 }
                 std::panic::resume_unwind(panic)
+            }
+            None => {
+                // The work was dropped (cancelled) when the lock was lost.
+                let _ = guard.release_now().await;
+                Err(E::from(lost(key)))
             }
         }
     }

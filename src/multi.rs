@@ -256,7 +256,7 @@ impl Herd {
     /// As [`try_multi`](Herd::try_multi).
     pub async fn try_multi_with(&self, keys: &[&str], options: &LockOptions) -> Result<TryMulti> {
         let keys = self.multi_keys(keys)?;
-        let ttl = options.resolve_ttl(self)?;
+        let ttl = options.resolve(self)?.ttl;
         self.multi_attempt(keys, ttl).await
     }
 
@@ -295,7 +295,7 @@ impl Herd {
         options: &LockOptions,
     ) -> Result<MultiGuard> {
         let keys = self.multi_keys(keys)?;
-        let ttl = options.resolve_ttl(self)?;
+        let ttl = options.resolve(self)?.ttl;
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
         let mut last_held: Vec<String> = Vec::new();

@@ -31,7 +31,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -41,6 +40,7 @@ use crate::backend::{Backend, Notice, SemArgs, SemOp, SemReply};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::{self, JobKeys};
+use crate::watchdog::{LeaseHandle, Renewal};
 
 /// The largest accepted number of permits.
 pub const MAX_PERMITS: u32 = 100_000;
@@ -106,6 +106,7 @@ impl fmt::Debug for Semaphore {
 /// The result of [`Semaphore::try_acquire`].
 #[derive(Debug)]
 #[must_use = "dropping an acquired permit releases it in the background"]
+#[allow(clippy::large_enum_variant)] // Acquired is the common case; boxing it costs an allocation
 pub enum TryPermit {
     /// The caller holds a permit now.
     Acquired(Permit),
@@ -316,18 +317,21 @@ impl Semaphore {
                     other => return Err(unexpected(&other)),
                 };
                 let mut recheck = u64::try_from(soonest)
-                    .map(|ms| Duration::from_millis(ms + 2))
-                    .unwrap_or(Duration::from_secs(1));
+                    .map_or(Duration::from_secs(1), |ms| Duration::from_millis(ms + 2));
                 if self.fair {
                     recheck = recheck.min(QUEUE_TTL / 3);
                 }
                 let wake_at = (Instant::now() + recheck).min(deadline);
+                // A fair waiter re-checks only when named (or on a resync or its timer).
                 loop {
                     tokio::select! {
-                        notice = sub.recv() => match notice {
-                            Notice::Message(bytes) if self.fair && *bytes != *wake.as_bytes() => continue,
-                            _ => break,
-                        },
+                        notice = sub.recv() => {
+                            let ignore = self.fair
+                                && matches!(&notice, Notice::Message(b) if **b != *wake.as_bytes());
+                            if !ignore {
+                                break;
+                            }
+                        }
                         () = tokio::time::sleep_until(wake_at) => break,
                     }
                 }
@@ -377,34 +381,19 @@ impl Semaphore {
     }
 
     fn permit(&self, member: String) -> Permit {
-        let lost = Arc::new(AtomicBool::new(false));
-        let watchdog = {
-            let (sem, member, lost) = (self.clone(), member.clone(), Arc::clone(&lost));
-            let period = (self.lease / 3).max(Duration::from_millis(1));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    tick.tick().await;
-                    match sem.step(SemOp::Extend, &member).await {
-                        Ok(SemReply::Done(true)) => {}
-                        Ok(_) => {
-                            tracing::warn!(key = %sem.keys.key, "semaphore permit lost: its lease ran out");
-                            lost.store(true, Ordering::SeqCst);
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(key = %sem.keys.key, error = %e, "permit extension failed; retrying")
-                        }
-                    }
-                }
-            })
-        };
+        let lease = self.herd.inner.watchdog.register(
+            Renewal::Permit {
+                keys: self.keys.clone(),
+                member: member.clone(),
+                permits: self.permits,
+            },
+            self.lease,
+            None,
+        );
         Permit {
             semaphore: self.clone(),
             member,
-            lost,
-            watchdog,
+            lease: Some(lease),
             released: false,
         }
     }
@@ -475,15 +464,16 @@ impl Drop for LeaveOnDrop {
     }
 }
 
-/// A held semaphore permit, kept alive by a watchdog until released or dropped.
+/// A held semaphore permit, kept alive by the herd's watchdog thread until released or
+/// dropped.
 ///
 /// Dropping it releases in the background (best effort; the lease is the backstop).
 #[must_use = "dropping the permit releases it in the background"]
 pub struct Permit {
     semaphore: Semaphore,
     member: String,
-    lost: Arc<AtomicBool>,
-    watchdog: tokio::task::JoinHandle<()>,
+    /// The watchdog's registration; dropped first on release.
+    lease: Option<LeaseHandle>,
     released: bool,
 }
 
@@ -506,7 +496,19 @@ impl Permit {
     /// Whether the watchdog found the permit gone (its lease ran out, for example while
     /// Redis was unreachable).
     pub fn is_lost(&self) -> bool {
-        self.lost.load(Ordering::SeqCst)
+        self.lease.as_ref().is_some_and(LeaseHandle::is_lost)
+    }
+
+    /// Resolves when the permit is lost (see [`is_lost`](Permit::is_lost)).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lost(&self) {
+        match &self.lease {
+            Some(lease) => lease.lost().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Resets the lease to `lease` from now (the watchdog does this on its own; this is for
@@ -527,15 +529,22 @@ impl Permit {
             lease,
             ..self.semaphore.args(&self.member)
         };
-        match self
+        let reply = self
             .semaphore
             .herd
             .backend()
             .semaphore(&self.semaphore.keys, SemOp::Extend, args)
-            .await?
-        {
-            SemReply::Done(true) => Ok(()),
-            _ => Err(self.lost_error()),
+            .await?;
+        if reply == SemReply::Done(true) {
+            if let Some(handle) = &self.lease {
+                handle.extended(lease);
+            }
+            Ok(())
+        } else {
+            if let Some(handle) = &self.lease {
+                handle.mark_lost();
+            }
+            Err(self.lost_error())
         }
     }
 
@@ -551,7 +560,7 @@ impl Permit {
     /// If cancelled, the release may or may not have happened; the lease is the backstop.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
-        self.watchdog.abort();
+        self.lease = None; // stop renewing first
         match self.semaphore.step(SemOp::Release, &self.member).await? {
             SemReply::Done(true) => Ok(()),
             _ => Err(self.lost_error()),
@@ -571,7 +580,7 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.watchdog.abort();
+        self.lease = None;
         if self.released {
             return;
         }

@@ -104,6 +104,7 @@ async fn errors_and_panics_reach_every_waiter(fx: Fx) {
             .await
         }
     });
+    wait_for_follower(&fx, &b, "failing").await;
     let _ = go_tx.send(());
     for task in [leader, follower] {
         let e = within(Duration::from_secs(15), "caller", task)
@@ -360,29 +361,16 @@ async fn dropping_the_leaders_caller_keeps_the_job(fx: Fx) {
     );
 }
 
-/// Lets a follower reach its wait: on Redis, until the server shows its subscription.
-async fn wait_for_follower(fx: &Fx, _herd: &Herd, job: &str) {
-    if fx.kind == crate::fixture::Kind::Redis {
-        let channel = format!("{}:{{{job}}}", fx.prefix);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let out = fx.server().cmd(&["PUBSUB", "NUMSUB", &channel]);
-            let subscribed = out
-                .lines()
-                .nth(1)
-                .and_then(|n| n.trim().parse::<u32>().ok())
-                .unwrap_or(0);
-            if subscribed > 0 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "follower never subscribed");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    } else {
-        // In memory the follower subscribes synchronously on its first poll.
-        for _ in 0..100 {
-            tokio::task::yield_now().await;
-        }
+/// Waits (bounded) until `herd` has a flight subscribed and following another node's run
+/// (`Herd::stats().following`), so a completion from now on reaches it.
+async fn wait_for_follower(_fx: &Fx, herd: &Herd, job: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while herd.stats().following == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no follower of {job} ever waited"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

@@ -319,6 +319,15 @@ impl Backend {
         }
     }
 
+    /// How many replicas acknowledged the writes made so far (`WAIT`). The in-memory
+    /// backend has none.
+    pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+        match self {
+            Backend::Redis(b) => b.wait_replicas(replicas, timeout).await,
+            Backend::Memory(_) => Ok(0),
+        }
+    }
+
     /// Checks the backend answers (used by the eager constructor).
     pub(crate) async fn ping(&self) -> Result<()> {
         match self {

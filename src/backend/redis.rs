@@ -50,9 +50,11 @@ pub(crate) struct RedisBackend {
 }
 
 struct Inner {
+    client: Client,
     conn: ConnectionManager,
     scripts: Scripts,
-    notifier: Notifier,
+    /// `None` for a detached command-only backend (the watchdog's).
+    notifier: Option<Notifier>,
     settings: ConnectSettings,
 }
 
@@ -133,12 +135,45 @@ impl RedisBackend {
     ) -> RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
+                notifier: Some(Notifier::start(client.clone(), pubsub, settings)),
+                client,
                 conn,
                 scripts: Scripts::load(),
-                notifier: Notifier::start(client, pubsub, settings),
                 settings,
             }),
         }
+    }
+
+    /// A command-only backend on a connection of its own (no pub/sub), connecting on
+    /// first use from whatever runtime uses it: the watchdog thread's.
+    pub(crate) fn detached(&self) -> Result<RedisBackend> {
+        let config = manager_config(self.inner.settings);
+        let conn = ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
+            .map_err(|e| Error::redis("connect", e))?;
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                client: self.inner.client.clone(),
+                conn,
+                scripts: Scripts::load(),
+                notifier: None,
+                settings: self.inner.settings,
+            }),
+        })
+    }
+
+    /// `WAIT replicas timeout`: how many replicas acknowledged this connection's writes.
+    pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+        let mut conn = self.inner.conn.clone();
+        let acked: i64 = bounded(
+            "wait",
+            timeout + self.inner.settings.command_timeout,
+            redis::cmd("WAIT")
+                .arg(replicas)
+                .arg(millis(timeout))
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(u32::try_from(acked).unwrap_or(0))
     }
 
     /// Runs a script that must not be repeated (release, complete).
@@ -466,7 +501,13 @@ impl RedisBackend {
     }
 
     pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {
-        Ok(self.inner.notifier.subscribe(&keys.channel).await)
+        match &self.inner.notifier {
+            Some(notifier) => Ok(notifier.subscribe(&keys.channel).await),
+            None => Err(Error::new(
+                ErrorKind::Redis,
+                "a detached backend cannot subscribe",
+            )),
+        }
     }
 }
 
@@ -476,13 +517,16 @@ fn client_config(
 ) -> Result<(Client, ConnectionManagerConfig)> {
     let client = Client::open(url)
         .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
-    let config = ConnectionManagerConfig::new()
+    Ok((client, manager_config(settings)))
+}
+
+fn manager_config(settings: ConnectSettings) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
         .set_connection_timeout(Some(settings.connect_timeout))
         .set_response_timeout(Some(settings.command_timeout))
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_millis(500));
-    Ok((client, config))
+        .set_max_delay(Duration::from_millis(500))
 }
 
 /// Runs `fut` under a deadline, mapping both redis errors and the deadline to [`Error`].
