@@ -103,6 +103,11 @@ impl Flights {
         self.map().len()
     }
 
+    /// Callers waiting on any flight.
+    pub(crate) fn waiting(&self) -> usize {
+        self.map().values().map(|slot| slot.receiver_count()).sum()
+    }
+
     /// Flights subscribed and waiting for another node's run.
     pub(crate) fn following(&self) -> usize {
         self.following.load(Ordering::SeqCst)

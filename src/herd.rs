@@ -50,6 +50,8 @@ pub struct HerdStats {
     pub in_flight: usize,
     /// Of those, the ones subscribed and waiting for another process's run.
     pub following: usize,
+    /// Callers waiting on those runs (all local callers of a job id share one run).
+    pub waiting: usize,
 }
 
 /// Configures and builds a [`Herd`]. Every setter documents its default and why.
@@ -279,6 +281,7 @@ impl Herd {
         HerdStats {
             in_flight: self.inner.flights.in_flight(),
             following: self.inner.flights.following(),
+            waiting: self.inner.flights.waiting(),
         }
     }
 

@@ -595,14 +595,30 @@ async fn max_duration_and_bad_options(fx: Fx) {
 async fn ten_thousand_local_callers(fx: Fx) {
     let herd = fx.node("big").await;
     let runs = Arc::new(AtomicUsize::new(0));
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::with_capacity(10_000);
     for _ in 0..10_000 {
-        let herd = herd.clone();
-        let job = counting_job(&runs, Duration::from_millis(200), "shared");
+        let (herd, runs, mut go_rx) = (herd.clone(), runs.clone(), go_rx.clone());
         tasks.push(tokio::spawn(async move {
-            herd.fanout("ten-k", Duration::from_secs(20), job).await
+            herd.fanout("ten-k", Duration::from_secs(30), move || async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                // Finish only once every caller has joined (no late caller starts a run).
+                let _ = go_rx.wait_for(|go| *go).await;
+                Ok::<_, JobError>("shared".to_owned())
+            })
+            .await
         }));
     }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while herd.stats().waiting < 10_000 {
+        assert!(
+            Instant::now() < deadline,
+            "callers never joined: {:?}",
+            herd.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    go_tx.send_replace(true);
     for task in tasks {
         assert_eq!(task.await.expect("task").expect("fanout"), "shared");
     }

@@ -360,24 +360,33 @@ async fn commands_do_not_grow_with_callers() {
     let mut deltas = Vec::new();
     for (round, callers) in [(0, 1usize), (1, 10_000)] {
         let runs = Arc::new(AtomicUsize::new(0));
+        let (go_tx, go_rx) = tokio::sync::watch::channel(false);
         let before = total_calls(&server);
         let mut tasks = Vec::with_capacity(callers);
         for _ in 0..callers {
             let herd = herd.clone();
             let runs = Arc::clone(&runs);
+            let mut go_rx = go_rx.clone();
             tasks.push(tokio::spawn(async move {
                 herd.fanout(
                     &format!("counted-{round}"),
                     Duration::from_secs(30),
                     move || async move {
                         runs.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        // Finish only once every caller has joined the run.
+                        let _ = go_rx.wait_for(|go| *go).await;
                         Ok::<_, JobError>(7)
                     },
                 )
                 .await
             }));
         }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while herd.stats().waiting < callers {
+            assert!(Instant::now() < deadline, "callers never joined");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        go_tx.send_replace(true);
         for task in tasks {
             assert_eq!(task.await.expect("task").expect("fanout"), 7);
         }
