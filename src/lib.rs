@@ -1,9 +1,17 @@
 //! herdlock makes a herd of callers, spread over many processes and machines, do a piece
 //! of work **once**.
 //!
-//! This release provides the foundation: distributed locks with fencing tokens, backed
-//! by Redis (one multiplexed command connection running Lua scripts, one dedicated pub/sub
-//! connection for wake-ups) or by an in-memory engine with the same semantics.
+//! - [`Herd::fanout`]: the first caller anywhere runs a job; every other caller of the same
+//!   id, in any process, receives its serialized result or error (request deduplication,
+//!   cache-stampede protection). [`Herd::push`] is the lower-level form.
+//! - [`Herd::try_lock`], [`Herd::once`], [`Herd::lock`]: non-blocking, closure and blocking
+//!   locks with fencing tokens.
+//! - [`Herd::try_multi`], [`Herd::multi`]: several locks, all or none.
+//! - [`Herd::semaphore`]: at most N holders cluster-wide, optionally fair.
+//!
+//! Everything runs on Redis (one multiplexed command connection running Lua scripts, one
+//! dedicated pub/sub connection for wake-ups and results) or on an in-memory engine with
+//! the same semantics.
 //!
 //! # Quick example
 //!
@@ -41,6 +49,26 @@
 //! - **Grace period**: optionally keep the lock a while after the work is done, so a late
 //!   duplicate trigger does not redo it ([`LockOptions::grace`]).
 //!
+//! # Fan-out semantics
+//!
+//! - **One run at a time per job id.** A run is the holder of the job id's lock; its
+//!   fencing token is the run's *generation*. All callers in one process share one attempt
+//!   ([`HerdStats`]), so a herd costs the same Redis commands as one caller.
+//! - **Fresh results only.** A caller receives the result of the run in progress when it
+//!   arrived, or of a later one, never of a run that finished before it asked (unless it
+//!   opts into a [cache age](FanoutOptions::cache_age)).
+//! - **Every caller keeps its own deadline.** A caller's timeout fails that caller only; the
+//!   job, its lock and the other callers carry on. Dropping a caller's future (the leader's
+//!   included) never cancels the job: it runs on a task the herd owns.
+//! - **Errors fan out.** A job's error reaches every caller as [`ErrorKind::JobFailed`] with
+//!   the same message, code and detail ([`Error::job_error`]); a panic as
+//!   [`ErrorKind::JobPanicked`]; an unserializable or oversized result as
+//!   [`ErrorKind::Codec`].
+//! - **Leader death.** If the leader's process dies, its lease runs out (at most one TTL) and
+//!   one of the waiters runs the job again as the next generation; the others receive that
+//!   result. A leader that loses its lease while alive (paused, partitioned) cancels its
+//!   job and publishes nothing.
+//!
 //! # Failure semantics
 //!
 //! A Redis lock is an *efficiency* lock: it stops duplicate work in all normal operation,
@@ -54,8 +82,12 @@
 //!
 //! - A call that needs Redis fails with [`ErrorKind::Connection`] (or
 //!   [`ErrorKind::Auth`]) within the command timeout when Redis is down; it never hangs.
-//! - A guard whose lock expired gets [`ErrorKind::LockLost`] from `extend` and `release`,
-//!   and the new holder's lock is left untouched.
+//! - Held locks, fan-out runs and permits are renewed every third of their TTL by the
+//!   herd's watchdog thread, on its own runtime and connection, so a blocked async runtime
+//!   keeps its leases. A lease is *lost* when a renewal finds another holder or none
+//!   succeeds before it runs out: [`LockGuard::lost`] resolves, `once` and fan-out leaders
+//!   cancel their work (unless told not to), and `extend`/`release` return
+//!   [`ErrorKind::LockLost`], leaving the new holder's lock untouched.
 //! - Contention is never an error: [`TryLock::Busy`] and [`Outcome::Busy`] carry the
 //!   current [`Holder`].
 //! - Pub/sub is a hint, not the truth: a waiter that misses a release notice re-checks
