@@ -18,6 +18,7 @@ use crate::codec::{self, Body, Codec, JobError};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::Herd;
 use crate::keys;
+use crate::lock::FencingToken;
 
 /// The largest accepted [`FanoutOptions::max_result_size`]: 512 MiB, Redis' own limit
 /// for one string.
@@ -44,6 +45,9 @@ pub struct Fanned<T> {
     pub value: T,
     /// Whether this caller led, followed or was served from the cache.
     pub role: Role,
+    /// The generation of the run that produced the value: its fencing token, strictly
+    /// increasing per job id.
+    pub generation: FencingToken,
 }
 
 /// Options of one fan-out call. Every field has a documented default.
@@ -417,7 +421,11 @@ async fn settle<T: DeserializeOwned>(
     };
     let envelope = outcome.result.clone()?;
     let value = codec::open(job_id, &envelope)?;
-    Ok(Fanned { value, role })
+    Ok(Fanned {
+        value,
+        role,
+        generation: FencingToken::new(envelope.generation),
+    })
 }
 
 /// A caller's role after [`Herd::push`].
