@@ -1,0 +1,1292 @@
+//! Load generator: herdlock against a raw redis-rs baseline measured in the same run.
+//!
+//! ```text
+//! cargo run --release --example loadgen -- [--quick] [--cycles N] [workload ...]
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example loadgen -- once-cycles
+//! ```
+//!
+//! Workloads (all three when none is named):
+//!
+//! - `once-cycles`: `try_lock` + `release` of distinct keys, 50 in flight, one process;
+//!   baseline: `SET k tok NX PX ttl` + `EVALSHA` compare-and-delete on one multiplexed
+//!   connection, same concurrency. Segments of both alternate (ABBA) to cancel drift.
+//! - `fanout-herd`: 1,000 callers over 4 processes on one key, a 50 ms job, 20 rounds;
+//!   runs per round, end-to-end time per round and follower notification latency;
+//!   baseline: raw `PUBLISH` → subscriber delivery to the same processes.
+//! - `fanout-throughput`: 10,000 job ids, each requested by 4 processes (256 in flight
+//!   each), a 0 ms job; jobs/s, timeouts and overlapping runs; baseline: the same 4
+//!   processes doing `SET NX` on the same ids.
+//!
+//! Each workload prints one JSON object on stdout; progress goes to stderr. Without
+//! `REDIS_URL` a private `redis-server` is started on a free loopback port and killed at
+//! exit. `--quick` scales every count down 10× for a smoke run.
+//!
+//! Multi-process workloads re-execute this binary with a hidden `--worker` mode. The
+//! parent and its workers talk in lines: a worker says `ready`, the parent says `go` to
+//! all of them at once, and each worker answers with one JSON line of measurements.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use herdlock::{FanoutOptions, Herd, JobError, Role, TryLock};
+use redis::aio::MultiplexedConnection;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines, Stdin};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use redis_server::RedisServer;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Res<T> = Result<T, BoxError>;
+
+/// Worker processes of the multi-process workloads.
+const PROCESSES: usize = 4;
+/// Concurrency of `once-cycles` (both sides).
+const CYCLE_IN_FLIGHT: usize = 50;
+/// ABBA segments per side in `once-cycles`.
+const CYCLE_SEGMENTS: u64 = 4;
+/// Per-process concurrency of `fanout-throughput` (both sides).
+const TPUT_IN_FLIGHT: usize = 256;
+/// The `fanout-herd` job's duration.
+const HERD_JOB: Duration = Duration::from_millis(50);
+/// Every fan-out caller's own timeout.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Every fan-out run's lease.
+const RUN_TTL: Duration = Duration::from_secs(5);
+/// TTL of the baseline's raw locks.
+const RAW_TTL_MS: u64 = 10_000;
+/// Upper bound on one measured loop; a loop that hits it stops and says so.
+const PHASE_BUDGET: Duration = Duration::from_secs(50);
+/// How long the parent waits for any one line from a worker.
+const WORKER_LINE_TIMEOUT: Duration = Duration::from_secs(90);
+/// The baseline's owner-checked delete.
+const COMPARE_AND_DELETE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+#[tokio::main]
+async fn main() -> Res<()> {
+    let args = Args::parse(std::env::args().skip(1))?;
+    match args.worker {
+        Some(worker) => worker_main(worker).await,
+        None => parent_main(&args).await,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Command line
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    OnceCycles,
+    FanoutHerd,
+    FanoutThroughput,
+}
+
+impl Workload {
+    const ALL: [Workload; 3] = [
+        Workload::OnceCycles,
+        Workload::FanoutHerd,
+        Workload::FanoutThroughput,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Workload::OnceCycles => "once-cycles",
+            Workload::FanoutHerd => "fanout-herd",
+            Workload::FanoutThroughput => "fanout-throughput",
+        }
+    }
+
+    fn parse(name: &str) -> Res<Workload> {
+        Workload::ALL
+            .into_iter()
+            .find(|w| w.name() == name)
+            .ok_or_else(|| format!("unknown workload `{name}` (try --help)").into())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Args {
+    workloads: Vec<Workload>,
+    quick: bool,
+    cycles: Option<u64>,
+    worker: Option<WorkerArgs>,
+}
+
+/// The hidden `--worker <workload> --url <url> --prefix <p> --index <i>` mode.
+#[derive(Debug)]
+struct WorkerArgs {
+    url: String,
+    prefix: String,
+    index: usize,
+}
+
+const USAGE: &str =
+    "usage: loadgen [--quick] [--cycles N] [once-cycles] [fanout-herd] [fanout-throughput]
+  --quick       scale every count down 10x (smoke run)
+  --cycles N    once-cycles: cycles per side (default 200000)
+  REDIS_URL     use this Redis instead of starting a private redis-server";
+
+impl Args {
+    fn parse(args: impl Iterator<Item = String>) -> Res<Args> {
+        let mut parsed = Args::default();
+        let (mut worker, mut url, mut prefix, mut index) = (false, None, None, None);
+        let mut args = args;
+        while let Some(arg) = args.next() {
+            let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
+            match arg.as_str() {
+                "--quick" => parsed.quick = true,
+                "--cycles" => parsed.cycles = Some(value("--cycles")?.parse()?),
+                "--worker" => {
+                    Workload::parse(&value("--worker")?)?;
+                    worker = true;
+                }
+                "--url" => url = Some(value("--url")?),
+                "--prefix" => prefix = Some(value("--prefix")?),
+                "--index" => index = Some(value("--index")?.parse()?),
+                "-h" | "--help" => {
+                    println!("{USAGE}");
+                    std::process::exit(0);
+                }
+                flag if flag.starts_with('-') => {
+                    return Err(format!("unknown flag `{flag}`\n{USAGE}").into())
+                }
+                name => parsed.workloads.push(Workload::parse(name)?),
+            }
+        }
+        if worker {
+            parsed.worker = Some(WorkerArgs {
+                url: url.ok_or("--worker needs --url")?,
+                prefix: prefix.ok_or("--worker needs --prefix")?,
+                index: index.ok_or("--worker needs --index")?,
+            });
+        }
+        if parsed.workloads.is_empty() {
+            parsed.workloads = Workload::ALL.to_vec();
+        }
+        if parsed.cycles == Some(0) {
+            return Err("--cycles must be at least 1".into());
+        }
+        Ok(parsed)
+    }
+}
+
+/// Counts, full size or `--quick` (10× smaller).
+#[derive(Debug, Clone, Copy)]
+struct Scale {
+    cycles: u64,
+    herd_callers: usize,
+    herd_rounds: usize,
+    tput_ids: usize,
+}
+
+impl Scale {
+    fn new(args: &Args) -> Scale {
+        let div = if args.quick { 10 } else { 1 };
+        Scale {
+            cycles: args.cycles.unwrap_or(200_000 / div as u64),
+            herd_callers: 1_000 / div,
+            herd_rounds: 20 / div,
+            tput_ids: 10_000 / div,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Parent
+
+async fn parent_main(args: &Args) -> Res<()> {
+    let scale = Scale::new(args);
+    let external = std::env::var("REDIS_URL").ok();
+    let server = match external {
+        Some(_) => None,
+        None => Some(RedisServer::start()?),
+    };
+    let url = match (&external, &server) {
+        (Some(url), _) => url.clone(),
+        (None, Some(server)) => server.url(),
+        (None, None) => unreachable!("a server is started when REDIS_URL is unset"),
+    };
+    let prefix = run_prefix();
+    eprintln!(
+        "loadgen: redis at {url} ({}), key prefix {prefix}, {} cores",
+        if external.is_some() {
+            "REDIS_URL"
+        } else {
+            "private redis-server"
+        },
+        cores()
+    );
+    let work = async {
+        for workload in &args.workloads {
+            eprintln!("loadgen: {} ...", workload.name());
+            let prefix = format!("{prefix}{}", workload.name().replace('-', ""));
+            let report = match workload {
+                Workload::OnceCycles => once_cycles(&url, &prefix, scale).await?,
+                Workload::FanoutHerd => fanout_herd(&url, &prefix, scale).await?,
+                Workload::FanoutThroughput => fanout_throughput(&url, &prefix, scale).await?,
+            };
+            println!("{report}");
+        }
+        Ok::<(), BoxError>(())
+    };
+    let result = tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+    };
+    if external.is_some() {
+        if let Err(e) = cleanup(&url, &prefix).await {
+            eprintln!("loadgen: cleaning up keys {prefix}* failed: {e}");
+        }
+    }
+    drop(server); // kills the private redis-server (also on the error path above)
+    result
+}
+
+/// A key prefix unique to this run, so runs against a shared Redis never collide.
+fn run_prefix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("lg{}x{nanos:x}", std::process::id())
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// Deletes this run's keys from an external Redis.
+async fn cleanup(url: &str, prefix: &str) -> Res<()> {
+    let mut conn = raw_connection(url).await?;
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<i64>(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
+async fn raw_connection(url: &str) -> Res<MultiplexedConnection> {
+    let client = redis::Client::open(url)?;
+    Ok(client.get_multiplexed_async_connection().await?)
+}
+
+async fn connect_herd(url: &str, prefix: &str, owner: &str) -> Res<Herd> {
+    Ok(Herd::builder()
+        .prefix(prefix)
+        .owner(owner)
+        .connect(url)
+        .await?)
+}
+
+// ---------------------------------------------------------------------------------------
+// once-cycles
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Segment {
+    cycles: u64,
+    elapsed: Duration,
+    busy: u64,
+    errors: u64,
+    /// CPU time this process used (all threads), when `/proc` tells.
+    client_cpu: Duration,
+    /// CPU time the Redis server used (`INFO cpu`).
+    redis_cpu: Duration,
+}
+
+impl Segment {
+    fn add(&mut self, other: Segment) {
+        self.cycles += other.cycles;
+        self.elapsed += other.elapsed;
+        self.busy += other.busy;
+        self.errors += other.errors;
+        self.client_cpu += other.client_cpu;
+        self.redis_cpu += other.redis_cpu;
+    }
+
+    fn rate(&self) -> f64 {
+        self.cycles as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "cycles": self.cycles,
+            "elapsed_s": round3(self.elapsed.as_secs_f64()),
+            "cycles_per_s": self.rate().round(),
+            "busy": self.busy,
+            "errors": self.errors,
+            "client_cpu_us_per_cycle": round3(per_cycle(self.client_cpu, self.cycles)),
+            "redis_cpu_us_per_cycle": round3(per_cycle(self.redis_cpu, self.cycles)),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Herdlock,
+    Baseline,
+}
+
+async fn once_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
+    let herd = connect_herd(url, prefix, "loadgen").await?;
+    let raw = raw_connection(url).await?;
+    let script = Arc::new(redis::Script::new(COMPARE_AND_DELETE));
+    let ctx = CycleCtx {
+        herd,
+        raw,
+        script,
+        prefix: prefix.to_owned(),
+    };
+    // Warm up both paths (script load, connection buffers, allocator).
+    let warm = (scale.cycles / 20).clamp(100, 5_000);
+    ctx.run(Side::Herdlock, "warm", warm).await;
+    ctx.run(Side::Baseline, "warm", warm).await;
+
+    let per_segment = scale.cycles.div_ceil(CYCLE_SEGMENTS);
+    let (mut herd_total, mut raw_total) = (Segment::default(), Segment::default());
+    let mut segments = Vec::new();
+    for s in 0..CYCLE_SEGMENTS {
+        // ABBA: baseline first in even segments, herdlock first in odd ones.
+        let order = if s % 2 == 0 {
+            [Side::Baseline, Side::Herdlock]
+        } else {
+            [Side::Herdlock, Side::Baseline]
+        };
+        let (mut h, mut b) = (Segment::default(), Segment::default());
+        for side in order {
+            let tag = format!("s{s}");
+            match side {
+                Side::Herdlock => h = ctx.run(side, &tag, per_segment).await,
+                Side::Baseline => b = ctx.run(side, &tag, per_segment).await,
+            }
+        }
+        eprintln!(
+            "  segment {s}: herdlock {:.0}/s, baseline {:.0}/s, ratio {:.3}",
+            h.rate(),
+            b.rate(),
+            h.rate() / b.rate()
+        );
+        segments.push(json!({
+            "herdlock_cycles_per_s": h.rate().round(),
+            "baseline_cycles_per_s": b.rate().round(),
+            "ratio": round3(h.rate() / b.rate()),
+        }));
+        herd_total.add(h);
+        raw_total.add(b);
+    }
+    let ratio = herd_total.rate() / raw_total.rate();
+    Ok(json!({
+        "workload": "once-cycles",
+        "cores": cores(),
+        "processes": 1,
+        "in_flight": CYCLE_IN_FLIGHT,
+        "cycles_per_side": scale.cycles,
+        "herdlock": herd_total.json(),
+        "baseline": labelled(raw_total.json(), "SET NX PX + EVALSHA compare-and-delete"),
+        "ratio": round3(ratio),
+        "target_ratio": 0.9,
+        "target_met": ratio >= 0.9,
+        "segments": segments,
+    }))
+}
+
+fn labelled(mut v: Value, what: &str) -> Value {
+    v["what"] = json!(what);
+    v
+}
+
+struct CycleCtx {
+    herd: Herd,
+    raw: MultiplexedConnection,
+    script: Arc<redis::Script>,
+    prefix: String,
+}
+
+impl CycleCtx {
+    /// `cycles` lock/unlock cycles of distinct keys on `CYCLE_IN_FLIGHT` tasks.
+    async fn run(&self, side: Side, tag: &str, cycles: u64) -> Segment {
+        let mut info = self.raw.clone();
+        let (client_before, redis_before) = (process_cpu(), redis_cpu(&mut info).await);
+        let next = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + PHASE_BUDGET;
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+        for _ in 0..CYCLE_IN_FLIGHT {
+            let next = Arc::clone(&next);
+            let tag = tag.to_owned();
+            let herd = self.herd.clone();
+            let mut raw = self.raw.clone();
+            let script = Arc::clone(&self.script);
+            let prefix = self.prefix.clone();
+            tasks.spawn(async move {
+                let mut seg = Segment::default();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= cycles || Instant::now() >= deadline {
+                        return seg;
+                    }
+                    let key = format!("oc-{tag}-{i}");
+                    let outcome = match side {
+                        Side::Herdlock => herd_cycle(&herd, &key).await,
+                        Side::Baseline => raw_cycle(&mut raw, &script, &prefix, &key, i).await,
+                    };
+                    match outcome {
+                        Ok(true) => seg.cycles += 1,
+                        Ok(false) => seg.busy += 1,
+                        Err(_) => seg.errors += 1,
+                    }
+                }
+            });
+        }
+        let mut total = Segment::default();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(seg) = joined {
+                total.add(seg);
+            } else {
+                total.errors += 1;
+            }
+        }
+        total.elapsed = started.elapsed();
+        if let (Some(before), Some(after)) = (client_before, process_cpu()) {
+            total.client_cpu = after.saturating_sub(before);
+        }
+        if let (Some(before), Some(after)) = (redis_before, redis_cpu(&mut info).await) {
+            total.redis_cpu = after.saturating_sub(before);
+        }
+        total
+    }
+}
+
+/// One herdlock cycle; `Ok(false)` when the (fresh) key was unexpectedly busy.
+async fn herd_cycle(herd: &Herd, key: &str) -> Res<bool> {
+    match herd.try_lock(key).await? {
+        TryLock::Acquired(guard) => {
+            guard.release().await?;
+            Ok(true)
+        }
+        TryLock::Busy(_) => Ok(false),
+    }
+}
+
+/// One baseline cycle: `SET key tok NX PX ttl`, then the owner-checked delete.
+async fn raw_cycle(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    prefix: &str,
+    key: &str,
+    i: u64,
+) -> Res<bool> {
+    // Same shape and size as herdlock's key and holder value (`fence:nonce:owner`).
+    let key = format!("{prefix}:{{{key}}}:lock");
+    let token = format!("{i}:{:016x}{i:x}:loadgen", 0x5eed_u64);
+    let set: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(RAW_TTL_MS)
+        .query_async(conn)
+        .await?;
+    if set.is_none() {
+        return Ok(false);
+    }
+    let deleted: i64 = script.key(&key).arg(&token).invoke_async(conn).await?;
+    Ok(deleted == 1)
+}
+
+// ---------------------------------------------------------------------------------------
+// Worker processes: spawning and the line protocol
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+}
+
+/// The parent's handle on its workers. Dropping it kills them (`kill_on_drop`).
+struct Workers {
+    procs: Vec<WorkerProc>,
+}
+
+impl Workers {
+    async fn spawn(workload: Workload, url: &str, prefix: &str) -> Res<Workers> {
+        let exe = std::env::current_exe()?;
+        let mut procs = Vec::new();
+        for index in 0..PROCESSES {
+            let mut child = Command::new(&exe)
+                .args([
+                    "--worker",
+                    workload.name(),
+                    "--url",
+                    url,
+                    "--prefix",
+                    prefix,
+                ])
+                .args(["--index", &index.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdin = child.stdin.take().ok_or("worker stdin not piped")?;
+            let stdout = child.stdout.take().ok_or("worker stdout not piped")?;
+            procs.push(WorkerProc {
+                child,
+                stdin,
+                lines: BufReader::new(stdout).lines(),
+            });
+        }
+        let mut workers = Workers { procs };
+        workers.expect_all("ready").await?;
+        Ok(workers)
+    }
+
+    async fn send_all(&mut self, line: &str) -> Res<()> {
+        let line = format!("{line}\n");
+        for p in &mut self.procs {
+            p.stdin.write_all(line.as_bytes()).await?;
+            p.stdin.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn read_all(&mut self) -> Res<Vec<String>> {
+        let mut out = Vec::with_capacity(self.procs.len());
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            match tokio::time::timeout(WORKER_LINE_TIMEOUT, p.lines.next_line()).await {
+                Ok(Ok(Some(line))) => out.push(line),
+                Ok(Ok(None)) => return Err(format!("worker {i} exited early").into()),
+                Ok(Err(e)) => return Err(format!("worker {i}: {e}").into()),
+                Err(_) => {
+                    return Err(
+                        format!("worker {i} said nothing for {WORKER_LINE_TIMEOUT:?}").into(),
+                    )
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn expect_all(&mut self, want: &str) -> Res<()> {
+        for (i, line) in self.read_all().await?.into_iter().enumerate() {
+            if line != want {
+                return Err(format!("worker {i} said {line:?}, expected {want:?}").into());
+            }
+        }
+        Ok(())
+    }
+
+    async fn read_reports<T: DeserializeOwned>(&mut self) -> Res<Vec<T>> {
+        self.read_all()
+            .await?
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line).map_err(|e| format!("bad report {line:?}: {e}").into())
+            })
+            .collect()
+    }
+
+    /// `cmd` → all `ready` → `go` to all → one report from each.
+    async fn step<T: DeserializeOwned>(&mut self, cmd: &str) -> Res<Vec<T>> {
+        self.prepare(cmd).await?;
+        self.send_all("go").await?;
+        self.read_reports().await
+    }
+
+    async fn prepare(&mut self, cmd: &str) -> Res<()> {
+        self.send_all(cmd).await?;
+        self.expect_all("ready").await
+    }
+
+    async fn quit(mut self) -> Res<()> {
+        self.send_all("quit").await?;
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            match tokio::time::timeout(Duration::from_secs(10), p.child.wait()).await {
+                Ok(Ok(status)) if status.success() => {}
+                Ok(Ok(status)) => return Err(format!("worker {i} exited with {status}").into()),
+                Ok(Err(e)) => return Err(e.into()),
+                Err(_) => return Err(format!("worker {i} did not exit").into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Everything a worker process holds.
+struct WorkerCtx {
+    herd: Herd,
+    raw: MultiplexedConnection,
+    prefix: String,
+    stdin: Lines<BufReader<Stdin>>,
+    /// Latest raw pub/sub message: (round, publisher's send time, reader's receive time).
+    published: watch::Receiver<(i64, u64, u64)>,
+}
+
+impl WorkerCtx {
+    fn say(line: &str) {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        // The parent reads line by line; a write failure means it is gone.
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            std::process::exit(1);
+        }
+    }
+
+    /// Says `ready`, then waits for the parent's `go`.
+    async fn barrier(&mut self) -> Res<()> {
+        WorkerCtx::say("ready");
+        match self.stdin.next_line().await? {
+            Some(line) if line == "go" => Ok(()),
+            other => Err(format!("expected go, got {other:?}").into()),
+        }
+    }
+}
+
+async fn worker_main(args: WorkerArgs) -> Res<()> {
+    let owner = format!("worker{}", args.index);
+    let herd = connect_herd(&args.url, &args.prefix, &owner).await?;
+    let raw = raw_connection(&args.url).await?;
+    // The raw pub/sub baseline's subscriber: one dedicated connection per process.
+    let client = redis::Client::open(args.url.as_str())?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(pub_channel(&args.prefix)).await?;
+    let (tx, published) = watch::channel((-1_i64, 0_u64, 0_u64));
+    tokio::spawn(async move {
+        let mut stream = pubsub.into_on_message();
+        while let Some(msg) = stream.next().await {
+            let received = now_us();
+            let payload: String = msg.get_payload().unwrap_or_default();
+            if let Some((round, sent)) = payload.split_once(':') {
+                if let (Ok(round), Ok(sent)) = (round.parse(), sent.parse()) {
+                    tx.send_replace((round, sent, received));
+                }
+            }
+        }
+    });
+    let mut ctx = WorkerCtx {
+        herd,
+        raw,
+        prefix: args.prefix,
+        stdin: BufReader::new(tokio::io::stdin()).lines(),
+        published,
+    };
+    WorkerCtx::say("ready");
+    while let Some(line) = ctx.stdin.next_line().await? {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| -> Res<usize> { Ok(words.get(i).ok_or("missing argument")?.parse()?) };
+        let report = match words.first().copied() {
+            Some("quit") => return Ok(()),
+            Some("herd") => serde_json::to_string(&herd_round(&mut ctx, num(1)?, num(2)?).await?)?,
+            Some("pub") => serde_json::to_string(&pub_round(&mut ctx, num(1)?, num(2)?).await?)?,
+            Some("tput") => serde_json::to_string(&tput_round(&mut ctx, num(1)?, num(2)?).await?)?,
+            Some("setnx") => {
+                serde_json::to_string(&setnx_round(&mut ctx, num(1)?, num(2)?).await?)?
+            }
+            _ => return Err(format!("unknown command {line:?}").into()),
+        };
+        WorkerCtx::say(&report);
+    }
+    Ok(()) // stdin closed: the parent is gone
+}
+
+fn pub_channel(prefix: &str) -> String {
+    format!("{prefix}:baseline-pub")
+}
+
+// ---------------------------------------------------------------------------------------
+// fanout-herd
+
+#[derive(Debug, Serialize, Deserialize)]
+struct HerdReport {
+    first_call_us: u64,
+    last_resolve_us: u64,
+    leaders: u64,
+    followers: u64,
+    timeouts: u64,
+    errors: u64,
+    /// When the job started and ended (from the result; 0 if no caller succeeded).
+    job_start_us: u64,
+    job_end_us: u64,
+    /// Job end → this caller resolved, per successful caller.
+    notify_us: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PubReport {
+    /// Publisher's send → this process' subscriber connection read it.
+    reader_us: u64,
+    /// Publisher's send → each local waiter woke (the message handed on by a watch channel).
+    waiter_us: Vec<u64>,
+}
+
+async fn herd_round(ctx: &mut WorkerCtx, round: usize, callers: usize) -> Res<HerdReport> {
+    let job_id = format!("herd-{round}");
+    let runs_key = format!("{}:runs:herd-{round}", ctx.prefix);
+    let options = FanoutOptions::new().timeout(CALL_TIMEOUT).ttl(RUN_TTL);
+    ctx.barrier().await?;
+    let mut tasks = JoinSet::new();
+    for _ in 0..callers {
+        let (herd, raw) = (ctx.herd.clone(), ctx.raw.clone());
+        let (job_id, runs_key, options) = (job_id.clone(), runs_key.clone(), options.clone());
+        tasks.spawn(async move {
+            let start = now_us();
+            let result = herd
+                .fanout_with(&job_id, &options, move || async move {
+                    let (mut raw, job_start) = (raw, now_us());
+                    // Count the run while the job "works", so the count costs no job time.
+                    let mut incr = redis::cmd("INCR");
+                    incr.arg(&runs_key);
+                    let counted = incr.query_async::<i64>(&mut raw);
+                    let (counted, ()) = tokio::join!(counted, tokio::time::sleep(HERD_JOB));
+                    counted?;
+                    Ok::<(u64, u64), JobError>((job_start, now_us()))
+                })
+                .await;
+            (start, now_us(), result)
+        });
+    }
+    let mut report = HerdReport {
+        first_call_us: u64::MAX,
+        last_resolve_us: 0,
+        leaders: 0,
+        followers: 0,
+        timeouts: 0,
+        errors: 0,
+        job_start_us: 0,
+        job_end_us: 0,
+        notify_us: Vec::with_capacity(callers),
+    };
+    let joined = tokio::time::timeout(PHASE_BUDGET, async {
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((start, end, result)) = joined else {
+                report.errors += 1;
+                continue;
+            };
+            report.first_call_us = report.first_call_us.min(start);
+            report.last_resolve_us = report.last_resolve_us.max(end);
+            match result {
+                Ok(fanned) => {
+                    match fanned.role {
+                        Role::Leader => report.leaders += 1,
+                        _ => report.followers += 1,
+                    }
+                    let (job_start, job_end) = fanned.value;
+                    (report.job_start_us, report.job_end_us) = (job_start, job_end);
+                    report.notify_us.push(end.saturating_sub(job_end));
+                }
+                Err(e) if e.is_timeout() => report.timeouts += 1,
+                Err(_) => report.errors += 1,
+            }
+        }
+    })
+    .await;
+    if joined.is_err() {
+        return Err(format!("herd round {round} exceeded {PHASE_BUDGET:?}").into());
+    }
+    Ok(report)
+}
+
+async fn pub_round(ctx: &mut WorkerCtx, round: usize, waiters: usize) -> Res<PubReport> {
+    let round = i64::try_from(round)?;
+    let mut tasks = JoinSet::new();
+    for _ in 0..waiters {
+        let mut rx = ctx.published.clone();
+        tasks.spawn(async move {
+            let msg = *rx.wait_for(|m| m.0 == round).await.ok()?;
+            Some((msg, now_us()))
+        });
+    }
+    tokio::task::yield_now().await;
+    ctx.barrier().await?;
+    let mut report = PubReport {
+        reader_us: 0,
+        waiter_us: Vec::with_capacity(waiters),
+    };
+    let joined = tokio::time::timeout(PHASE_BUDGET, async {
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(Some(((_, sent, read), woke))) = joined {
+                report.reader_us = read.saturating_sub(sent);
+                report.waiter_us.push(woke.saturating_sub(sent));
+            }
+        }
+    })
+    .await;
+    if joined.is_err() {
+        return Err(format!("pub/sub round {round} exceeded {PHASE_BUDGET:?}").into());
+    }
+    Ok(report)
+}
+
+async fn fanout_herd(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
+    let per_process = scale.herd_callers / PROCESSES;
+    let mut workers = Workers::spawn(Workload::FanoutHerd, url, prefix).await?;
+    let mut raw = raw_connection(url).await?;
+    let channel = pub_channel(prefix);
+    let mut agg = HerdAgg::default();
+    for round in 0..scale.herd_rounds {
+        // herdlock: 1,000 callers over 4 processes, one fresh job id.
+        let reports: Vec<HerdReport> = workers.step(&format!("herd {round} {per_process}")).await?;
+        let runs: Option<u64> = redis::cmd("GET")
+            .arg(format!("{prefix}:runs:herd-{round}"))
+            .query_async(&mut raw)
+            .await?;
+        agg.add_herd(&reports, runs.unwrap_or(0));
+        // Baseline: one PUBLISH to the same 4 processes, handed to as many local waiters.
+        workers
+            .prepare(&format!("pub {round} {per_process}"))
+            .await?;
+        workers.send_all("go").await?;
+        let receivers: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(format!("{round}:{}", now_us()))
+            .query_async(&mut raw)
+            .await?;
+        if usize::try_from(receivers).ok() != Some(PROCESSES) {
+            return Err(format!("PUBLISH reached {receivers} subscribers, not {PROCESSES}").into());
+        }
+        let reports: Vec<PubReport> = workers.read_reports().await?;
+        for r in reports {
+            agg.pub_reader.push(r.reader_us);
+            agg.pub_waiter.extend(r.waiter_us);
+        }
+        eprintln!(
+            "  round {round}: runs {}, end-to-end {:.1} ms",
+            runs.unwrap_or(0),
+            agg.e2e_us.last().copied().unwrap_or(0) as f64 / 1000.0
+        );
+    }
+    workers.quit().await?;
+    Ok(agg.report(scale, per_process))
+}
+
+#[derive(Debug, Default)]
+struct HerdAgg {
+    rounds: u64,
+    runs_per_round: Vec<u64>,
+    leaders_per_round: Vec<u64>,
+    e2e_us: Vec<u64>,
+    /// Per round: last process' first call − first process' first call.
+    start_skew_us: Vec<u64>,
+    /// Per round: first call anywhere → the job started.
+    to_job_start_us: Vec<u64>,
+    /// Per round: the job's own duration.
+    job_us: Vec<u64>,
+    /// Per round: job end → last caller resolved.
+    job_end_to_last_us: Vec<u64>,
+    notify_all: Vec<u64>,
+    /// Callers in processes that did not run the job (they learn by pub/sub).
+    notify_remote: Vec<u64>,
+    /// Callers in the process that ran the job (they learn from the local flight).
+    notify_local: Vec<u64>,
+    timeouts: u64,
+    errors: u64,
+    pub_reader: Vec<u64>,
+    pub_waiter: Vec<u64>,
+}
+
+impl HerdAgg {
+    fn add_herd(&mut self, reports: &[HerdReport], runs: u64) {
+        self.rounds += 1;
+        self.runs_per_round.push(runs);
+        self.leaders_per_round
+            .push(reports.iter().map(|r| r.leaders).sum());
+        let first = reports.iter().map(|r| r.first_call_us).min().unwrap_or(0);
+        let last = reports.iter().map(|r| r.last_resolve_us).max().unwrap_or(0);
+        self.e2e_us.push(last.saturating_sub(first));
+        let latest_first = reports.iter().map(|r| r.first_call_us).max().unwrap_or(0);
+        self.start_skew_us.push(latest_first.saturating_sub(first));
+        if let Some(r) = reports.iter().find(|r| r.job_end_us > 0) {
+            self.to_job_start_us
+                .push(r.job_start_us.saturating_sub(first));
+            self.job_us
+                .push(r.job_end_us.saturating_sub(r.job_start_us));
+            self.job_end_to_last_us
+                .push(last.saturating_sub(r.job_end_us));
+        }
+        for r in reports {
+            self.timeouts += r.timeouts;
+            self.errors += r.errors;
+            self.notify_all.extend(&r.notify_us);
+            if r.leaders > 0 {
+                self.notify_local.extend(&r.notify_us);
+            } else {
+                self.notify_remote.extend(&r.notify_us);
+            }
+        }
+    }
+
+    fn report(self, scale: Scale, per_process: usize) -> Value {
+        let job_us = HERD_JOB.as_micros() as u64;
+        let e2e = Summary::of(self.e2e_us);
+        let remote = Summary::of(self.notify_remote);
+        let waiter = Summary::of(self.pub_waiter);
+        let all_one = self.runs_per_round.iter().all(|&r| r == 1)
+            && self.leaders_per_round.iter().all(|&l| l == 1);
+        json!({
+            "workload": "fanout-herd",
+            "cores": cores(),
+            "processes": PROCESSES,
+            "callers_per_round": per_process * PROCESSES,
+            "rounds": scale.herd_rounds,
+            "job_ms": HERD_JOB.as_millis() as u64,
+            "runs_per_round": self.runs_per_round,
+            "leaders_per_round": self.leaders_per_round,
+            "one_run_per_round": all_one,
+            "timeouts": self.timeouts,
+            "errors": self.errors,
+            "end_to_end_us": e2e.json(),
+            "end_to_end_breakdown_us": {
+                "start_skew_between_processes": Summary::of(self.start_skew_us).json(),
+                "first_call_to_job_start": Summary::of(self.to_job_start_us).json(),
+                "job": Summary::of(self.job_us).json(),
+                "job_end_to_last_resolve": Summary::of(self.job_end_to_last_us).json(),
+            },
+            "end_to_end_over_job": {
+                "p50": round3(e2e.p50 as f64 / job_us as f64),
+                "p99": round3(e2e.p99 as f64 / job_us as f64),
+            },
+            "notify_us": {
+                "all": Summary::of(self.notify_all).json(),
+                "remote_processes": remote.json(),
+                "leader_process": Summary::of(self.notify_local).json(),
+            },
+            "baseline_publish_us": {
+                "subscriber_read": Summary::of(self.pub_reader).json(),
+                "local_waiters": waiter.json(),
+            },
+            "remote_notify_over_baseline": {
+                "p50": round3(remote.p50 as f64 / waiter.p50.max(1) as f64),
+                "p99": round3(remote.p99 as f64 / waiter.p99.max(1) as f64),
+            },
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// fanout-throughput
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct TputReport {
+    calls: u64,
+    ok: u64,
+    leaders: u64,
+    timeouts: u64,
+    errors: u64,
+    overlaps: u64,
+    unfinished: u64,
+    start_us: u64,
+    end_us: u64,
+}
+
+impl TputReport {
+    fn add(&mut self, other: &TputReport) {
+        self.calls += other.calls;
+        self.ok += other.ok;
+        self.leaders += other.leaders;
+        self.timeouts += other.timeouts;
+        self.errors += other.errors;
+        self.overlaps += other.overlaps;
+        self.unfinished += other.unfinished;
+    }
+}
+
+/// Runs `one(i)` for `i` in `0..ids` on `TPUT_IN_FLIGHT` tasks; each call reports into a
+/// fresh [`TputReport`] that is summed.
+async fn drive_ids<F, Fut>(ids: usize, one: F) -> TputReport
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = TputReport> + Send,
+{
+    let one = Arc::new(one);
+    let next = Arc::new(AtomicUsize::new(0));
+    let deadline = Instant::now() + PHASE_BUDGET;
+    let mut total = TputReport {
+        start_us: now_us(),
+        ..TputReport::default()
+    };
+    let mut tasks = JoinSet::new();
+    for _ in 0..TPUT_IN_FLIGHT {
+        let (one, next) = (Arc::clone(&one), Arc::clone(&next));
+        tasks.spawn(async move {
+            let mut sum = TputReport::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= ids {
+                    return sum;
+                }
+                if Instant::now() >= deadline {
+                    sum.unfinished += 1;
+                    continue;
+                }
+                sum.add(&one(i).await);
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(sum) => total.add(&sum),
+            Err(_) => total.errors += 1,
+        }
+    }
+    total.end_us = now_us();
+    total
+}
+
+async fn tput_round(ctx: &mut WorkerCtx, round: usize, ids: usize) -> Res<TputReport> {
+    let options = FanoutOptions::new().timeout(CALL_TIMEOUT).ttl(RUN_TTL);
+    let runs_key = format!("{}:runs:tput-{round}", ctx.prefix);
+    let (herd, raw, prefix) = (ctx.herd.clone(), ctx.raw.clone(), ctx.prefix.clone());
+    ctx.barrier().await?;
+    Ok(drive_ids(ids, move |i| {
+        let (herd, raw, options) = (herd.clone(), raw.clone(), options.clone());
+        let job_id = format!("t{round}-{i}");
+        let running = format!("{prefix}:running:{job_id}");
+        let runs_key = runs_key.clone();
+        async move {
+            let overlapped = Arc::new(AtomicU64::new(0));
+            let seen = Arc::clone(&overlapped);
+            let result = herd
+                .fanout_with(&job_id, &options, move || async move {
+                    let mut raw = raw;
+                    let (now_running, _runs): (i64, i64) = redis::pipe()
+                        .cmd("INCR")
+                        .arg(&running)
+                        .cmd("INCR")
+                        .arg(&runs_key)
+                        .query_async(&mut raw)
+                        .await?;
+                    if now_running > 1 {
+                        seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                    redis::cmd("DECR")
+                        .arg(&running)
+                        .query_async::<i64>(&mut raw)
+                        .await?;
+                    Ok::<u8, JobError>(0)
+                })
+                .await;
+            let mut r = TputReport {
+                calls: 1,
+                overlaps: overlapped.load(Ordering::Relaxed),
+                ..TputReport::default()
+            };
+            match result {
+                Ok(fanned) => {
+                    r.ok = 1;
+                    r.leaders = u64::from(fanned.role == Role::Leader);
+                }
+                Err(e) if e.is_timeout() => r.timeouts = 1,
+                Err(_) => r.errors = 1,
+            }
+            r
+        }
+    })
+    .await)
+}
+
+async fn setnx_round(ctx: &mut WorkerCtx, round: usize, ids: usize) -> Res<TputReport> {
+    let (raw, prefix) = (ctx.raw.clone(), ctx.prefix.clone());
+    ctx.barrier().await?;
+    Ok(drive_ids(ids, move |i| {
+        let mut raw = raw.clone();
+        let key = format!("{prefix}:raw:{{t{round}-{i}}}:lock");
+        async move {
+            let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
+                .arg(&key)
+                .arg("1")
+                .arg("NX")
+                .arg("PX")
+                .arg(RAW_TTL_MS)
+                .query_async(&mut raw)
+                .await;
+            TputReport {
+                calls: 1,
+                ok: u64::from(set.is_ok()),
+                leaders: u64::from(matches!(set, Ok(Some(_)))),
+                errors: u64::from(set.is_err()),
+                ..TputReport::default()
+            }
+        }
+    })
+    .await)
+}
+
+/// Sums the workers' reports of one phase; the phase lasts from the first worker's start
+/// to the last worker's end.
+fn phase(reports: &[TputReport]) -> (TputReport, Duration) {
+    let mut sum = TputReport::default();
+    for r in reports {
+        sum.add(r);
+    }
+    let start = reports.iter().map(|r| r.start_us).min().unwrap_or(0);
+    let end = reports.iter().map(|r| r.end_us).max().unwrap_or(0);
+    (sum, Duration::from_micros(end.saturating_sub(start)))
+}
+
+async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
+    let mut workers = Workers::spawn(Workload::FanoutThroughput, url, prefix).await?;
+    let mut raw = raw_connection(url).await?;
+    let half = scale.tput_ids / 2;
+    let (mut herd, mut herd_time, mut base, mut base_time) = (
+        TputReport::default(),
+        Duration::ZERO,
+        TputReport::default(),
+        Duration::ZERO,
+    );
+    let mut runs = 0;
+    // ABBA over two rounds of half the ids each.
+    for (round, cmd) in [(0, "setnx"), (0, "tput"), (1, "tput"), (1, "setnx")] {
+        let reports: Vec<TputReport> = workers.step(&format!("{cmd} {round} {half}")).await?;
+        let (sum, time) = phase(&reports);
+        let rate = sum.calls as f64 / time.as_secs_f64().max(1e-9);
+        if cmd == "tput" {
+            let r: Option<u64> = redis::cmd("GET")
+                .arg(format!("{prefix}:runs:tput-{round}"))
+                .query_async(&mut raw)
+                .await?;
+            runs += r.unwrap_or(0);
+            herd.add(&sum);
+            herd_time += time;
+            eprintln!("  herdlock round {round}: {rate:.0} calls/s, {half} ids");
+        } else {
+            base.add(&sum);
+            base_time += time;
+            eprintln!("  baseline round {round}: {rate:.0} SET NX/s");
+        }
+    }
+    workers.quit().await?;
+    let ids = (half * 2) as u64;
+    let herd_calls_s = herd.calls as f64 / herd_time.as_secs_f64().max(1e-9);
+    let base_ops_s = base.calls as f64 / base_time.as_secs_f64().max(1e-9);
+    Ok(json!({
+        "workload": "fanout-throughput",
+        "cores": cores(),
+        "processes": PROCESSES,
+        "in_flight_per_process": TPUT_IN_FLIGHT,
+        "job_ids": ids,
+        "herdlock": {
+            "elapsed_s": round3(herd_time.as_secs_f64()),
+            "jobs_per_s": (ids as f64 / herd_time.as_secs_f64().max(1e-9)).round(),
+            "calls_per_s": herd_calls_s.round(),
+            "calls": herd.calls,
+            "ok": herd.ok,
+            "runs": runs,
+            "runs_per_job": round3(runs as f64 / ids.max(1) as f64),
+            "leaders": herd.leaders,
+            "timeouts": herd.timeouts,
+            "errors": herd.errors,
+            "overlapping_runs": herd.overlaps,
+            "unfinished": herd.unfinished,
+        },
+        "baseline": {
+            "what": "SET NX PX on the same ids, same processes and concurrency",
+            "elapsed_s": round3(base_time.as_secs_f64()),
+            "ops_per_s": base_ops_s.round(),
+            "errors": base.errors,
+            "unfinished": base.unfinished,
+        },
+        "calls_ratio": round3(herd_calls_s / base_ops_s.max(1e-9)),
+        "timeouts_ok": herd.timeouts == 0,
+        "overlaps_ok": herd.overlaps == 0,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn per_cycle(cpu: Duration, cycles: u64) -> f64 {
+    cpu.as_secs_f64() * 1e6 / cycles.max(1) as f64
+}
+
+/// CPU time used by this process so far (utime + stime from `/proc/self/stat`, in the
+/// fixed `USER_HZ` = 100 ticks of the Linux ABI); `None` where there is no `/proc`.
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time the Redis server has used (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`).
+async fn redis_cpu(conn: &mut MultiplexedConnection) -> Option<Duration> {
+    let info: String = redis::cmd("INFO").arg("cpu").query_async(conn).await.ok()?;
+    let mut secs = 0.0;
+    for line in info.lines() {
+        if let Some(v) = line
+            .strip_prefix("used_cpu_user:")
+            .or_else(|| line.strip_prefix("used_cpu_sys:"))
+        {
+            secs += v.trim().parse::<f64>().ok()?;
+        }
+    }
+    Some(Duration::from_secs_f64(secs))
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Nearest-rank percentiles of a sample.
+#[derive(Debug, Clone, Copy)]
+struct Summary {
+    n: usize,
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+impl Summary {
+    fn of(mut sample: Vec<u64>) -> Summary {
+        sample.sort_unstable();
+        let rank = |p: f64| -> u64 {
+            if sample.is_empty() {
+                return 0;
+            }
+            let r = (p / 100.0 * sample.len() as f64).ceil() as usize;
+            sample[r.clamp(1, sample.len()) - 1]
+        };
+        Summary {
+            n: sample.len(),
+            p50: rank(50.0),
+            p99: rank(99.0),
+            max: sample.last().copied().unwrap_or(0),
+        }
+    }
+
+    fn json(self) -> Value {
+        json!({ "n": self.n, "p50": self.p50, "p99": self.p99, "max": self.max })
+    }
+}
