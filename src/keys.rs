@@ -45,16 +45,6 @@ pub(crate) struct JobKeys {
     pub(crate) lock: String,
     /// `prefix:{key}:fence`: INCR'd on every acquisition.
     pub(crate) fence: String,
-    /// `prefix:{key}:result`: the last fan-out result envelope, with a short linger.
-    pub(crate) result: String,
-    /// `prefix:{key}:sem`: semaphore holders, scored by lease expiry.
-    pub(crate) sem: String,
-    /// `prefix:{key}:semq`: the fair semaphore queue, scored by ticket.
-    pub(crate) sem_queue: String,
-    /// `prefix:{key}:semqx`: liveness of queued waiters, scored by expiry.
-    pub(crate) sem_queue_expiry: String,
-    /// `prefix:{key}:semt`: the fair semaphore's ticket counter.
-    pub(crate) sem_ticket: String,
     /// `prefix:{key}`: the pub/sub channel for release and completion notices.
     pub(crate) channel: String,
 }
@@ -69,11 +59,6 @@ impl JobKeys {
             key: key.to_owned(),
             lock: format!("{base}:lock"),
             fence: format!("{base}:fence"),
-            result: format!("{base}:result"),
-            sem: format!("{base}:sem"),
-            sem_queue: format!("{base}:semq"),
-            sem_queue_expiry: format!("{base}:semqx"),
-            sem_ticket: format!("{base}:semt"),
             channel: base,
         }
     }
@@ -84,6 +69,36 @@ fn hash_tag(key: &str) -> Option<&str> {
     let open = key.find('{')?;
     let close = key[open..].find('}')? + open;
     Some(&key[open + 1..close])
+}
+
+impl JobKeys {
+    // The names below are built on demand: a lock needs only `lock`, `fence` and
+    // `channel`, and building every name up front cost an allocation each per call.
+
+    /// `prefix:{key}:result`: the last fan-out result envelope, with a short linger.
+    pub(crate) fn result(&self) -> String {
+        format!("{}:result", self.channel)
+    }
+
+    /// `prefix:{key}:sem`: semaphore holders, scored by lease expiry.
+    pub(crate) fn sem(&self) -> String {
+        format!("{}:sem", self.channel)
+    }
+
+    /// `prefix:{key}:semq`: the fair semaphore queue, scored by ticket.
+    pub(crate) fn sem_queue(&self) -> String {
+        format!("{}:semq", self.channel)
+    }
+
+    /// `prefix:{key}:semqx`: liveness of queued waiters, scored by expiry.
+    pub(crate) fn sem_queue_expiry(&self) -> String {
+        format!("{}:semqx", self.channel)
+    }
+
+    /// `prefix:{key}:semt`: the fair semaphore's ticket counter.
+    pub(crate) fn sem_ticket(&self) -> String {
+        format!("{}:semt", self.channel)
+    }
 }
 
 pub(crate) fn validate_key(key: &str) -> Result<()> {

@@ -60,6 +60,8 @@ struct Leases {
     next_id: u64,
     map: HashMap<u64, Lease>,
     thread_started: bool,
+    /// When the thread will next wake on its own (`None` while it is working).
+    planned_wake: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -134,7 +136,7 @@ impl Watchdog {
     ) -> LeaseHandle {
         let now = Instant::now();
         let (tx, rx) = watch::channel(false);
-        let id = {
+        let (id, wake) = {
             let mut leases = lock(&self.shared.leases);
             leases.next_id += 1;
             let id = leases.next_id;
@@ -153,9 +155,15 @@ impl Watchdog {
                 leases.thread_started = true;
                 self.start_thread();
             }
-            id
+            // Wake the thread only if it would otherwise sleep past this lease's first
+            // renewal: with the usual TTLs it wakes in time on its own, and skipping the
+            // wake-up keeps registration cheap on the acquire path.
+            let wake = leases.planned_wake.is_some_and(|t| now + period(ttl) < t);
+            (id, wake)
         };
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         LeaseHandle {
             shared: Arc::downgrade(&self.shared),
             id,
@@ -216,7 +224,11 @@ async fn run(weak: Weak<Shared>) {
     loop {
         let Some(shared) = weak.upgrade() else { return };
         let now = Instant::now();
-        let due = lock(&shared.leases).due(now);
+        let due = {
+            let mut leases = lock(&shared.leases);
+            leases.planned_wake = None;
+            leases.due(now)
+        };
         if !due.is_empty() {
             let sent_at = Instant::now();
             let renewals = due
@@ -244,7 +256,12 @@ async fn run(weak: Weak<Shared>) {
                 }
             }
         }
-        let wake_at = lock(&shared.leases).next_wake(Instant::now());
+        let wake_at = {
+            let mut leases = lock(&shared.leases);
+            let wake_at = leases.next_wake(Instant::now());
+            leases.planned_wake = Some(wake_at);
+            wake_at
+        };
         // Not holding `shared` while asleep lets the herd be dropped, which ends this loop.
         drop(shared);
         let notified = wake.notified();

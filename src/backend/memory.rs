@@ -257,7 +257,7 @@ impl MemoryBackend {
     pub(crate) fn semaphore(&self, keys: &JobKeys, op: SemOp, args: SemArgs<'_>) -> SemReply {
         let mut st = self.lock();
         let now = Instant::now();
-        let sem = st.semaphores.entry(keys.sem.clone()).or_default();
+        let sem = st.semaphores.entry(keys.sem()).or_default();
         sem.expire(now);
         let member = args.member.to_owned();
         let mut notices: Vec<Vec<u8>> = Vec::new();
@@ -344,7 +344,7 @@ impl MemoryBackend {
             },
         };
         if sem.holders.is_empty() && sem.queue.is_empty() {
-            st.semaphores.remove(&keys.sem);
+            st.semaphores.remove(&keys.sem());
         }
         for notice in notices {
             st.publish(&keys.channel, &notice);
@@ -362,7 +362,7 @@ impl MemoryBackend {
     ) -> FanoutReply {
         if let Some(max_age) = cache_age {
             let mut st = self.lock();
-            if let Some(stored) = st.result(&keys.result) {
+            if let Some(stored) = st.result(&keys.result()) {
                 if stored.ok && stored.at.elapsed() <= max_age {
                     return FanoutReply::Cached {
                         envelope: stored.envelope.clone(),
@@ -379,7 +379,7 @@ impl MemoryBackend {
         let mut st = self.lock();
         let pttl_ms = st.pttl(&keys.lock);
         let holder = st.get(&keys.lock).map(|e| e.value.clone());
-        let envelope = st.result(&keys.result).map(|r| r.envelope.clone());
+        let envelope = st.result(&keys.result()).map(|r| r.envelope.clone());
         CheckReply {
             holder,
             pttl_ms,
@@ -401,7 +401,7 @@ impl MemoryBackend {
         }
         let now = Instant::now();
         st.results.insert(
-            keys.result.clone(),
+            keys.result(),
             Stored {
                 envelope: envelope.to_vec(),
                 ok,

@@ -260,7 +260,7 @@ impl RedisBackend {
         let mut inv = self.inner.scripts.fanout_acquire.prepare_invoke();
         inv.key(&keys.lock)
             .key(&keys.fence)
-            .key(&keys.result)
+            .key(keys.result())
             .arg(nonce)
             .arg(owner)
             .arg(millis(ttl))
@@ -271,7 +271,7 @@ impl RedisBackend {
 
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
         let mut inv = self.inner.scripts.fanout_check.prepare_invoke();
-        inv.key(&keys.lock).key(&keys.result);
+        inv.key(&keys.lock).key(keys.result());
         let reply = self.invoke_idempotent("fanout check", &inv).await?;
         let items = array(&reply, 3, "fanout check")?;
         let holder = string(&items[0], "fanout check")?;
@@ -294,7 +294,7 @@ impl RedisBackend {
     ) -> Result<bool> {
         let mut inv = self.inner.scripts.complete.prepare_invoke();
         inv.key(&keys.lock)
-            .key(&keys.result)
+            .key(keys.result())
             .arg(token)
             .arg(envelope)
             .arg(millis(linger))
@@ -448,10 +448,10 @@ impl RedisBackend {
     ) -> Result<SemReply> {
         let what = "semaphore";
         let mut inv = self.inner.scripts.semaphore.prepare_invoke();
-        inv.key(&keys.sem)
-            .key(&keys.sem_queue)
-            .key(&keys.sem_queue_expiry)
-            .key(&keys.sem_ticket)
+        inv.key(&keys.sem())
+            .key(keys.sem_queue())
+            .key(keys.sem_queue_expiry())
+            .key(keys.sem_ticket())
             .arg(op.name())
             .arg(args.member)
             .arg(args.permits)
