@@ -21,7 +21,8 @@ use crate::backend::{parse_holder, MultiReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::{self, JobKeys};
-use crate::lock::{FencingToken, Holder, LockOptions};
+use crate::lock::{FencingToken, Holder, LockOptions, Resolved};
+use crate::watchdog::{LeaseHandle, Renewal};
 
 /// The most keys one multi-key lock may hold.
 ///
@@ -77,6 +78,8 @@ pub struct MultiGuard {
     keys: Vec<JobKeys>,
     tokens: Vec<String>,
     fences: Vec<FencingToken>,
+    /// The watchdog's registration (auto-extend), dropped first on release.
+    lease: Option<LeaseHandle>,
     released: bool,
 }
 
@@ -144,6 +147,24 @@ impl MultiGuard {
         ))
     }
 
+    /// Whether the locks are known lost: the watchdog found one of them taken or could not
+    /// renew them in time (it then released the others), or an `extend` failed.
+    pub fn is_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(LeaseHandle::is_lost)
+    }
+
+    /// Resolves when the locks are lost (see [`is_lost`](MultiGuard::is_lost)).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lost(&self) {
+        match &self.lease {
+            Some(lease) => lease.lost().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Releases every lock still held and reports each key's outcome. A key that had
     /// already expired is reported as [`KeyRelease::Lost`], not as an error.
     ///
@@ -156,6 +177,7 @@ impl MultiGuard {
     /// If cancelled, the release may or may not have happened; the TTL is the backstop.
     pub async fn release(mut self) -> Result<Vec<(String, KeyRelease)>> {
         self.released = true;
+        self.lease = None; // stop renewing first
         let outcomes = self
             .herd
             .backend()
@@ -179,6 +201,7 @@ impl MultiGuard {
 
 impl Drop for MultiGuard {
     fn drop(&mut self) {
+        self.lease = None;
         if self.released {
             return;
         }
@@ -244,8 +267,10 @@ impl Herd {
         self.try_multi_with(keys, &LockOptions::default()).await
     }
 
-    /// [`try_multi`](Herd::try_multi) with options (the TTL; a grace period is not used by
-    /// multi-locks).
+    /// [`try_multi`](Herd::try_multi) with options: the TTL, [auto-extend](LockOptions::auto_extend)
+    /// (on by default: the watchdog keeps every key alive while the guard lives) and the
+    /// maximum hold time. A grace period, replica acknowledgement and `cancel_on_lost` do
+    /// not apply to multi-locks.
     ///
     /// # Errors
     ///
@@ -256,8 +281,8 @@ impl Herd {
     /// As [`try_multi`](Herd::try_multi).
     pub async fn try_multi_with(&self, keys: &[&str], options: &LockOptions) -> Result<TryMulti> {
         let keys = self.multi_keys(keys)?;
-        let ttl = options.resolve(self)?.ttl;
-        self.multi_attempt(keys, ttl).await
+        let options = options.resolve(self)?;
+        self.multi_attempt(keys, &options).await
     }
 
     /// Takes every lock in `keys`, waiting up to `wait` until all are free at once.
@@ -274,7 +299,8 @@ impl Herd {
     ///
     /// # Cancel safety
     ///
-    /// Cancelling while waiting leaves nothing behind.
+    /// Cancelling while waiting leaves nothing behind. Cancelling during an acquire step
+    /// itself may leave the locks taken until their TTL runs out.
     pub async fn multi(&self, keys: &[&str], wait: Duration) -> Result<MultiGuard> {
         self.multi_with(keys, wait, &LockOptions::default()).await
     }
@@ -294,15 +320,16 @@ impl Herd {
         wait: Duration,
         options: &LockOptions,
     ) -> Result<MultiGuard> {
+        let requested = keys;
         let keys = self.multi_keys(keys)?;
-        let ttl = options.resolve(self)?.ttl;
+        let options = options.resolve(self)?;
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
         let mut last_held: Vec<String> = Vec::new();
         let wait_loop = async {
             let mut subs: Vec<Subscription> = Vec::new();
             loop {
-                let earliest = match self.multi_attempt(keys.clone(), ttl).await? {
+                let earliest = match self.multi_attempt(keys.clone(), &options).await? {
                     TryMulti::Acquired(guard) => return Ok(guard),
                     TryMulti::Busy(held) => {
                         last_held = held.iter().map(|h| h.key.clone()).collect();
@@ -329,6 +356,13 @@ impl Herd {
         };
         match tokio::time::timeout_at(deadline, wait_loop).await {
             Ok(result) => result,
+            Err(_) if last_held.is_empty() => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "timed out after {wait:?} waiting for multi-lock on {} (no reply from the backend within the wait)",
+                    quoted(requested)
+                ),
+            )),
             Err(_) => Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
@@ -358,10 +392,10 @@ impl Herd {
         unique.into_iter().map(|k| self.job_keys(k)).collect()
     }
 
-    async fn multi_attempt(&self, keys: Vec<JobKeys>, ttl: Duration) -> Result<TryMulti> {
+    async fn multi_attempt(&self, keys: Vec<JobKeys>, options: &Resolved) -> Result<TryMulti> {
         let reply = self
             .backend()
-            .multi_acquire(&keys, &nonce(), self.owner(), ttl)
+            .multi_acquire(&keys, &nonce(), self.owner(), options.ttl)
             .await?;
         match reply {
             MultiReply::Acquired(tokens) => {
@@ -369,11 +403,22 @@ impl Herd {
                     .iter()
                     .map(|t| parse_holder(t).map(|(f, _)| FencingToken::new(f)))
                     .collect::<Result<Vec<_>>>()?;
+                let lease = options.auto_extend.then(|| {
+                    self.inner.watchdog.register(
+                        Renewal::Multi {
+                            keys: keys.clone(),
+                            tokens: tokens.clone(),
+                        },
+                        options.ttl,
+                        options.max_hold,
+                    )
+                });
                 Ok(TryMulti::Acquired(MultiGuard {
                     herd: self.clone(),
                     keys,
                     tokens,
                     fences,
+                    lease,
                     released: false,
                 }))
             }

@@ -269,8 +269,9 @@ impl Semaphore {
     ///
     /// # Cancel safety
     ///
-    /// Cancelling while waiting leaves nothing behind: a fair waiter's place in the queue is
-    /// given up in the background (or expires after [`QUEUE_TTL`]).
+    /// Cancelling leaves nothing behind: in the background, a fair waiter's place in the
+    /// queue is given up (or expires after [`QUEUE_TTL`]), and a permit granted to an
+    /// attempt that was in flight when cancelled is given back.
     pub async fn acquire(&self, wait: Duration) -> Result<Permit> {
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
@@ -285,7 +286,7 @@ impl Semaphore {
             )
         };
         let mut leave = LeaveOnDrop {
-            armed: self.fair,
+            armed: true,
             backend: self.herd.backend().clone(),
             keys: self.keys.clone(),
             member: member.clone(),
@@ -426,7 +427,9 @@ fn gate(herd: &Herd, key: &str, permits: u32) -> Arc<tokio::sync::Semaphore> {
 /// The local gates of one herd, by semaphore key and N.
 pub(crate) type Gates = Mutex<HashMap<String, Weak<tokio::sync::Semaphore>>>;
 
-/// Gives a fair waiter's place up when its wait ends without a permit.
+/// Cleans up after a wait that ends without handing out a permit (time-out, error or
+/// cancellation): gives a fair waiter's queue place up, and gives back a permit that an
+/// attempt cancelled in flight may have been granted with nobody to own it.
 struct LeaveOnDrop {
     armed: bool,
     backend: Backend,

@@ -32,6 +32,11 @@ const IDLE: Duration = Duration::from_secs(1);
 pub(crate) enum Renewal {
     /// A lock or fan-out run: extend `keys.lock` if it still holds `token`.
     Lock { keys: JobKeys, token: String },
+    /// A multi-key lock: extend every key, or (if any is lost) release the rest.
+    Multi {
+        keys: Vec<JobKeys>,
+        tokens: Vec<String>,
+    },
     /// A semaphore permit: extend `member`'s lease.
     Permit {
         keys: JobKeys,
@@ -275,6 +280,9 @@ async fn run(weak: Weak<Shared>) {
 async fn renew(backend: &Backend, renewal: &Renewal, ttl: Duration) -> crate::Result<bool> {
     match renewal {
         Renewal::Lock { keys, token } => backend.extend(keys, token, ttl).await,
+        Renewal::Multi { keys, tokens } => {
+            Ok(backend.multi_extend(keys, tokens, ttl).await?.is_empty())
+        }
         Renewal::Permit {
             keys,
             member,

@@ -16,3 +16,17 @@ mod faults;
 mod cross_process;
 // The worker side of the cross-process tests.
 mod workers;
+// Multi-key locks: all or none, per-key outcomes, waiting, fencing, hash tags.
+mod multi;
+// Semaphores: N holders, status, wake-ups, watchdog, fair queueing, changing N.
+mod semaphore;
+// Leases: blocked runtimes, lock-lost detection, takeover, outages, replicas.
+mod leases;
+// Worker roles of the lease tests.
+mod workers_lease;
+// Multi-key locks and semaphores across real OS processes.
+mod cross_process_sem;
+// Worker roles of the cross-process multi-lock and semaphore tests.
+mod workers_sem;
+// The chaos run: killed workers, killed pub/sub, paused Redis; ledger-checked.
+mod chaos;

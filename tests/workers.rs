@@ -29,6 +29,15 @@ fn worker_entry() {
             "fanout_rounds" => fanout_rounds().await,
             "fanout_error" => fanout_error().await,
             "fanout_takeover" => fanout_takeover().await,
+            "multi_race" => crate::workers_sem::multi_race().await,
+            "multi_order" => crate::workers_sem::multi_order().await,
+            "sem_hammer" => crate::workers_sem::sem_hammer().await,
+            "sem_hold" => crate::workers_sem::sem_hold().await,
+            "sem_wait" => crate::workers_sem::sem_wait().await,
+            "lease_holder" => crate::workers_lease::lease_holder().await,
+            "lease_waiter" => crate::workers_lease::lease_waiter().await,
+            "lease_fanout" => crate::workers_lease::lease_fanout().await,
+            "chaos" => crate::workers_lease::chaos().await,
             other => panic!("unknown worker role {other}"),
         }
     });

@@ -320,7 +320,13 @@ impl MemoryBackend {
                 None => SemReply::Done(false),
             },
             SemOp::Leave => {
-                if sem.leave(&member) {
+                let queued = sem.leave(&member);
+                // A cancelled attempt may have been admitted with nobody to own the permit.
+                let held = sem.holders.remove(&member).is_some();
+                if held {
+                    notices.push(b"released".to_vec());
+                }
+                if queued || held {
                     notices.extend(
                         sem.heads(args.permits)
                             .into_iter()

@@ -448,7 +448,7 @@ impl RedisBackend {
     ) -> Result<SemReply> {
         let what = "semaphore";
         let mut inv = self.inner.scripts.semaphore.prepare_invoke();
-        inv.key(&keys.sem())
+        inv.key(keys.sem())
             .key(keys.sem_queue())
             .key(keys.sem_queue_expiry())
             .key(keys.sem_ticket())

@@ -11,7 +11,7 @@
 --   queue    like try, but a fair waiter: enqueue (or refresh) and admit in ticket order
 --   release  1 released | 0 not held (expired)
 --   extend   1 extended | 0 not held (expired or never)
---   leave    1 (a fair waiter gives up its place)
+--   leave    1 (a waiter gives up: its queue place, and a permit its cancelled attempt took)
 --   status   {in_use, queued, member_1, remaining_ms_1, ...}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -104,8 +104,15 @@ elseif op == 'extend' then
   keep(KEYS[1], lease)
   return 1
 elseif op == 'leave' then
-  if redis.call('ZREM', KEYS[2], member) == 1 then
-    redis.call('ZREM', KEYS[3], member)
+  local queued = redis.call('ZREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+  -- An attempt cancelled while its step was in flight may have been admitted with nobody
+  -- to own the permit: give it back (each attempt has its own member).
+  local held = redis.call('ZREM', KEYS[1], member)
+  if held == 1 then
+    redis.call('PUBLISH', channel, 'released')
+  end
+  if queued == 1 or held == 1 then
     wake_heads()
   end
   return 1
