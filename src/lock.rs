@@ -12,7 +12,7 @@ use crate::backend::{parse_holder, AcquireReply, Backend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::{self, JobKeys};
-use crate::watchdog::{LeaseHandle, Renewal};
+use crate::watchdog::{self, LeaseHandle, Renewal};
 
 /// When a busy lock reports no TTL (it should always have one), re-check this often.
 const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
@@ -351,10 +351,7 @@ impl LockGuard {
     ///
     /// Cancel safe.
     pub async fn lost(&self) {
-        match &self.lease {
-            Some(lease) => lease.lost().await,
-            None => std::future::pending().await,
-        }
+        watchdog::lost(self.lease.as_ref()).await;
     }
 
     /// Checks in with Redis: fails with [`LockLost`](ErrorKind::LockLost) once the lock is

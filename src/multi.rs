@@ -22,7 +22,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::{self, JobKeys};
 use crate::lock::{FencingToken, Holder, LockOptions, Resolved};
-use crate::watchdog::{LeaseHandle, Renewal};
+use crate::watchdog::{self, LeaseHandle, Renewal};
 
 /// The most keys one multi-key lock may hold.
 ///
@@ -159,10 +159,7 @@ impl MultiGuard {
     ///
     /// Cancel safe.
     pub async fn lost(&self) {
-        match &self.lease {
-            Some(lease) => lease.lost().await,
-            None => std::future::pending().await,
-        }
+        watchdog::lost(self.lease.as_ref()).await;
     }
 
     /// Releases every lock still held and reports each key's outcome. A key that had

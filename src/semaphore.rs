@@ -40,7 +40,7 @@ use crate::backend::{Backend, Notice, SemArgs, SemOp, SemReply};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::{self, JobKeys};
-use crate::watchdog::{LeaseHandle, Renewal};
+use crate::watchdog::{self, LeaseHandle, Renewal};
 
 /// The largest accepted number of permits.
 pub const MAX_PERMITS: u32 = 100_000;
@@ -508,10 +508,7 @@ impl Permit {
     ///
     /// Cancel safe.
     pub async fn lost(&self) {
-        match &self.lease {
-            Some(lease) => lease.lost().await,
-            None => std::future::pending().await,
-        }
+        watchdog::lost(self.lease.as_ref()).await;
     }
 
     /// Resets the lease to `lease` from now (the watchdog does this on its own; this is for

@@ -349,6 +349,15 @@ impl LeaseHandle {
     }
 }
 
+/// Resolves when the lease (if there is one) is lost; never without a lease. Shared by the
+/// guards' `lost()` methods.
+pub(crate) async fn lost(lease: Option<&LeaseHandle>) {
+    match lease {
+        Some(lease) => lease.lost().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Drop for LeaseHandle {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {

@@ -1,7 +1,7 @@
 //! Cross-process behaviour with real OS processes (see `workers.rs` for their side).
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::procs::{ready_then_go, Worker, WorkerOutput};
 use crate::common::server::{self, RedisServer};
@@ -223,20 +223,7 @@ fn leader_killed_mid_job_is_taken_over() {
     ready_then_go(&mut followers, Duration::from_secs(30));
     // All three follower processes are waiting on the run once they are subscribed.
     let channel = format!("{prefix}:{{takeover}}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let out = server.cmd(&["PUBSUB", "NUMSUB", &channel]);
-        let n: u32 = out
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .unwrap_or(0);
-        if n >= 3 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "followers never subscribed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    server.wait_subscribers(&channel, 3, Duration::from_secs(20));
     let killed = leader.pop().expect("leader");
     let mut killed = killed;
     killed.kill9();

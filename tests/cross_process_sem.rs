@@ -53,15 +53,6 @@ fn poll_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn numsub(server: &RedisServer, channel: &str) -> u32 {
-    server
-        .cmd(&["PUBSUB", "NUMSUB", channel])
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Issue 4, test 1: 10 processes race blocking `multi(5, 6, 7)`, 20 acquisitions each: at
 /// most one holds the three at any moment, and everybody finishes.
 #[test]
@@ -243,7 +234,7 @@ fn killed_holder_permit_returns_within_lease() {
     waiter[0].wait_line_prefix("waiting", Duration::from_secs(30));
     let channel = format!("{prefix}:{{{key}}}");
     poll_until("the waiter subscribes", Duration::from_secs(10), || {
-        numsub(server, &channel) >= 1
+        server.subscribers(&channel) >= 1
     });
     // Let the holder's watchdog renew at least once: the permit outlives its first lease.
     std::thread::sleep(Duration::from_millis(LEASE_MS + 300));

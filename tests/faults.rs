@@ -22,27 +22,6 @@ async fn herd_on(server: &RedisServer, owner: &str) -> Herd {
         .expect("connect")
 }
 
-/// Polls `PUBSUB NUMSUB channel` until at least `n` subscribers (bounded).
-fn wait_subscribers(server: &RedisServer, channel: &str, n: u32) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = server.cmd(&["PUBSUB", "NUMSUB", channel]);
-        let count = out
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse::<u32>().ok())
-            .unwrap_or(0);
-        if count >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never saw {n} subscribers on {channel}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Issue 2, test 8: server killed, calls fail fast with a connection error; restarted on
 /// the same port, calls succeed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,14 +143,14 @@ async fn pubsub_killed_while_waiting() {
         }
     });
     let channel = format!("{}:{{k}}", holder.prefix());
-    wait_subscribers(&server, &channel, 1);
+    server.wait_subscribers(&channel, 1, Duration::from_secs(10));
     let killed = server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     assert!(
         killed.trim().parse::<u32>().unwrap_or(0) >= 1,
         "killed: {killed}"
     );
     // The notifier reconnects and re-subscribes.
-    wait_subscribers(&server, &channel, 1);
+    server.wait_subscribers(&channel, 1, Duration::from_secs(10));
     let released = Instant::now();
     guard.release().await.expect("release");
     let (got, at) = within(Duration::from_secs(10), "waiter", task)
@@ -284,7 +263,7 @@ async fn garbage_on_the_channel_is_ignored() {
         }
     });
     let channel = format!("{prefix}:{{g}}");
-    wait_subscribers(server, &channel, 1);
+    server.wait_subscribers(&channel, 1, Duration::from_secs(10));
     let generation = holder.fence.get();
     let forged = |generation: u64, token: &str, payload: &[u8]| {
         let mut bytes = b"HLE1\x00\x01".to_vec();
@@ -319,7 +298,7 @@ async fn garbage_on_the_channel_is_ignored() {
             .expect("publish");
     }
     // Every forged message only made the follower re-check; it is still waiting.
-    wait_subscribers(server, &channel, 1);
+    server.wait_subscribers(&channel, 1, Duration::from_secs(10));
     assert!(!follow.is_finished(), "follower accepted a forged message");
     let _ = go_tx.send(());
     for task in [lead, follow] {
@@ -431,7 +410,7 @@ async fn herd_survives_pause_and_pubsub_kill() {
         }));
     }
     let channel = format!("{}:{{paused}}", a.prefix());
-    wait_subscribers(&server, &channel, 1);
+    server.wait_subscribers(&channel, 1, Duration::from_secs(10));
     server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
     server.cmd(&["CLIENT", "PAUSE", "1000"]);
     let mut values = Vec::new();

@@ -225,18 +225,7 @@ fn killed_holder_is_taken_over_within_ttl() {
     ready_then_go(std::slice::from_mut(&mut waiter), Duration::from_secs(30));
     // The waiter is blocked once it is subscribed to the lock's channel.
     let channel = format!("{prefix}:{{leased}}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while server
-        .cmd(&["PUBSUB", "NUMSUB", &channel])
-        .lines()
-        .nth(1)
-        .and_then(|n| n.trim().parse::<u32>().ok())
-        .unwrap_or(0)
-        == 0
-    {
-        assert!(Instant::now() < deadline, "waiter never blocked");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    server.wait_subscribers(&channel, 1, Duration::from_secs(20));
     let calls_before = script_calls(server);
     let killed_at = Instant::now();
     holder.kill9();

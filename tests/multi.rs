@@ -71,13 +71,7 @@ async fn wait_subscribed(fx: &Fx, keys: &[&str]) {
     for key in keys {
         let channel = format!("{}:{{{key}}}", fx.prefix);
         loop {
-            let out = fx.server().cmd(&["PUBSUB", "NUMSUB", &channel]);
-            let n: u32 = out
-                .lines()
-                .nth(1)
-                .and_then(|l| l.trim().parse().ok())
-                .unwrap_or(0);
-            if n >= 1 {
+            if fx.server().subscribers(&channel) >= 1 {
                 break;
             }
             assert!(

@@ -74,13 +74,7 @@ async fn wait_subscribed(fx: &Fx, key: &str) {
     let channel = format!("{}:{{{key}}}", fx.prefix);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = fx.server().cmd(&["PUBSUB", "NUMSUB", &channel]);
-        let n: u32 = out
-            .lines()
-            .nth(1)
-            .and_then(|l| l.trim().parse().ok())
-            .unwrap_or(0);
-        if n >= 1 {
+        if fx.server().subscribers(&channel) >= 1 {
             return;
         }
         assert!(

@@ -43,7 +43,8 @@ fn worker_entry() {
     });
 }
 
-async fn herd() -> Herd {
+/// The herd a worker uses: the parent's URL, key prefix and owner label.
+pub(crate) async fn herd() -> Herd {
     Herd::builder()
         .prefix(worker_param("PREFIX"))
         .owner(worker_param("OWNER"))

@@ -5,15 +5,7 @@ use std::time::Duration;
 use herdlock::{FanoutOptions, Herd, JobError, LockOptions};
 
 use crate::common::procs::{emit, worker_param, worker_read_line, worker_ready_and_wait_go};
-
-async fn herd() -> Herd {
-    Herd::builder()
-        .prefix(worker_param("PREFIX"))
-        .owner(worker_param("OWNER"))
-        .connect(&worker_param("URL"))
-        .await
-        .expect("worker connects")
-}
+use crate::workers::herd;
 
 fn ms(name: &str) -> Duration {
     Duration::from_millis(worker_param(name).parse().expect("milliseconds"))

@@ -8,15 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use herdlock::{Herd, KeyRelease, Semaphore, SemaphoreOptions, TryPermit};
 
 use crate::common::procs::{emit, worker_param, worker_read_line, worker_ready_and_wait_go};
-
-async fn herd() -> Herd {
-    Herd::builder()
-        .prefix(worker_param("PREFIX"))
-        .owner(worker_param("OWNER"))
-        .connect(&worker_param("URL"))
-        .await
-        .expect("worker connects")
-}
+use crate::workers::herd;
 
 async fn raw() -> redis::aio::MultiplexedConnection {
     redis::Client::open(worker_param("URL"))

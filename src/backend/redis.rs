@@ -391,16 +391,7 @@ impl RedisBackend {
         tokens: &[String],
     ) -> Result<Vec<bool>> {
         let what = "multi release";
-        let mut inv = self.inner.scripts.multi_release.prepare_invoke();
-        for k in keys {
-            inv.key(&k.lock);
-        }
-        for t in tokens {
-            inv.arg(t);
-        }
-        for k in keys {
-            inv.arg(&k.channel);
-        }
+        let inv = per_key_invocation(&self.inner.scripts.multi_release, keys, tokens);
         let reply = self.invoke(what, &inv).await?;
         let items = array(&reply, keys.len(), what)?;
         items.iter().map(|v| Ok(int(v, what)? == 1)).collect()
@@ -413,16 +404,7 @@ impl RedisBackend {
         ttl: Duration,
     ) -> Result<Vec<usize>> {
         let what = "multi extend";
-        let mut inv = self.inner.scripts.multi_extend.prepare_invoke();
-        for k in keys {
-            inv.key(&k.lock);
-        }
-        for t in tokens {
-            inv.arg(t);
-        }
-        for k in keys {
-            inv.arg(&k.channel);
-        }
+        let mut inv = per_key_invocation(&self.inner.scripts.multi_extend, keys, tokens);
         inv.arg(millis(ttl));
         let reply = self.invoke(what, &inv).await?;
         let Value::Array(items) = &reply else {
@@ -543,6 +525,26 @@ async fn bounded<T>(
             format!("redis did not answer {what} within {limit:?}"),
         )),
     }
+}
+
+/// An invocation with every key's lock as `KEYS` and its token, then its channel, as `ARGV`
+/// (the layout of `multi_release.lua` and `multi_extend.lua`).
+fn per_key_invocation<'a>(
+    script: &'a Script,
+    keys: &[JobKeys],
+    tokens: &[String],
+) -> redis::ScriptInvocation<'a> {
+    let mut inv = script.prepare_invoke();
+    for k in keys {
+        inv.key(&k.lock);
+    }
+    for t in tokens {
+        inv.arg(t);
+    }
+    for k in keys {
+        inv.arg(&k.channel);
+    }
+    inv
 }
 
 /// Parses `{1, holder, fence}`, `{0, holder, pttl}` or `{2, envelope, age}`.

@@ -209,6 +209,36 @@ impl RedisServer {
             })
     }
 
+    /// How many clients are subscribed to `channel` (`PUBSUB NUMSUB`).
+    ///
+    /// # Panics
+    ///
+    /// Like [`RedisServer::cmd`].
+    pub(crate) fn subscribers(&self, channel: &str) -> u32 {
+        self.cmd(&["PUBSUB", "NUMSUB", channel])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Polls (bounded) until at least `n` clients are subscribed to `channel`: how a test
+    /// knows a waiter has reached its wait.
+    ///
+    /// # Panics
+    ///
+    /// If that does not happen within `timeout`.
+    pub(crate) fn wait_subscribers(&self, channel: &str, n: u32, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.subscribers(channel) < n {
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} subscribers on {channel} after {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Every key herdlock may have made under `prefix`, sorted: those matching `PREFIX:*` and
     /// `PREFIX` itself (glob characters in `prefix` are escaped). Use it to check that a test
     /// left nothing behind.
