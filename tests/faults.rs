@@ -424,3 +424,69 @@ async fn herd_survives_pause_and_pubsub_kill() {
     assert!(values.windows(2).all(|w| w[0] == w[1]), "{values:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
+
+fn command_calls(server: &RedisServer, command: &str) -> u64 {
+    let prefix = format!("cmdstat_{command}:");
+    server
+        .cmd(&["INFO", "commandstats"])
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Subscriptions are shared and kept warm: a second wait on a hot key costs no SUBSCRIBE,
+/// and a channel nobody listens to is unsubscribed by the sweep a little later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_channels_skip_subscribe_and_idle_ones_are_swept() {
+    let server = RedisServer::start();
+    let holder = herd_on(&server, "holder").await;
+    let waiter = Herd::builder()
+        .prefix(holder.prefix())
+        .owner("waiter")
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    let channel = format!("{}:{{hot}}", holder.prefix());
+    let long = LockOptions::new().ttl(Duration::from_secs(30));
+    let mut subscribes = Vec::new();
+    for _ in 0..3 {
+        let guard = holder
+            .lock_with("hot", Duration::from_secs(1), &long)
+            .await
+            .expect("lock");
+        let before = command_calls(&server, "evalsha");
+        let task = tokio::spawn({
+            let waiter = waiter.clone();
+            async move { waiter.lock("hot", Duration::from_secs(20)).await }
+        });
+        // The waiter is waiting once it has tried twice: before and after subscribing.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while command_calls(&server, "evalsha") < before + 2 {
+            assert!(Instant::now() < deadline, "waiter never reached its wait");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        guard.release().await.expect("release");
+        let got = within(Duration::from_secs(10), "waiter", task)
+            .await
+            .expect("task")
+            .expect("lock");
+        got.release().await.expect("release");
+        subscribes.push(command_calls(&server, "subscribe"));
+    }
+    // One SUBSCRIBE for the first wait; the later waits found the channel still confirmed.
+    assert_eq!(subscribes[0], subscribes[2], "{subscribes:?}");
+    // Nobody waits any more: the sweep unsubscribes within a couple of sweep periods.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.subscribers(&channel) > 0 {
+        assert!(Instant::now() < deadline, "idle channel never unsubscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

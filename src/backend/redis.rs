@@ -616,15 +616,24 @@ struct Notifier {
     shared: Arc<NotifierShared>,
 }
 
+/// How long a channel nobody listens to stays subscribed before the sweep unsubscribes it.
+/// A waiter that comes back within it (a hot key) subscribes with no round trip at all.
+const IDLE_UNSUBSCRIBE: Duration = Duration::from_secs(1);
+
 struct NotifierShared {
-    /// Channel name → local subscribers. Invariant: a channel is in this map exactly while
-    /// at least one [`ChannelGuard`] for it is alive, and every channel in the map is
-    /// subscribed on the current connection or will be re-subscribed (followed by a Resync)
-    /// when the connection comes back.
+    /// Channel name → local subscribers.
+    ///
+    /// Invariants: a channel with live [`ChannelGuard`]s is in this map; an entry is removed
+    /// only by the sweep, under the `sink` lock, and only while it has no guard. Every
+    /// channel in the map is subscribed on the current connection, is being subscribed by
+    /// the caller that registered it, or will be re-subscribed (followed by a Resync) when
+    /// the connection comes back.
     channels: Mutex<HashMap<String, ChannelEntry>>,
-    /// The sending half of the current pub/sub connection; `None` while (re)connecting.
-    /// Held across SUBSCRIBE/UNSUBSCRIBE so they never interleave with a re-subscribe.
-    sink: tokio::sync::Mutex<Option<PubSubSink>>,
+    /// The sending half of the current pub/sub connection and its epoch; `None` while
+    /// (re)connecting. Held only to clone the sink, by the listener while it swaps
+    /// connections (re-subscribing everything), and by the sweep across its UNSUBSCRIBE, so
+    /// no SUBSCRIBE sent after a registration can be overtaken by a stale UNSUBSCRIBE.
+    sink: tokio::sync::Mutex<Option<(PubSubSink, u64)>>,
     command_timeout: Duration,
     /// Dropped with this struct, which tells the listener task to stop.
     _shutdown: oneshot::Sender<()>,
@@ -633,6 +642,10 @@ struct NotifierShared {
 struct ChannelEntry {
     tx: broadcast::Sender<Notice>,
     refs: usize,
+    /// The connection epoch on which the subscription was confirmed (0: not confirmed).
+    confirmed: u64,
+    /// Since when nobody listens (for the sweep).
+    idle_since: Option<tokio::time::Instant>,
 }
 
 impl NotifierShared {
@@ -644,7 +657,7 @@ impl NotifierShared {
 
     fn dispatch(&self, channel: &str, payload: &[u8]) {
         if let Some(entry) = self.channels().get(channel) {
-            // An error only means no receiver is left; its guard is about to unsubscribe.
+            // An error only means no receiver is left (the channel is idle).
             let _ = entry.tx.send(Notice::Message(Arc::from(payload)));
         }
     }
@@ -652,6 +665,32 @@ impl NotifierShared {
     fn resync_all(&self) {
         for entry in self.channels().values() {
             let _ = entry.tx.send(Notice::Resync);
+        }
+    }
+
+    /// Unsubscribes channels idle for longer than [`IDLE_UNSUBSCRIBE`], in one command.
+    async fn sweep(&self) {
+        let mut slot = self.sink.lock().await;
+        let idle: Vec<String> = {
+            let mut channels = self.channels();
+            let now = tokio::time::Instant::now();
+            let idle: Vec<String> = channels
+                .iter()
+                .filter(|(_, e)| {
+                    e.refs == 0 && e.idle_since.is_some_and(|t| now - t >= IDLE_UNSUBSCRIBE)
+                })
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &idle {
+                channels.remove(name);
+            }
+            idle
+        };
+        if idle.is_empty() {
+            return;
+        }
+        if let Some((sink, _)) = slot.as_mut() {
+            let _ = tokio::time::timeout(self.command_timeout, sink.unsubscribe(&idle)).await;
         }
     }
 }
@@ -675,41 +714,53 @@ impl Notifier {
         Notifier { shared }
     }
 
-    /// Registers a local subscriber, then subscribes on the connection and waits for the
-    /// confirmation. If the connection is down, returns at once: the listener re-subscribes
-    /// on reconnect and sends a Resync, so nothing published meanwhile is silently missed.
+    /// Registers a local subscriber, then, unless the channel is already confirmed on the
+    /// current connection, subscribes and waits for the confirmation. If the connection is
+    /// down, returns at once: the listener re-subscribes on reconnect and sends a Resync,
+    /// so nothing published meanwhile is silently missed.
     async fn subscribe(&self, channel: &str) -> Subscription {
-        let rx = {
+        let (rx, confirmed) = {
             let mut channels = self.shared.channels();
             let entry = channels
                 .entry(channel.to_owned())
                 .or_insert_with(|| ChannelEntry {
                     tx: broadcast::channel(CHANNEL_CAPACITY).0,
                     refs: 0,
+                    confirmed: 0,
+                    idle_since: None,
                 });
             entry.refs += 1;
-            entry.tx.subscribe()
+            entry.idle_since = None;
+            (entry.tx.subscribe(), entry.confirmed)
         };
         let guard = ChannelGuard {
             shared: Arc::clone(&self.shared),
             channel: channel.to_owned(),
         };
-        let mut sink = self.shared.sink.lock().await;
-        if let Some(s) = sink.as_mut() {
-            match tokio::time::timeout(self.shared.command_timeout, s.subscribe(channel)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(channel, error = %e, "subscribe failed; relying on resync");
-                }
-                Err(_) => tracing::debug!(channel, "subscribe timed out; relying on resync"),
-            }
+        let current = self.shared.sink.lock().await.clone();
+        let Some((mut sink, epoch)) = current else {
+            return Subscription::new(rx, Some(guard));
+        };
+        if confirmed == epoch {
+            return Subscription::new(rx, Some(guard)); // already subscribed: no round trip
         }
-        drop(sink);
+        match tokio::time::timeout(self.shared.command_timeout, sink.subscribe(channel)).await {
+            Ok(Ok(())) => {
+                if let Some(entry) = self.shared.channels().get_mut(channel) {
+                    entry.confirmed = entry.confirmed.max(epoch);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(channel, error = %e, "subscribe failed; relying on resync");
+            }
+            Err(_) => tracing::debug!(channel, "subscribe timed out; relying on resync"),
+        }
         Subscription::new(rx, Some(guard))
     }
 }
 
-/// Keeps one local subscription to a channel registered; the last one to go unsubscribes.
+/// Keeps one local subscription to a channel registered. When the last one goes, the
+/// channel turns idle and the sweep unsubscribes it a little later.
 pub(crate) struct ChannelGuard {
     shared: Arc<NotifierShared>,
     channel: String,
@@ -717,44 +768,17 @@ pub(crate) struct ChannelGuard {
 
 impl Drop for ChannelGuard {
     fn drop(&mut self) {
-        let last = {
-            let mut channels = self.shared.channels();
-            match channels.get_mut(&self.channel) {
-                Some(entry) if entry.refs > 1 => {
-                    entry.refs -= 1;
-                    false
-                }
-                Some(_) => {
-                    channels.remove(&self.channel);
-                    true
-                }
-                None => false,
+        if let Some(entry) = self.shared.channels().get_mut(&self.channel) {
+            entry.refs = entry.refs.saturating_sub(1);
+            if entry.refs == 0 {
+                entry.idle_since = Some(tokio::time::Instant::now());
             }
-        };
-        if !last {
-            return;
-        }
-        // Unsubscribing needs I/O; never block in Drop. Without a runtime the channel stays
-        // subscribed on the server, which costs nothing but a little traffic.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let shared = Arc::clone(&self.shared);
-            let channel = std::mem::take(&mut self.channel);
-            handle.spawn(async move {
-                let mut sink = shared.sink.lock().await;
-                // A new subscriber may have registered since; it keeps the subscription.
-                if shared.channels().contains_key(&channel) {
-                    return;
-                }
-                if let Some(s) = sink.as_mut() {
-                    let _ =
-                        tokio::time::timeout(shared.command_timeout, s.unsubscribe(&channel)).await;
-                }
-            });
         }
     }
 }
 
-/// The listener task: owns the pub/sub stream, reconnects, re-subscribes and resyncs.
+/// The listener task: owns the pub/sub stream, reconnects, re-subscribes and resyncs, and
+/// sweeps idle channels.
 async fn listen(
     weak: Weak<NotifierShared>,
     client: Client,
@@ -763,6 +787,7 @@ async fn listen(
     connect_timeout: Duration,
 ) {
     let mut backoff = RECONNECT_MIN;
+    let mut epoch = 0u64;
     loop {
         let pubsub = if let Some(p) = first.take() {
             p
@@ -788,6 +813,7 @@ async fn listen(
             }
         };
         let (mut sink, mut stream) = pubsub.split();
+        epoch += 1;
         {
             let Some(shared) = weak.upgrade() else { return };
             let mut slot = shared.sink.lock().await;
@@ -799,16 +825,29 @@ async fn listen(
                     tracing::debug!("pub/sub re-subscribe failed; reconnecting");
                     continue;
                 }
+                let mut channels = shared.channels();
+                for name in &names {
+                    if let Some(entry) = channels.get_mut(name) {
+                        entry.confirmed = epoch;
+                    }
+                }
             }
-            *slot = Some(sink);
+            *slot = Some((sink, epoch));
             drop(slot);
             shared.resync_all();
         }
         backoff = RECONNECT_MIN;
+        let mut sweep = tokio::time::interval(IDLE_UNSUBSCRIBE);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let msg = tokio::select! {
                 _ = &mut shutdown => return,
                 msg = stream.next() => msg,
+                _ = sweep.tick() => {
+                    let Some(shared) = weak.upgrade() else { return };
+                    shared.sweep().await;
+                    continue;
+                }
             };
             let Some(msg) = msg else { break };
             let Some(shared) = weak.upgrade() else { return };
