@@ -5,7 +5,7 @@
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example loadgen -- once-cycles
 //! ```
 //!
-//! Workloads (all three when none is named):
+//! Workloads (all five when none is named):
 //!
 //! - `once-cycles`: `try_lock` + `release` of distinct keys, 50 in flight, one process;
 //!   baseline: `SET k tok NX PX ttl` + `EVALSHA` compare-and-delete on one multiplexed
@@ -16,6 +16,13 @@
 //! - `fanout-throughput`: 10,000 job ids, each requested by 4 processes (256 in flight
 //!   each), a 0 ms job; jobs/s, timeouts and overlapping runs; baseline: the same 4
 //!   processes doing `SET NX` on the same ids.
+//! - `semaphore-handoff`: one permit, 25 clients in each of 4 processes, 20 holds each
+//!   (2,000 holds), 0 ms hold; unfair and fair; holds/s and wait from calling `acquire` to
+//!   holding the permit; baseline: the same clients on a raw `SET NX PX` mutex retried every
+//!   1 ms, released by `EVALSHA` compare-and-delete. Sides alternate ABBA over two halves.
+//! - `multi-cycles`: `try_multi` + `release` of distinct 3-key sets, 50 in flight, one
+//!   process; baseline: one `EVALSHA` taking all 3 keys with `SET NX PX` or none (checked
+//!   with `EXISTS` first), then one owner-checked 3-key delete. ABBA segments as above.
 //!
 //! Each workload prints one JSON object on stdout; progress goes to stderr. Without
 //! `REDIS_URL` a private `redis-server` is started on a free loopback port and killed at
@@ -28,13 +35,16 @@
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use herdlock::{FanoutOptions, Herd, JobError, Role, TryLock};
+use herdlock::{
+    FanoutOptions, Herd, JobError, KeyRelease, Role, SemaphoreOptions, TryLock, TryMulti,
+};
 use redis::aio::MultiplexedConnection;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -72,6 +82,26 @@ const WORKER_LINE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The baseline's owner-checked delete.
 const COMPARE_AND_DELETE: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+/// Keys per `multi-cycles` cycle (both sides).
+const MULTI_KEYS: usize = 3;
+/// The `multi-cycles` baseline's all-or-none acquire: 1 when every key was set, else 0.
+const MULTI_SET_NX: &str = "for i = 1, #KEYS do \
+    if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end end \
+    for i = 1, #KEYS do redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2]) end return 1";
+/// The `multi-cycles` baseline's owner-checked delete: how many keys it deleted.
+const MULTI_COMPARE_AND_DELETE: &str = "local n = 0 for i = 1, #KEYS do \
+    if redis.call('GET', KEYS[i]) == ARGV[1] then n = n + redis.call('DEL', KEYS[i]) end end \
+    return n";
+/// Clients per process in `semaphore-handoff` (both sides).
+const HANDOFF_CLIENTS: usize = 25;
+/// How long a `semaphore-handoff` client waits for one hold before it counts a timeout.
+const HANDOFF_WAIT: Duration = Duration::from_secs(20);
+/// The raw mutex baseline's pause between `SET NX` attempts.
+const RAW_RETRY: Duration = Duration::from_millis(1);
+/// `semaphore-handoff` target: at least this many holds per second (both modes).
+const HANDOFF_TARGET_HOLDS_S: f64 = 2_000.0;
+/// `semaphore-handoff` target: fair mode's wait p99 under this.
+const HANDOFF_TARGET_FAIR_P99: Duration = Duration::from_millis(100);
 
 #[tokio::main]
 async fn main() -> Res<()> {
@@ -90,13 +120,17 @@ enum Workload {
     OnceCycles,
     FanoutHerd,
     FanoutThroughput,
+    SemaphoreHandoff,
+    MultiCycles,
 }
 
 impl Workload {
-    const ALL: [Workload; 3] = [
+    const ALL: [Workload; 5] = [
         Workload::OnceCycles,
         Workload::FanoutHerd,
         Workload::FanoutThroughput,
+        Workload::SemaphoreHandoff,
+        Workload::MultiCycles,
     ];
 
     fn name(self) -> &'static str {
@@ -104,6 +138,8 @@ impl Workload {
             Workload::OnceCycles => "once-cycles",
             Workload::FanoutHerd => "fanout-herd",
             Workload::FanoutThroughput => "fanout-throughput",
+            Workload::SemaphoreHandoff => "semaphore-handoff",
+            Workload::MultiCycles => "multi-cycles",
         }
     }
 
@@ -131,8 +167,8 @@ struct WorkerArgs {
     index: usize,
 }
 
-const USAGE: &str =
-    "usage: loadgen [--quick] [--cycles N] [once-cycles] [fanout-herd] [fanout-throughput]
+const USAGE: &str = "usage: loadgen [--quick] [--cycles N] [once-cycles] [fanout-herd] \
+[fanout-throughput] [semaphore-handoff] [multi-cycles]
   --quick       scale every count down 10x (smoke run)
   --cycles N    once-cycles: cycles per side (default 200000)
   REDIS_URL     use this Redis instead of starting a private redis-server";
@@ -188,6 +224,10 @@ struct Scale {
     herd_callers: usize,
     herd_rounds: usize,
     tput_ids: usize,
+    /// `semaphore-handoff`: holds per client per side.
+    handoff_holds: usize,
+    /// `multi-cycles`: cycles per side.
+    multi_cycles: u64,
 }
 
 impl Scale {
@@ -198,6 +238,8 @@ impl Scale {
             herd_callers: 1_000 / div,
             herd_rounds: 20 / div,
             tput_ids: 10_000 / div,
+            handoff_holds: 20 / div,
+            multi_cycles: 100_000 / div as u64,
         }
     }
 }
@@ -235,6 +277,8 @@ async fn parent_main(args: &Args) -> Res<()> {
                 Workload::OnceCycles => once_cycles(&url, &prefix, scale).await?,
                 Workload::FanoutHerd => fanout_herd(&url, &prefix, scale).await?,
                 Workload::FanoutThroughput => fanout_throughput(&url, &prefix, scale).await?,
+                Workload::SemaphoreHandoff => semaphore_handoff(&url, &prefix, scale).await?,
+                Workload::MultiCycles => multi_cycles(&url, &prefix, scale).await?,
             };
             println!("{report}");
         }
@@ -353,52 +397,8 @@ enum Side {
 }
 
 async fn once_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
-    let herd = connect_herd(url, prefix, "loadgen").await?;
-    let raw = raw_connection(url).await?;
-    let script = Arc::new(redis::Script::new(COMPARE_AND_DELETE));
-    let ctx = CycleCtx {
-        herd,
-        raw,
-        script,
-        prefix: prefix.to_owned(),
-    };
-    // Warm up both paths (script load, connection buffers, allocator).
-    let warm = (scale.cycles / 20).clamp(100, 5_000);
-    ctx.run(Side::Herdlock, "warm", warm).await;
-    ctx.run(Side::Baseline, "warm", warm).await;
-
-    let per_segment = scale.cycles.div_ceil(CYCLE_SEGMENTS);
-    let (mut herd_total, mut raw_total) = (Segment::default(), Segment::default());
-    let mut segments = Vec::new();
-    for s in 0..CYCLE_SEGMENTS {
-        // ABBA: baseline first in even segments, herdlock first in odd ones.
-        let order = if s % 2 == 0 {
-            [Side::Baseline, Side::Herdlock]
-        } else {
-            [Side::Herdlock, Side::Baseline]
-        };
-        let (mut h, mut b) = (Segment::default(), Segment::default());
-        for side in order {
-            let tag = format!("s{s}");
-            match side {
-                Side::Herdlock => h = ctx.run(side, &tag, per_segment).await,
-                Side::Baseline => b = ctx.run(side, &tag, per_segment).await,
-            }
-        }
-        eprintln!(
-            "  segment {s}: herdlock {:.0}/s, baseline {:.0}/s, ratio {:.3}",
-            h.rate(),
-            b.rate(),
-            h.rate() / b.rate()
-        );
-        segments.push(json!({
-            "herdlock_cycles_per_s": h.rate().round(),
-            "baseline_cycles_per_s": b.rate().round(),
-            "ratio": round3(h.rate() / b.rate()),
-        }));
-        herd_total.add(h);
-        raw_total.add(b);
-    }
+    let ctx = CycleCtx::connect(CycleKind::Once, url, prefix).await?;
+    let (herd_total, raw_total, segments) = ctx.abba(scale.cycles).await;
     let ratio = herd_total.rate() / raw_total.rate();
     Ok(json!({
         "workload": "once-cycles",
@@ -420,14 +420,88 @@ fn labelled(mut v: Value, what: &str) -> Value {
     v
 }
 
+/// What one cycle of a cycle workload locks.
+#[derive(Clone, Copy)]
+enum CycleKind {
+    /// `once-cycles`: one key.
+    Once,
+    /// `multi-cycles`: `MULTI_KEYS` keys at once.
+    Multi,
+}
+
+/// The raw baseline's scripts (loaded on first use by `redis::Script`).
+struct RawScripts {
+    compare_and_delete: redis::Script,
+    multi_set_nx: redis::Script,
+    multi_compare_and_delete: redis::Script,
+}
+
 struct CycleCtx {
+    kind: CycleKind,
     herd: Herd,
     raw: MultiplexedConnection,
-    script: Arc<redis::Script>,
+    scripts: Arc<RawScripts>,
     prefix: String,
 }
 
 impl CycleCtx {
+    async fn connect(kind: CycleKind, url: &str, prefix: &str) -> Res<CycleCtx> {
+        Ok(CycleCtx {
+            kind,
+            herd: connect_herd(url, prefix, "loadgen").await?,
+            raw: raw_connection(url).await?,
+            scripts: Arc::new(RawScripts {
+                compare_and_delete: redis::Script::new(COMPARE_AND_DELETE),
+                multi_set_nx: redis::Script::new(MULTI_SET_NX),
+                multi_compare_and_delete: redis::Script::new(MULTI_COMPARE_AND_DELETE),
+            }),
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// A warm-up of each side, then `cycles` per side in `CYCLE_SEGMENTS` ABBA segments:
+    /// (herdlock total, baseline total, per-segment JSON).
+    async fn abba(&self, cycles: u64) -> (Segment, Segment, Vec<Value>) {
+        // Warm up both paths (script load, connection buffers, allocator).
+        let warm = (cycles / 20).clamp(100, 5_000);
+        self.run(Side::Herdlock, "warm", warm).await;
+        self.run(Side::Baseline, "warm", warm).await;
+
+        let per_segment = cycles.div_ceil(CYCLE_SEGMENTS);
+        let (mut herd_total, mut raw_total) = (Segment::default(), Segment::default());
+        let mut segments = Vec::new();
+        for s in 0..CYCLE_SEGMENTS {
+            // ABBA: baseline first in even segments, herdlock first in odd ones.
+            let order = if s % 2 == 0 {
+                [Side::Baseline, Side::Herdlock]
+            } else {
+                [Side::Herdlock, Side::Baseline]
+            };
+            let (mut h, mut b) = (Segment::default(), Segment::default());
+            for side in order {
+                let tag = format!("s{s}");
+                match side {
+                    Side::Herdlock => h = self.run(side, &tag, per_segment).await,
+                    Side::Baseline => b = self.run(side, &tag, per_segment).await,
+                }
+            }
+            eprintln!(
+                "  segment {s}: herdlock {:.0}/s, baseline {:.0}/s, ratio {:.3}",
+                h.rate(),
+                b.rate(),
+                h.rate() / b.rate()
+            );
+            segments.push(json!({
+                "herdlock_cycles_per_s": h.rate().round(),
+                "baseline_cycles_per_s": b.rate().round(),
+                "ratio": round3(h.rate() / b.rate()),
+            }));
+            herd_total.add(h);
+            raw_total.add(b);
+        }
+        (herd_total, raw_total, segments)
+    }
+
     /// `cycles` lock/unlock cycles of distinct keys on `CYCLE_IN_FLIGHT` tasks.
     async fn run(&self, side: Side, tag: &str, cycles: u64) -> Segment {
         let mut info = self.raw.clone();
@@ -439,9 +513,10 @@ impl CycleCtx {
         for _ in 0..CYCLE_IN_FLIGHT {
             let next = Arc::clone(&next);
             let tag = tag.to_owned();
+            let kind = self.kind;
             let herd = self.herd.clone();
             let mut raw = self.raw.clone();
-            let script = Arc::clone(&self.script);
+            let scripts = Arc::clone(&self.scripts);
             let prefix = self.prefix.clone();
             tasks.spawn(async move {
                 let mut seg = Segment::default();
@@ -450,10 +525,22 @@ impl CycleCtx {
                     if i >= cycles || Instant::now() >= deadline {
                         return seg;
                     }
-                    let key = format!("oc-{tag}-{i}");
-                    let outcome = match side {
-                        Side::Herdlock => herd_cycle(&herd, &key).await,
-                        Side::Baseline => raw_cycle(&mut raw, &script, &prefix, &key, i).await,
+                    let outcome = match (kind, side) {
+                        (CycleKind::Once, Side::Herdlock) => {
+                            herd_cycle(&herd, &format!("oc-{tag}-{i}")).await
+                        }
+                        (CycleKind::Once, Side::Baseline) => {
+                            let key = format!("oc-{tag}-{i}");
+                            let script = &scripts.compare_and_delete;
+                            raw_cycle(&mut raw, script, &prefix, &key, i).await
+                        }
+                        (CycleKind::Multi, Side::Herdlock) => {
+                            herd_multi_cycle(&herd, &multi_keys(&tag, i)).await
+                        }
+                        (CycleKind::Multi, Side::Baseline) => {
+                            let keys = multi_keys(&tag, i);
+                            raw_multi_cycle(&mut raw, &scripts, &prefix, &keys, i).await
+                        }
                     };
                     match outcome {
                         Ok(true) => seg.cycles += 1,
@@ -517,6 +604,83 @@ async fn raw_cycle(
     }
     let deleted: i64 = script.key(&key).arg(&token).invoke_async(conn).await?;
     Ok(deleted == 1)
+}
+
+// ---------------------------------------------------------------------------------------
+// multi-cycles
+
+async fn multi_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
+    let ctx = CycleCtx::connect(CycleKind::Multi, url, prefix).await?;
+    let (herd_total, raw_total, segments) = ctx.abba(scale.multi_cycles).await;
+    let ratio = herd_total.rate() / raw_total.rate();
+    Ok(json!({
+        "workload": "multi-cycles",
+        "cores": cores(),
+        "processes": 1,
+        "in_flight": CYCLE_IN_FLIGHT,
+        "keys_per_cycle": MULTI_KEYS,
+        "cycles_per_side": scale.multi_cycles,
+        "herdlock": herd_total.json(),
+        "baseline": labelled(
+            raw_total.json(),
+            "EVALSHA all-or-none SET NX PX of 3 keys + EVALSHA owner-checked 3-key delete",
+        ),
+        "ratio": round3(ratio),
+        "segments": segments,
+    }))
+}
+
+/// The distinct keys of multi cycle `i`.
+fn multi_keys(tag: &str, i: u64) -> [String; MULTI_KEYS] {
+    std::array::from_fn(|k| format!("mc-{tag}-{i}-{k}"))
+}
+
+/// One herdlock multi cycle; `Ok(false)` when a (fresh) key was unexpectedly busy or a
+/// key was not released.
+async fn herd_multi_cycle(herd: &Herd, keys: &[String; MULTI_KEYS]) -> Res<bool> {
+    let keys = keys.each_ref().map(String::as_str);
+    match herd.try_multi(&keys).await? {
+        TryMulti::Acquired(guard) => {
+            let released = guard.release().await?;
+            Ok(released
+                .iter()
+                .all(|(_, outcome)| *outcome == KeyRelease::Released))
+        }
+        TryMulti::Busy(_) => Ok(false),
+    }
+}
+
+/// One baseline multi cycle: the all-or-none `SET NX PX` script, then the owner-checked
+/// delete script.
+async fn raw_multi_cycle(
+    conn: &mut MultiplexedConnection,
+    scripts: &RawScripts,
+    prefix: &str,
+    keys: &[String; MULTI_KEYS],
+    i: u64,
+) -> Res<bool> {
+    // Same key shape as herdlock's; one token (`fence:nonce:owner` shaped) for all keys.
+    let keys = keys
+        .each_ref()
+        .map(|key| format!("{prefix}:{{{key}}}:lock"));
+    let token = format!("{i}:{:016x}{i:x}:loadgen", 0x5eed_u64);
+    let set: i64 = scripts
+        .multi_set_nx
+        .key(&keys[..])
+        .arg(&token)
+        .arg(RAW_TTL_MS)
+        .invoke_async(conn)
+        .await?;
+    if set != 1 {
+        return Ok(false);
+    }
+    let deleted: usize = scripts
+        .multi_compare_and_delete
+        .key(&keys[..])
+        .arg(&token)
+        .invoke_async(conn)
+        .await?;
+    Ok(deleted == MULTI_KEYS)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -640,6 +804,8 @@ impl Workers {
 /// Everything a worker process holds.
 struct WorkerCtx {
     herd: Herd,
+    /// This worker's `--index`.
+    index: usize,
     raw: MultiplexedConnection,
     prefix: String,
     stdin: Lines<BufReader<Stdin>>,
@@ -690,6 +856,7 @@ async fn worker_main(args: WorkerArgs) -> Res<()> {
     });
     let mut ctx = WorkerCtx {
         herd,
+        index: args.index,
         raw,
         prefix: args.prefix,
         stdin: BufReader::new(tokio::io::stdin()).lines(),
@@ -706,6 +873,12 @@ async fn worker_main(args: WorkerArgs) -> Res<()> {
             Some("tput") => serde_json::to_string(&tput_round(&mut ctx, num(1)?, num(2)?).await?)?,
             Some("setnx") => {
                 serde_json::to_string(&setnx_round(&mut ctx, num(1)?, num(2)?).await?)?
+            }
+            Some("handoff") => {
+                let side = Handoff::parse(words.get(1).ok_or("missing side")?)?;
+                let round = words.get(2).ok_or("missing round")?.to_string();
+                let report = handoff_round(&mut ctx, side, &round, num(3)?, num(4)?).await?;
+                serde_json::to_string(&report)?
             }
             _ => return Err(format!("unknown command {line:?}").into()),
         };
@@ -1217,6 +1390,393 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
 }
 
 // ---------------------------------------------------------------------------------------
+// semaphore-handoff
+
+/// The three sides of `semaphore-handoff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handoff {
+    /// `herd.semaphore(key, 1)`.
+    Unfair,
+    /// `herd.semaphore_with(key, 1, fair)`.
+    Fair,
+    /// Baseline: `SET NX PX` retried every `RAW_RETRY`, then `EVALSHA` compare-and-delete.
+    Raw,
+}
+
+impl Handoff {
+    fn name(self) -> &'static str {
+        match self {
+            Handoff::Unfair => "unfair",
+            Handoff::Fair => "fair",
+            Handoff::Raw => "raw",
+        }
+    }
+
+    fn parse(name: &str) -> Res<Handoff> {
+        [Handoff::Unfair, Handoff::Fair, Handoff::Raw]
+            .into_iter()
+            .find(|h| h.name() == name)
+            .ok_or_else(|| format!("unknown handoff side `{name}`").into())
+    }
+}
+
+/// One worker's measurements of one `semaphore-handoff` phase.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HandoffReport {
+    holds: u64,
+    timeouts: u64,
+    errors: u64,
+    unfinished: u64,
+    /// Baseline only: `SET NX` attempts, the successful ones included.
+    attempts: u64,
+    /// CPU time this worker process used during the phase.
+    cpu_us: u64,
+    start_us: u64,
+    end_us: u64,
+    /// Per hold: calling `acquire` (first `SET NX`) → holding the permit (lock).
+    wait_us: Vec<u64>,
+}
+
+impl HandoffReport {
+    fn add(&mut self, other: HandoffReport) {
+        self.holds += other.holds;
+        self.timeouts += other.timeouts;
+        self.errors += other.errors;
+        self.unfinished += other.unfinished;
+        self.attempts += other.attempts;
+        self.cpu_us += other.cpu_us;
+        self.wait_us.extend(other.wait_us);
+    }
+}
+
+/// One `semaphore-handoff` side (or phase), summed over its phases and processes.
+#[derive(Debug, Default)]
+struct HandoffAgg {
+    sum: HandoffReport,
+    elapsed: Duration,
+    redis_cpu: Duration,
+    /// Redis command calls (`INFO commandstats`, script-inner commands included).
+    redis_calls: BTreeMap<String, u64>,
+}
+
+impl HandoffAgg {
+    fn add(&mut self, other: HandoffAgg) {
+        self.sum.add(other.sum);
+        self.elapsed += other.elapsed;
+        self.redis_cpu += other.redis_cpu;
+        for (cmd, calls) in other.redis_calls {
+            *self.redis_calls.entry(cmd).or_default() += calls;
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        self.sum.holds as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn wait(&self) -> Summary {
+        Summary::of(self.sum.wait_us.clone())
+    }
+
+    fn wait_mean_us(&self) -> f64 {
+        let waits = &self.sum.wait_us;
+        waits.iter().sum::<u64>() as f64 / waits.len().max(1) as f64
+    }
+
+    fn json(&self) -> Value {
+        let holds = self.sum.holds;
+        let calls: serde_json::Map<String, Value> = self
+            .redis_calls
+            .iter()
+            .map(|(cmd, &n)| (cmd.clone(), json!(round3(n as f64 / holds.max(1) as f64))))
+            .collect();
+        let mut v = json!({
+            "holds": holds,
+            "elapsed_s": round3(self.elapsed.as_secs_f64()),
+            "holds_per_s": self.rate().round(),
+            "wait_us": self.wait().json(),
+            "wait_mean_us": self.wait_mean_us().round(),
+            "timeouts": self.sum.timeouts,
+            "errors": self.sum.errors,
+            "unfinished": self.sum.unfinished,
+            "client_cpu_us_per_hold":
+                round3(per_cycle(Duration::from_micros(self.sum.cpu_us), holds)),
+            "redis_cpu_us_per_hold": round3(per_cycle(self.redis_cpu, holds)),
+            "redis_calls_per_hold": calls,
+        });
+        if self.sum.attempts > 0 {
+            v["set_nx_attempts"] = json!(self.sum.attempts);
+            v["set_nx_attempts_per_hold"] =
+                json!(round3(self.sum.attempts as f64 / holds.max(1) as f64));
+        }
+        v
+    }
+}
+
+/// Worker: `clients` tasks, each taking and releasing the one permit (or raw lock)
+/// `holds` times with no work in between.
+async fn handoff_round(
+    ctx: &mut WorkerCtx,
+    side: Handoff,
+    round: &str,
+    clients: usize,
+    holds: usize,
+) -> Res<HandoffReport> {
+    let key = format!("sh-{}-{round}", side.name());
+    let sem = match side {
+        Handoff::Unfair => Some(ctx.herd.semaphore(&key, 1)?),
+        Handoff::Fair => Some(ctx.herd.semaphore_with(
+            &key,
+            1,
+            &SemaphoreOptions::new().fair(true),
+        )?),
+        Handoff::Raw => None,
+    };
+    // Same key shape as herdlock's.
+    let raw_key = Arc::new(format!("{}:{{{key}}}:lock", ctx.prefix));
+    let script = Arc::new(redis::Script::new(COMPARE_AND_DELETE));
+    let owner = format!("worker{}", ctx.index);
+    ctx.barrier().await?;
+    let cpu_before = process_cpu();
+    let deadline = Instant::now() + PHASE_BUDGET;
+    let mut total = HandoffReport {
+        start_us: now_us(),
+        ..HandoffReport::default()
+    };
+    let mut tasks = JoinSet::new();
+    for client in 0..clients {
+        let (sem, mut raw) = (sem.clone(), ctx.raw.clone());
+        let (raw_key, script) = (Arc::clone(&raw_key), Arc::clone(&script));
+        let owner = owner.clone();
+        tasks.spawn(async move {
+            let mut r = HandoffReport {
+                wait_us: Vec::with_capacity(holds),
+                ..HandoffReport::default()
+            };
+            for h in 0..holds {
+                if Instant::now() >= deadline {
+                    r.unfinished += (holds - h) as u64;
+                    break;
+                }
+                let called = Instant::now();
+                let held = if let Some(sem) = &sem {
+                    sem_hold(sem, called, &mut r).await
+                } else {
+                    // Same shape as herdlock's holder value (`nonce:owner`).
+                    let token = format!("{:016x}{client:04x}{h:04x}:{owner}", 0x5eed_u64);
+                    raw_hold(&mut raw, &script, &raw_key, &token, called, &mut r).await
+                };
+                match held {
+                    Ok(()) => r.holds += 1,
+                    Err(HoldError::Timeout) => r.timeouts += 1,
+                    Err(HoldError::Other(e)) => {
+                        if r.errors == 0 {
+                            eprintln!("  {owner} client {client}: {e}");
+                        }
+                        r.errors += 1;
+                    }
+                }
+            }
+            r
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(r) => total.add(r),
+            Err(_) => total.errors += 1,
+        }
+    }
+    total.end_us = now_us();
+    if let (Some(before), Some(after)) = (cpu_before, process_cpu()) {
+        total.cpu_us = after.saturating_sub(before).as_micros() as u64;
+    }
+    Ok(total)
+}
+
+enum HoldError {
+    Timeout,
+    Other(BoxError),
+}
+
+impl<E: Into<BoxError>> From<E> for HoldError {
+    fn from(e: E) -> HoldError {
+        HoldError::Other(e.into())
+    }
+}
+
+/// One herdlock hold: `acquire`, then `release` at once.
+async fn sem_hold(
+    sem: &herdlock::Semaphore,
+    called: Instant,
+    r: &mut HandoffReport,
+) -> Result<(), HoldError> {
+    let permit = match sem.acquire(HANDOFF_WAIT).await {
+        Ok(permit) => permit,
+        Err(e) if e.is_timeout() => return Err(HoldError::Timeout),
+        Err(e) => return Err(e.into()),
+    };
+    r.wait_us.push(called.elapsed().as_micros() as u64);
+    permit.release().await?;
+    Ok(())
+}
+
+/// One baseline hold: `SET key tok NX PX ttl` every `RAW_RETRY` until it succeeds, then
+/// the owner-checked delete.
+async fn raw_hold(
+    conn: &mut MultiplexedConnection,
+    script: &redis::Script,
+    key: &str,
+    token: &str,
+    called: Instant,
+    r: &mut HandoffReport,
+) -> Result<(), HoldError> {
+    loop {
+        r.attempts += 1;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(RAW_TTL_MS)
+            .query_async(conn)
+            .await?;
+        if set.is_some() {
+            break;
+        }
+        if called.elapsed() >= HANDOFF_WAIT {
+            return Err(HoldError::Timeout);
+        }
+        tokio::time::sleep(RAW_RETRY).await;
+    }
+    r.wait_us.push(called.elapsed().as_micros() as u64);
+    let deleted: i64 = script.key(key).arg(token).invoke_async(conn).await?;
+    if deleted != 1 {
+        return Err("the raw lock was lost before its release".into());
+    }
+    Ok(())
+}
+
+/// Runs one phase on every worker; returns it summed, with its span (first worker's start
+/// to last worker's end) and what it cost Redis.
+async fn handoff_phase(
+    workers: &mut Workers,
+    info: &mut MultiplexedConnection,
+    side: Handoff,
+    round: &str,
+    holds: usize,
+) -> Res<HandoffAgg> {
+    let cmd = format!("handoff {} {round} {HANDOFF_CLIENTS} {holds}", side.name());
+    workers.prepare(&cmd).await?;
+    let (cpu_before, calls_before) = (redis_cpu(info).await, redis_calls(info).await);
+    workers.send_all("go").await?;
+    let reports: Vec<HandoffReport> = workers.read_reports().await?;
+    let (cpu_after, calls_after) = (redis_cpu(info).await, redis_calls(info).await);
+    let mut phase = HandoffAgg::default();
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        phase.redis_cpu = after.saturating_sub(before);
+    }
+    if let (Some(before), Some(after)) = (calls_before, calls_after) {
+        for (cmd, n) in after {
+            let n = n.saturating_sub(before.get(&cmd).copied().unwrap_or(0));
+            if n > 0 && cmd != "info" {
+                phase.redis_calls.insert(cmd, n);
+            }
+        }
+    }
+    let start = reports.iter().map(|r| r.start_us).min().unwrap_or(0);
+    let end = reports.iter().map(|r| r.end_us).max().unwrap_or(0);
+    phase.elapsed = Duration::from_micros(end.saturating_sub(start));
+    for r in reports {
+        phase.sum.add(r);
+    }
+    Ok(phase)
+}
+
+async fn semaphore_handoff(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
+    let mut workers = Workers::spawn(Workload::SemaphoreHandoff, url, prefix).await?;
+    let mut info = raw_connection(url).await?;
+    // Warm up every side (script loads, pub/sub connections), one hold per client.
+    for side in [Handoff::Raw, Handoff::Unfair, Handoff::Fair] {
+        handoff_phase(&mut workers, &mut info, side, "warm", 1).await?;
+    }
+    // ABBA over two halves of the holds: B U F | F U B.
+    let half = (scale.handoff_holds / 2).max(1);
+    // Indexed by `Handoff as usize`: unfair, fair, raw.
+    let mut aggs = [
+        HandoffAgg::default(),
+        HandoffAgg::default(),
+        HandoffAgg::default(),
+    ];
+    let order = [
+        (Handoff::Raw, 0),
+        (Handoff::Unfair, 0),
+        (Handoff::Fair, 0),
+        (Handoff::Fair, 1),
+        (Handoff::Unfair, 1),
+        (Handoff::Raw, 1),
+    ];
+    for (side, round) in order {
+        let phase = handoff_phase(&mut workers, &mut info, side, &round.to_string(), half).await?;
+        let wait = phase.wait();
+        eprintln!(
+            "  {} round {round}: {:.0} holds/s, wait p50 {:.1} ms, p99 {:.1} ms",
+            side.name(),
+            phase.rate(),
+            wait.p50 as f64 / 1000.0,
+            wait.p99 as f64 / 1000.0,
+        );
+        aggs[side as usize].add(phase);
+    }
+    workers.quit().await?;
+    let [unfair, fair, raw] = aggs;
+    let (unfair_wait, fair_wait, raw_wait) = (unfair.wait(), fair.wait(), raw.wait());
+    let p99_target = HANDOFF_TARGET_FAIR_P99.as_micros() as u64;
+    let clean = |a: &HandoffAgg| a.sum.timeouts + a.sum.errors + a.sum.unfinished == 0;
+    let unfair_rate_met = unfair.rate() >= HANDOFF_TARGET_HOLDS_S && clean(&unfair);
+    let fair_rate_met = fair.rate() >= HANDOFF_TARGET_HOLDS_S && clean(&fair);
+    let fair_p99_met = fair_wait.p99 < p99_target && clean(&fair);
+    let ratio = |a: u64, b: u64| round3(a as f64 / b.max(1) as f64);
+    Ok(json!({
+        "workload": "semaphore-handoff",
+        "cores": cores(),
+        "processes": PROCESSES,
+        "clients_per_process": HANDOFF_CLIENTS,
+        "holds_per_client": half * 2,
+        "permits": 1,
+        "hold_ms": 0,
+        "herdlock_unfair": unfair.json(),
+        "herdlock_fair": fair.json(),
+        "baseline": labelled(
+            raw.json(),
+            "SET NX PX retried every 1 ms until acquired + EVALSHA compare-and-delete",
+        ),
+        "holds_ratio": {
+            "unfair": round3(unfair.rate() / raw.rate().max(1e-9)),
+            "fair": round3(fair.rate() / raw.rate().max(1e-9)),
+        },
+        "wait_mean_ratio": {
+            "unfair": round3(unfair.wait_mean_us() / raw.wait_mean_us().max(1.0)),
+            "fair": round3(fair.wait_mean_us() / raw.wait_mean_us().max(1.0)),
+        },
+        "wait_p50_ratio": {
+            "unfair": ratio(unfair_wait.p50, raw_wait.p50),
+            "fair": ratio(fair_wait.p50, raw_wait.p50),
+        },
+        "wait_p99_ratio": {
+            "unfair": ratio(unfair_wait.p99, raw_wait.p99),
+            "fair": ratio(fair_wait.p99, raw_wait.p99),
+        },
+        "targets": {
+            "holds_per_s_min": HANDOFF_TARGET_HOLDS_S,
+            "fair_wait_p99_ms_max": HANDOFF_TARGET_FAIR_P99.as_millis() as u64,
+            "unfair_holds_per_s_met": unfair_rate_met,
+            "fair_holds_per_s_met": fair_rate_met,
+            "fair_wait_p99_met": fair_p99_met,
+        },
+        "target_met": unfair_rate_met && fair_rate_met && fair_p99_met,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------
 // Small helpers
 
 fn now_us() -> u64 {
@@ -1238,6 +1798,27 @@ fn process_cpu() -> Option<Duration> {
     let fields: Vec<&str> = rest.split(' ').collect();
     let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     Some(Duration::from_millis(ticks * 10))
+}
+
+/// Calls per command so far (`INFO commandstats`; commands run by scripts included).
+async fn redis_calls(conn: &mut MultiplexedConnection) -> Option<BTreeMap<String, u64>> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .ok()?;
+    let mut calls = BTreeMap::new();
+    for line in info.lines() {
+        let Some((cmd, stats)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
+        else {
+            continue;
+        };
+        let n = stats.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+        calls.insert(cmd.to_owned(), n.trim().parse().ok()?);
+    }
+    Some(calls)
 }
 
 /// CPU time the Redis server has used (`INFO cpu`: `used_cpu_user` + `used_cpu_sys`).
