@@ -30,3 +30,5 @@ mod cross_process_sem;
 mod workers_sem;
 // The chaos run: killed workers, killed pub/sub, paused Redis; ledger-checked.
 mod chaos;
+// The command line, as a real process.
+mod cli;
