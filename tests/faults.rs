@@ -310,20 +310,6 @@ async fn garbage_on_the_channel_is_ignored() {
     }
 }
 
-fn total_calls(server: &RedisServer) -> u64 {
-    server
-        .cmd(&["INFO", "commandstats"])
-        .lines()
-        .filter(|l| l.starts_with("cmdstat_"))
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse::<u64>().ok())
-        })
-        .sum()
-}
-
 /// Issue 3, test 3: 10,000 concurrent callers of one key in one process cost the same
 /// Redis commands as one caller.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,7 +326,7 @@ async fn commands_do_not_grow_with_callers() {
     for (round, callers) in [(0, 1usize), (1, 10_000)] {
         let runs = Arc::new(AtomicUsize::new(0));
         let (go_tx, go_rx) = tokio::sync::watch::channel(false);
-        let before = total_calls(&server);
+        let before = server.command_calls(&[]);
         let mut tasks = Vec::with_capacity(callers);
         for _ in 0..callers {
             let herd = herd.clone();
@@ -369,7 +355,7 @@ async fn commands_do_not_grow_with_callers() {
         for task in tasks {
             assert_eq!(task.await.expect("task").expect("fanout"), 7);
         }
-        let after = total_calls(&server);
+        let after = server.command_calls(&[]);
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         // Subtract the INFO call that produced `before` itself.
         deltas.push(after - before - 1);
@@ -425,23 +411,6 @@ async fn herd_survives_pause_and_pubsub_kill() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
-fn command_calls(server: &RedisServer, command: &str) -> u64 {
-    let prefix = format!("cmdstat_{command}:");
-    server
-        .cmd(&["INFO", "commandstats"])
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// Subscriptions are shared and kept warm: a second wait on a hot key costs no SUBSCRIBE,
 /// and a channel nobody listens to is unsubscribed by the sweep a little later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -462,14 +431,14 @@ async fn hot_channels_skip_subscribe_and_idle_ones_are_swept() {
             .lock_with("hot", Duration::from_secs(1), &long)
             .await
             .expect("lock");
-        let before = command_calls(&server, "evalsha");
+        let before = server.command_calls(&["evalsha"]);
         let task = tokio::spawn({
             let waiter = waiter.clone();
             async move { waiter.lock("hot", Duration::from_secs(20)).await }
         });
         // The waiter is waiting once it has tried twice: before and after subscribing.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while command_calls(&server, "evalsha") < before + 2 {
+        while server.command_calls(&["evalsha"]) < before + 2 {
             assert!(Instant::now() < deadline, "waiter never reached its wait");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -479,7 +448,7 @@ async fn hot_channels_skip_subscribe_and_idle_ones_are_swept() {
             .expect("task")
             .expect("lock");
         got.release().await.expect("release");
-        subscribes.push(command_calls(&server, "subscribe"));
+        subscribes.push(server.command_calls(&["subscribe"]));
     }
     // One SUBSCRIBE for the first wait; the later waits found the channel still confirmed.
     assert_eq!(subscribes[0], subscribes[2], "{subscribes:?}");

@@ -65,6 +65,30 @@ impl Fx {
     }
 }
 
+impl Fx {
+    /// Waits until a waiter is subscribed to every channel of `keys`: on Redis by polling
+    /// `PUBSUB NUMSUB` (bounded); the in-memory engine has nothing to observe, so it gives
+    /// the waiter a moment. Correctness never depends on this: a release before the waiter
+    /// subscribed only makes the waiter's job easier.
+    pub(crate) async fn wait_subscribed(&self, keys: &[&str]) {
+        if self.kind == Kind::Memory {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        for key in keys {
+            let channel = format!("{}:{{{key}}}", self.prefix);
+            while self.server().subscribers(&channel) == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the waiter never subscribed to {channel}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
 /// Generates `mod $name { memory, redis }` tests from one async scenario `fn(Fx)`.
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {

@@ -226,7 +226,7 @@ fn killed_holder_is_taken_over_within_ttl() {
     // The waiter is blocked once it is subscribed to the lock's channel.
     let channel = format!("{prefix}:{{leased}}");
     server.wait_subscribers(&channel, 1, Duration::from_secs(20));
-    let calls_before = script_calls(server);
+    let calls_before = server.command_calls(&["evalsha", "eval"]);
     let killed_at = Instant::now();
     holder.kill9();
     waiter.wait_value("acquired", Duration::from_secs(10));
@@ -234,24 +234,8 @@ fn killed_holder_is_taken_over_within_ttl() {
     assert!(took < Duration::from_secs(3), "took over after {took:?}");
     waiter.finish(Duration::from_secs(20)).assert_success();
     // Woken by the lease's end, not by polling: a handful of checks, not hundreds.
-    let checks = script_calls(server) - calls_before;
+    let checks = server.command_calls(&["evalsha", "eval"]) - calls_before;
     assert!(checks < 50, "{checks} script calls while waiting");
-}
-
-fn script_calls(server: &RedisServer) -> u64 {
-    server
-        .cmd(&["INFO", "commandstats"])
-        .lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
 }
 
 /// Issue 5, test 4: Redis killed and restarted under load: every call resolves (value or

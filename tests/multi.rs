@@ -58,31 +58,6 @@ fn lock_key(fx: &Fx, key: &str) -> String {
     format!("{}:{{{key}}}:lock", fx.prefix)
 }
 
-/// Waits until a waiter is subscribed to every channel of `keys`: on Redis by polling
-/// `PUBSUB NUMSUB` (bounded); the in-memory engine has nothing to observe, so it gives the
-/// waiter a moment. Correctness never depends on this: a release before the waiter
-/// subscribed only makes the waiter's job easier.
-async fn wait_subscribed(fx: &Fx, keys: &[&str]) {
-    if fx.kind == Kind::Memory {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        return;
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    for key in keys {
-        let channel = format!("{}:{{{key}}}", fx.prefix);
-        loop {
-            if fx.server().subscribers(&channel) >= 1 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the waiter never subscribed to {channel}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
-
 /// Issue 4, test 3: key 1 held by another node's plain lock: `try_multi(1, 2, 3)` is Busy
 /// naming key 1 and its holder, and keys 2 and 3 are left free.
 async fn busy_names_held_key_and_locks_nothing(fx: Fx) {
@@ -401,7 +376,7 @@ async fn blocking_multi_is_woken_by_release(fx: Fx) {
             .await;
         (got, Instant::now())
     });
-    wait_subscribed(&fx, &["a", "b"]).await;
+    fx.wait_subscribed(&["a", "b"]).await;
     assert!(!task.is_finished(), "the waiter must wait while b is held");
     // Waiting holds no subset: `a` is free for others meanwhile.
     assert_free(&bystander, "a").await;

@@ -62,29 +62,6 @@ async fn wait_queued(sem: &Semaphore, n: u32) {
     }
 }
 
-/// Waits until a waiter is subscribed to `key`'s channel: on Redis by polling `PUBSUB
-/// NUMSUB` (bounded); the in-memory engine has nothing to observe, so it gives the waiter a
-/// moment. Correctness never depends on this: a release before the waiter subscribed only
-/// makes the waiter's job easier.
-async fn wait_subscribed(fx: &Fx, key: &str) {
-    if fx.kind == Kind::Memory {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        return;
-    }
-    let channel = format!("{}:{{{key}}}", fx.prefix);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if fx.server().subscribers(&channel) >= 1 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the waiter never subscribed to {channel}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// N = 3: three holders, the fourth is Busy; status names them; a release frees one.
 async fn three_permits_fourth_is_busy(fx: Fx) {
     let lease = Duration::from_secs(20);
@@ -142,7 +119,7 @@ async fn waiter_is_woken_by_release(fx: Fx) {
         let got = waiting.acquire(Duration::from_secs(20)).await;
         (got, Instant::now())
     });
-    wait_subscribed(&fx, "wake").await;
+    fx.wait_subscribed(&["wake"]).await;
     assert!(!task.is_finished(), "the waiter must wait while full");
     let released_at = Instant::now();
     held.release().await.expect("release");
@@ -443,7 +420,7 @@ async fn changing_n(fx: Fx) {
     // A blocking N = 2 waiter is admitted once one more is released.
     let waiting = two.clone();
     let task = tokio::spawn(async move { waiting.acquire(Duration::from_secs(20)).await });
-    wait_subscribed(&fx, "resize").await;
+    fx.wait_subscribed(&["resize"]).await;
     assert!(!task.is_finished(), "admitted with 2 held and N = 2");
     held.pop().expect("2").release().await.expect("release");
     let lowered = within(Duration::from_secs(10), "N = 2 waiter", task)

@@ -209,6 +209,32 @@ impl RedisServer {
             })
     }
 
+    /// Calls the server has counted (`INFO commandstats`) for the commands whose names
+    /// are listed (lower case, as Redis prints them), or for every command when `commands`
+    /// is empty.
+    ///
+    /// # Panics
+    ///
+    /// Like [`RedisServer::cmd`].
+    pub(crate) fn command_calls(&self, commands: &[&str]) -> u64 {
+        self.cmd(&["INFO", "commandstats"])
+            .lines()
+            .filter_map(|line| {
+                let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                if !commands.is_empty() && !commands.contains(&name) {
+                    return None;
+                }
+                stats
+                    .split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
     /// How many clients are subscribed to `channel` (`PUBSUB NUMSUB`).
     ///
     /// # Panics
