@@ -300,6 +300,24 @@ impl Herd {
     }
 }
 
+/// Runs `cleanup` (a release, a queue departure) in the background on behalf of a `Drop`.
+/// Never blocks: without a Tokio runtime nothing is sent, and the TTL or lease is the
+/// backstop. A failure has no caller to report to, so it goes to `tracing`.
+pub(crate) fn spawn_cleanup<T>(
+    what: &'static str,
+    cleanup: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        tracing::debug!(what, "dropped outside a runtime; the TTL is the backstop");
+        return;
+    };
+    handle.spawn(async move {
+        if let Err(e) = cleanup.await {
+            tracing::debug!(what, error = %e, "background cleanup of a dropped handle failed");
+        }
+    });
+}
+
 /// `<hostname>.<pid>`, computed once.
 fn default_owner() -> String {
     static OWNER: OnceLock<String> = OnceLock::new();

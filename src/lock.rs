@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::backend::{parse_holder, AcquireReply, Backend};
 use crate::error::{Error, ErrorKind, Result};
-use crate::herd::{nonce, Herd};
+use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::watchdog::{self, LeaseHandle, Renewal};
 
@@ -403,18 +403,12 @@ impl Drop for LockGuard {
         if self.released {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            tracing::debug!(key = %self.keys.key, "lock guard dropped outside a runtime; the TTL will release it");
-            return;
-        };
         let backend = self.herd.backend().clone();
         let keys = self.keys.clone();
         let token = std::mem::take(&mut self.token);
         let grace = self.grace;
-        handle.spawn(async move {
-            if let Err(e) = release(&backend, &keys, &token, grace).await {
-                tracing::debug!(key = %keys.key, error = %e, "background release of a dropped lock guard failed");
-            }
+        spawn_cleanup("release of a dropped lock guard", async move {
+            release(&backend, &keys, &token, grace).await
         });
     }
 }

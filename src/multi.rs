@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::backend::{parse_holder, MultiReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
-use crate::herd::{nonce, Herd};
+use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::lock::{FencingToken, Holder, LockOptions, Resolved};
 use crate::watchdog::{self, LeaseHandle, Renewal};
@@ -202,16 +202,11 @@ impl Drop for MultiGuard {
         if self.released {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let backend = self.herd.backend().clone();
         let keys = std::mem::take(&mut self.keys);
         let tokens = std::mem::take(&mut self.tokens);
-        handle.spawn(async move {
-            if let Err(e) = backend.multi_release(&keys, &tokens).await {
-                tracing::debug!(error = %e, "background release of a dropped multi-lock failed");
-            }
+        spawn_cleanup("release of a dropped multi-lock", async move {
+            backend.multi_release(&keys, &tokens).await
         });
     }
 }

@@ -36,9 +36,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::{Backend, Notice, SemArgs, SemOp, SemReply};
+use crate::backend::{Notice, SemArgs, SemOp, SemReply};
 use crate::error::{Error, ErrorKind, Result};
-use crate::herd::{nonce, Herd};
+use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::watchdog::{self, LeaseHandle, Renewal};
 
@@ -287,11 +287,8 @@ impl Semaphore {
         };
         let mut leave = LeaveOnDrop {
             armed: true,
-            backend: self.herd.backend().clone(),
-            keys: self.keys.clone(),
+            semaphore: self.clone(),
             member: member.clone(),
-            permits: self.permits,
-            lease: self.lease,
         };
         let wait_loop = async {
             let op = if self.fair { SemOp::Queue } else { SemOp::Try };
@@ -432,11 +429,8 @@ pub(crate) type Gates = Mutex<HashMap<String, Weak<tokio::sync::Semaphore>>>;
 /// attempt cancelled in flight may have been granted with nobody to own it.
 struct LeaveOnDrop {
     armed: bool,
-    backend: Backend,
-    keys: JobKeys,
+    semaphore: Semaphore,
     member: String,
-    permits: u32,
-    lease: Duration,
 }
 
 impl Drop for LeaveOnDrop {
@@ -444,25 +438,9 @@ impl Drop for LeaveOnDrop {
         if !self.armed {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (backend, keys, member) = (
-            self.backend.clone(),
-            self.keys.clone(),
-            std::mem::take(&mut self.member),
-        );
-        let (permits, lease) = (self.permits, self.lease);
-        handle.spawn(async move {
-            let args = SemArgs {
-                member: &member,
-                permits,
-                lease,
-                queue_ttl: QUEUE_TTL,
-            };
-            if let Err(e) = backend.semaphore(&keys, SemOp::Leave, args).await {
-                tracing::debug!(error = %e, "leaving the semaphore queue failed; the place expires");
-            }
+        let (sem, member) = (self.semaphore.clone(), std::mem::take(&mut self.member));
+        spawn_cleanup("leaving a semaphore queue", async move {
+            sem.step(SemOp::Leave, &member).await
         });
     }
 }
@@ -584,15 +562,10 @@ impl Drop for Permit {
         if self.released {
             return;
         }
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         let sem = self.semaphore.clone();
         let member = std::mem::take(&mut self.member);
-        handle.spawn(async move {
-            if let Err(e) = sem.step(SemOp::Release, &member).await {
-                tracing::debug!(error = %e, "background release of a dropped permit failed");
-            }
+        spawn_cleanup("release of a dropped permit", async move {
+            sem.step(SemOp::Release, &member).await
         });
     }
 }
