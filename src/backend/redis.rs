@@ -276,11 +276,15 @@ impl RedisBackend {
         let items = array(&reply, 3, "fanout check")?;
         let holder = string(&items[0], "fanout check")?;
         let pttl_ms = int(&items[1], "fanout check")?;
-        let envelope = bytes(&items[2], "fanout check")?;
+        let stored = bytes(&items[2], "fanout check")?;
         Ok(CheckReply {
             holder: (!holder.is_empty()).then_some(holder),
             pttl_ms,
-            envelope: (!envelope.is_empty()).then_some(envelope),
+            envelope: if stored.is_empty() {
+                None
+            } else {
+                Some(stored_envelope(stored, "fanout check")?)
+            },
         })
     }
 
@@ -292,14 +296,19 @@ impl RedisBackend {
         ok: bool,
         linger: Duration,
     ) -> Result<bool> {
+        let linger_ms = millis(linger);
+        let header = format!("r1:{}:{linger_ms}:", u8::from(ok));
+        let mut stored = Vec::with_capacity(header.len() + envelope.len());
+        stored.extend_from_slice(header.as_bytes());
+        stored.extend_from_slice(envelope);
         let mut inv = self.inner.scripts.complete.prepare_invoke();
         inv.key(&keys.lock)
             .key(keys.result())
             .arg(token)
-            .arg(envelope)
-            .arg(millis(linger))
-            .arg(if ok { "1" } else { "0" })
-            .arg(&keys.channel);
+            .arg(stored)
+            .arg(linger_ms)
+            .arg(&keys.channel)
+            .arg(header.len() + 1);
         let reply = self.invoke("complete", &inv).await?;
         Ok(int(&reply, "complete")? == 1)
     }
@@ -561,10 +570,25 @@ fn parse_acquire(reply: &Value, what: &str) -> Result<FanoutReply> {
             pttl_ms: n,
         }),
         2 => FanoutReply::Cached {
-            envelope: bytes(&items[1], what)?,
+            envelope: stored_envelope(bytes(&items[1], what)?, what)?,
         },
         _ => return Err(malformed(what)),
     })
+}
+
+/// The envelope inside a stored result (`r1:<ok>:<linger ms>:` + envelope, as
+/// `complete.lua` writes it).
+fn stored_envelope(mut stored: Vec<u8>, what: &str) -> Result<Vec<u8>> {
+    let header = stored
+        .strip_prefix(b"r1:")
+        .and_then(|rest| {
+            let ok = rest.iter().position(|&b| b == b':')?;
+            let linger = rest[ok + 1..].iter().position(|&b| b == b':')?;
+            Some(3 + ok + 1 + linger + 1)
+        })
+        .ok_or_else(|| malformed(what))?;
+    stored.drain(..header);
+    Ok(stored)
 }
 
 fn bytes(v: &Value, what: &str) -> Result<Vec<u8>> {

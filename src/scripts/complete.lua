@@ -1,16 +1,15 @@
--- Finish a fan-out run: if the caller still holds the lock, store the result envelope
--- (with its completion time from Redis TIME) for a short linger, publish it, and release.
--- KEYS[1] lock key, KEYS[2] result hash
--- ARGV[1] holder value, ARGV[2] envelope, ARGV[3] linger in ms, ARGV[4] '1' if the run
--- succeeded, ARGV[5] notice channel
+-- Finish a fan-out run: if the caller still holds the lock, store the result for a short
+-- linger, publish its envelope, and release.
+-- KEYS[1] lock key, KEYS[2] result key
+-- ARGV[1] holder value, ARGV[2] stored value ('r1:<ok 0|1>:<linger ms>:' .. envelope),
+-- ARGV[3] linger in ms, ARGV[4] notice channel, ARGV[5] where the envelope starts in ARGV[2]
 -- Returns 1 when completed, 0 when the caller no longer holds the lock (nothing written).
+-- The linger in the stored value lets a cache read tell the result's age from its PTTL,
+-- so no TIME call is needed here.
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('HSET', KEYS[2], 'env', ARGV[2], 'at', now, 'ok', ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[5], ARGV[2])
+redis.call('PUBLISH', ARGV[4], string.sub(ARGV[2], tonumber(ARGV[5])))
 return 1

@@ -1,18 +1,20 @@
 -- Start a fan-out run if none is in progress (or serve a fresh enough cached result).
--- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] result hash
+-- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] result key (see complete.lua)
 -- ARGV[1] nonce, ARGV[2] owner label, ARGV[3] ttl in ms, ARGV[4] max cache age in ms (-1: none)
 -- Returns {1, holder_value, fence}   acquired: the caller leads run `fence`
 --         {0, holder_value, pttl_ms} busy: run in progress
---         {2, envelope, age_ms}       a successful result no older than the max cache age
+--         {2, stored, age_ms}         a successful result no older than the max cache age
 local max_age = tonumber(ARGV[4])
 if max_age >= 0 then
-  local stored = redis.call('HMGET', KEYS[3], 'env', 'at', 'ok')
-  if stored[1] and stored[3] == '1' then
-    local t = redis.call('TIME')
-    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    local age = now - tonumber(stored[2])
-    if age <= max_age then
-      return {2, stored[1], age}
+  local stored = redis.call('GET', KEYS[3])
+  if stored then
+    -- complete.lua stored it with PX linger: its age is the linger minus what is left.
+    local ok, linger = string.match(stored, '^r1:(%d):(%d+):')
+    if ok == '1' then
+      local age = tonumber(linger) - redis.call('PTTL', KEYS[3])
+      if age <= max_age then
+        return {2, stored, age}
+      end
     end
   end
 end
