@@ -23,11 +23,13 @@
 //!    notice comes, re-check when the holder's lease would have run out.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
@@ -382,16 +384,17 @@ async fn lead(
     }
 }
 
-/// Runs the job on its own task, so a panic is caught and reported, never propagated.
+/// Runs the job, catching a panic and reporting it, never propagating it. The job runs
+/// inside the flight task (which the herd owns), so no extra task is spawned per run;
+/// dropping this future (lease lost, maximum duration) cancels the job.
 async fn run_job(job: JobFn, max_duration: Option<Duration>) -> Body {
-    let mut handle = tokio::spawn(job());
-    let joined = match max_duration {
-        None => (&mut handle).await,
+    let run = AssertUnwindSafe(job()).catch_unwind();
+    let caught = match max_duration {
+        None => run.await,
         Some(limit) => {
-            if let Ok(joined) = tokio::time::timeout(limit, &mut handle).await {
-                joined
+            if let Ok(caught) = tokio::time::timeout(limit, run).await {
+                caught
             } else {
-                handle.abort();
                 return codec::failure(
                     Status::TimedOut,
                     &format!("ran longer than its maximum duration of {limit:?}"),
@@ -399,19 +402,14 @@ async fn run_job(job: JobFn, max_duration: Option<Duration>) -> Body {
             }
         }
     };
-    match joined {
-        Ok(body) => body,
-        Err(e) if e.is_panic() => {
-            let payload = e.into_panic();
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "(non-string panic payload)".to_owned());
-            codec::failure(Status::JobPanicked, &message)
-        }
-        Err(_) => codec::failure(Status::JobPanicked, "the job's task was cancelled"),
-    }
+    caught.unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(non-string panic payload)".to_owned());
+        codec::failure(Status::JobPanicked, &message)
+    })
 }
 
 async fn await_completion(

@@ -18,7 +18,7 @@ use super::{
 use crate::keys::JobKeys;
 
 /// Capacity of a key's notice queue; a receiver that falls further behind sees a Resync.
-const CHANNEL_CAPACITY: usize = 64;
+const CHANNEL_CAPACITY: usize = 16;
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MemoryBackend {

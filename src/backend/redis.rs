@@ -33,7 +33,7 @@ use crate::keys::{millis, JobKeys};
 
 /// Capacity of a key's local notice queue; a receiver that falls further behind sees a
 /// Resync and re-checks state.
-const CHANNEL_CAPACITY: usize = 64;
+const CHANNEL_CAPACITY: usize = 16;
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 
@@ -514,7 +514,9 @@ fn client_config(
 fn manager_config(settings: ConnectSettings) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(settings.connect_timeout))
-        .set_response_timeout(Some(settings.command_timeout))
+        // Every call is already bounded by the command timeout (`bounded`, `invoke*`): a
+        // second timer per request inside the manager would only cost time.
+        .set_response_timeout(None)
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(Duration::from_millis(500))
