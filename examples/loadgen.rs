@@ -313,6 +313,20 @@ fn run_prefix() -> String {
     format!("lg{}x{nanos:x}", std::process::id())
 }
 
+/// The load generator runs on jemalloc, as a production service usually picks a modern
+/// allocator. With glibc's malloc, short-lived allocations of 1-2 KiB (task cells, boxed
+/// redis-rs request futures) take glibc's slow path and dominate the client's CPU for both
+/// herdlock and the raw baselines. `--features system-allocator` measures on the system
+/// allocator instead; every report names the allocator it ran on.
+#[cfg(not(feature = "system-allocator"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[cfg(not(feature = "system-allocator"))]
+const ALLOCATOR: &str = "jemalloc";
+#[cfg(feature = "system-allocator")]
+const ALLOCATOR: &str = "system";
+
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
@@ -411,6 +425,7 @@ async fn once_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
     Ok(json!({
         "workload": "once-cycles",
         "cores": cores(),
+        "allocator": ALLOCATOR,
         "processes": 1,
         "in_flight": CYCLE_IN_FLIGHT,
         "cycles_per_side": scale.cycles,
@@ -624,6 +639,7 @@ async fn multi_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
     Ok(json!({
         "workload": "multi-cycles",
         "cores": cores(),
+        "allocator": ALLOCATOR,
         "processes": 1,
         "in_flight": CYCLE_IN_FLIGHT,
         "keys_per_cycle": MULTI_KEYS,
@@ -1133,6 +1149,7 @@ impl HerdAgg {
         json!({
             "workload": "fanout-herd",
             "cores": cores(),
+        "allocator": ALLOCATOR,
             "processes": PROCESSES,
             "callers_per_round": per_process * PROCESSES,
             "rounds": scale.herd_rounds,
@@ -1410,6 +1427,7 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
     Ok(json!({
         "workload": "fanout-throughput",
         "cores": cores(),
+        "allocator": ALLOCATOR,
         "processes": PROCESSES,
         "in_flight_per_process": TPUT_IN_FLIGHT,
         "job_ids": ids,
@@ -1789,6 +1807,7 @@ async fn semaphore_handoff(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
     Ok(json!({
         "workload": "semaphore-handoff",
         "cores": cores(),
+        "allocator": ALLOCATOR,
         "processes": PROCESSES,
         "clients_per_process": HANDOFF_CLIENTS,
         "holds_per_client": half * 2,

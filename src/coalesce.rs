@@ -8,19 +8,21 @@
 //!
 //! ## The protocol a flight follows (DESIGN invariant 1)
 //!
-//! 1. *Acquire* (one script): serve a fresh cached result if the caller asked for one;
-//!    else take the lock, bumping the fence (the run's generation `g`); else report the
-//!    holder of the running generation `g`.
-//! 2. *Lead*: run the job on its own task (a panic becomes a "job panicked" outcome), keep
-//!    the lease alive with a watchdog, then *complete* (one script): if still the holder,
-//!    store the envelope tagged with `g` for a short linger, publish it, release the lock.
-//! 3. *Follow*: subscribe to the job's channel and wait for the confirmation, then *check*
-//!    (one script): a stored result of generation `>= g` is taken; a lock still held means
-//!    wait for a notice; a free lock with no such result means the leader died or gave up,
-//!    so go back to 1 and contend (one of the waiters becomes the next leader). A notice
-//!    is accepted directly only if it is a well-formed envelope of exactly generation `g`
-//!    with the run's holder token; anything else only triggers a re-check of Redis. If no
-//!    notice comes, re-check when the holder's lease would have run out.
+//! 1. *Subscribe* to the job's channel and wait for the confirmation (no round trip when
+//!    the channel is already subscribed), then *acquire* (one script): serve a fresh cached
+//!    result if the caller asked for one; else take the lock, bumping the fence (the run's
+//!    generation `g`); else report the holder of the running generation `g`.
+//! 2. *Lead*: run the job (a panic becomes a "job panicked" outcome), keep the lease alive
+//!    with a watchdog, then *complete* (one script): if still the holder, store the
+//!    envelope tagged with `g` for a short linger, publish it, release the lock.
+//! 3. *Follow*: the subscription was confirmed before the acquire script saw run `g` in
+//!    progress, so that script was the check (no result of `g` can exist while `g` holds
+//!    the lock) and the follower goes straight to waiting. A notice is accepted directly
+//!    only if it is a well-formed envelope of exactly generation `g` with the run's holder
+//!    token; anything else, and the holder's lease running out, triggers a *check* (one
+//!    script): a stored result of generation `>= g` is taken; a lock still held means wait
+//!    again; a free lock with no such result means the leader died or gave up, so go back
+//!    to 1 and contend (one of the waiters becomes the next leader).
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -33,7 +35,7 @@ use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::backend::{parse_holder, AcquireReply, Backend, FanoutReply, Notice};
+use crate::backend::{parse_holder, AcquireReply, Backend, FanoutReply, Notice, Subscription};
 use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
@@ -209,6 +211,14 @@ async fn drive(
         })
     };
     loop {
+        // Subscribe before trying: if the run turns out to be another node's, the
+        // subscription was confirmed before the acquire script saw it running, so its
+        // completion cannot slip past unseen and no separate check is needed. (A leader
+        // pays one subscription it does not use; a hot key's channel stays subscribed.)
+        let sub = match backend.subscribe(keys).await {
+            Ok(sub) => sub,
+            Err(e) => return fail(e),
+        };
         let reply = backend
             .fanout_acquire(
                 keys,
@@ -221,6 +231,7 @@ async fn drive(
         let (holder, pttl_ms) = match reply {
             Err(e) => return fail(e),
             Ok(FanoutReply::Cached { envelope }) => {
+                drop(sub);
                 tell_follower(&mut mode);
                 return Some(FlightOutcome {
                     result: decode_stored(&keys.key, &envelope).map(Arc::new),
@@ -228,6 +239,7 @@ async fn drive(
                 });
             }
             Ok(FanoutReply::Lock(AcquireReply::Acquired { token, fence })) => {
+                drop(sub);
                 return Some(lead(herd, keys, settings, mode, token, fence).await);
             }
             Ok(FanoutReply::Lock(AcquireReply::Busy { holder, pttl_ms })) => (holder, pttl_ms),
@@ -237,17 +249,12 @@ async fn drive(
             Ok((generation, _)) => generation,
             Err(e) => return fail(e),
         };
-        match follow(
-            backend,
-            keys,
-            slot,
-            &herd.inner.flights,
+        let run = Run {
             generation,
-            holder,
+            token: holder,
             pttl_ms,
-        )
-        .await
-        {
+        };
+        match follow(backend, keys, slot, &herd.inner.flights, sub, run).await {
             Followed::Done(result) => {
                 return Some(FlightOutcome {
                     result,
@@ -443,50 +450,62 @@ enum Followed {
     NoCallers,
 }
 
-/// Waits for run `generation` (or a later one) to finish.
+/// The run a follower waits for: its generation, holder token and remaining lease.
+struct Run {
+    generation: u64,
+    token: String,
+    pttl_ms: i64,
+}
+
+/// Waits for `run` (or a later one) to finish. `sub` was confirmed before `run` was seen
+/// in progress, so the first wait needs no check of Redis.
 async fn follow(
     backend: &Backend,
     keys: &JobKeys,
     slot: &Arc<Slot>,
     flights: &Flights,
-    mut generation: u64,
-    mut token: String,
-    mut pttl_ms: i64,
+    mut sub: Subscription,
+    run: Run,
 ) -> Followed {
-    let mut sub = match backend.subscribe(keys).await {
-        Ok(sub) => sub,
-        Err(e) => return Followed::Done(Err(e)),
-    };
+    let Run {
+        mut generation,
+        mut token,
+        mut pttl_ms,
+    } = run;
     flights.following.fetch_add(1, Ordering::SeqCst);
     let _gauge = Gauge(&flights.following);
+    let mut checked = true;
     loop {
-        // Subscribed (confirmed) before this check: a completion after it is delivered.
-        let check = match backend.fanout_check(keys).await {
-            Ok(check) => check,
-            Err(e) => return Followed::Done(Err(e)),
-        };
-        if let Some(bytes) = check.envelope {
-            match decode_stored(&keys.key, &bytes) {
-                Ok(env) if env.generation >= generation => {
-                    return Followed::Done(Ok(Arc::new(env)));
-                }
-                Ok(_) => {} // an earlier run's result: never accepted
+        if !checked {
+            // Subscribed (confirmed) before this check: a completion after it is delivered.
+            let check = match backend.fanout_check(keys).await {
+                Ok(check) => check,
                 Err(e) => return Followed::Done(Err(e)),
+            };
+            if let Some(bytes) = check.envelope {
+                match decode_stored(&keys.key, &bytes) {
+                    Ok(env) if env.generation >= generation => {
+                        return Followed::Done(Ok(Arc::new(env)));
+                    }
+                    Ok(_) => {} // an earlier run's result: never accepted
+                    Err(e) => return Followed::Done(Err(e)),
+                }
+            }
+            let Some(holder) = check.holder else {
+                return Followed::Vacant;
+            };
+            if let Ok((g, _)) = parse_holder(&holder) {
+                if g > generation {
+                    // Run `generation` ended without a stored result and a newer run started.
+                    generation = g;
+                    token = holder;
+                }
+            }
+            if check.pttl_ms >= 0 {
+                pttl_ms = check.pttl_ms;
             }
         }
-        let Some(holder) = check.holder else {
-            return Followed::Vacant;
-        };
-        if let Ok((g, _)) = parse_holder(&holder) {
-            if g > generation {
-                // Run `generation` ended without a stored result and a newer run started.
-                generation = g;
-                token = holder;
-            }
-        }
-        if check.pttl_ms >= 0 {
-            pttl_ms = check.pttl_ms;
-        }
+        checked = false;
         let recheck = u64::try_from(pttl_ms).map_or(FALLBACK_RECHECK, Duration::from_millis);
         let wake_at = Instant::now() + recheck + RECHECK_MARGIN;
         loop {
