@@ -82,6 +82,10 @@ const WORKER_LINE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The baseline's owner-checked delete.
 const COMPARE_AND_DELETE: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+/// The `once-cycles` fenced floor's acquire: the least a fenced lock must do in Redis
+/// (`SET NX PX`, then `INCR` the fence on success); 0 when busy, else the fence.
+const FENCED_SET_NX: &str = "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) \
+    then return redis.call('INCR', KEYS[2]) end return 0";
 /// Keys per `multi-cycles` cycle (both sides).
 const MULTI_KEYS: usize = 3;
 /// The `multi-cycles` baseline's all-or-none acquire: 1 when every key was set, else 0.
@@ -416,11 +420,14 @@ impl Segment {
 enum Side {
     Herdlock,
     Baseline,
+    /// `once-cycles` only: the fenced floor (a raw client running the minimal fenced
+    /// acquire script, then the compare-and-delete).
+    Floor,
 }
 
 async fn once_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
     let ctx = CycleCtx::connect(CycleKind::Once, url, prefix).await?;
-    let (herd_total, raw_total, segments) = ctx.abba(scale.cycles).await;
+    let (herd_total, raw_total, floor_total, segments) = ctx.abba(scale.cycles).await;
     let ratio = herd_total.rate() / raw_total.rate();
     Ok(json!({
         "workload": "once-cycles",
@@ -431,7 +438,13 @@ async fn once_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
         "cycles_per_side": scale.cycles,
         "herdlock": herd_total.json(),
         "baseline": labelled(raw_total.json(), "SET NX PX + EVALSHA compare-and-delete"),
+        "fenced_floor": labelled(
+            floor_total.json(),
+            "EVALSHA SET NX PX + INCR fence + EVALSHA compare-and-delete (the least a fenced lock does)",
+        ),
         "ratio": round3(ratio),
+        "floor_ratio": round3(floor_total.rate() / raw_total.rate()),
+        "herdlock_over_floor": round3(herd_total.rate() / floor_total.rate()),
         "target_ratio": 0.9,
         "target_met": ratio >= 0.9,
         "segments": segments,
@@ -455,6 +468,7 @@ enum CycleKind {
 /// The raw baseline's scripts (loaded on first use by `redis::Script`).
 struct RawScripts {
     compare_and_delete: redis::Script,
+    fenced_set_nx: redis::Script,
     multi_set_nx: redis::Script,
     multi_compare_and_delete: redis::Script,
 }
@@ -475,6 +489,7 @@ impl CycleCtx {
             raw: raw_connection(url).await?,
             scripts: Arc::new(RawScripts {
                 compare_and_delete: redis::Script::new(COMPARE_AND_DELETE),
+                fenced_set_nx: redis::Script::new(FENCED_SET_NX),
                 multi_set_nx: redis::Script::new(MULTI_SET_NX),
                 multi_compare_and_delete: redis::Script::new(MULTI_COMPARE_AND_DELETE),
             }),
@@ -484,45 +499,51 @@ impl CycleCtx {
 
     /// A warm-up of each side, then `cycles` per side in `CYCLE_SEGMENTS` ABBA segments:
     /// (herdlock total, baseline total, per-segment JSON).
-    async fn abba(&self, cycles: u64) -> (Segment, Segment, Vec<Value>) {
-        // Warm up both paths (script load, connection buffers, allocator).
+    async fn abba(&self, cycles: u64) -> (Segment, Segment, Segment, Vec<Value>) {
+        let sides: &[Side] = match self.kind {
+            CycleKind::Once => &[Side::Baseline, Side::Floor, Side::Herdlock],
+            CycleKind::Multi => &[Side::Baseline, Side::Herdlock],
+        };
+        // Warm up every path (script load, connection buffers, allocator).
         let warm = (cycles / 20).clamp(100, 5_000);
-        self.run(Side::Herdlock, "warm", warm).await;
-        self.run(Side::Baseline, "warm", warm).await;
-
+        for &side in sides {
+            self.run(side, "warm", warm).await;
+        }
         let per_segment = cycles.div_ceil(CYCLE_SEGMENTS);
-        let (mut herd_total, mut raw_total) = (Segment::default(), Segment::default());
+        let mut totals = [Segment::default(); 3];
         let mut segments = Vec::new();
         for s in 0..CYCLE_SEGMENTS {
-            // ABBA: baseline first in even segments, herdlock first in odd ones.
-            let order = if s % 2 == 0 {
-                [Side::Baseline, Side::Herdlock]
-            } else {
-                [Side::Herdlock, Side::Baseline]
-            };
-            let (mut h, mut b) = (Segment::default(), Segment::default());
-            for side in order {
-                let tag = format!("s{s}");
-                match side {
-                    Side::Herdlock => h = self.run(side, &tag, per_segment).await,
-                    Side::Baseline => b = self.run(side, &tag, per_segment).await,
-                }
+            // ABBA: the sides in order in even segments, reversed in odd ones.
+            let mut order = sides.to_vec();
+            if s % 2 == 1 {
+                order.reverse();
             }
+            let mut this = [Segment::default(); 3];
+            for side in order {
+                this[side as usize] = self.run(side, &format!("s{s}"), per_segment).await;
+            }
+            let [h, b, f] = this;
             eprintln!(
                 "  segment {s}: herdlock {:.0}/s, baseline {:.0}/s, ratio {:.3}",
                 h.rate(),
                 b.rate(),
                 h.rate() / b.rate()
             );
-            segments.push(json!({
+            let mut seg = json!({
                 "herdlock_cycles_per_s": h.rate().round(),
                 "baseline_cycles_per_s": b.rate().round(),
                 "ratio": round3(h.rate() / b.rate()),
-            }));
-            herd_total.add(h);
-            raw_total.add(b);
+            });
+            if f.cycles > 0 {
+                seg["fenced_floor_cycles_per_s"] = json!(f.rate().round());
+            }
+            segments.push(seg);
+            for (total, part) in totals.iter_mut().zip(this) {
+                total.add(part);
+            }
         }
-        (herd_total, raw_total, segments)
+        let [h, b, f] = totals;
+        (h, b, f, segments)
     }
 
     /// `cycles` lock/unlock cycles of distinct keys on `CYCLE_IN_FLIGHT` tasks.
@@ -554,9 +575,13 @@ impl CycleCtx {
                         }
                         (CycleKind::Once, Side::Baseline) => {
                             let key = format!("oc-{tag}-{i}");
-                            let script = &scripts.compare_and_delete;
-                            raw_cycle(&mut raw, script, &prefix, &key, i).await
+                            raw_cycle(&mut raw, &scripts, &prefix, &key, i, false).await
                         }
+                        (CycleKind::Once, Side::Floor) => {
+                            let key = format!("of-{tag}-{i}");
+                            raw_cycle(&mut raw, &scripts, &prefix, &key, i, true).await
+                        }
+                        (CycleKind::Multi, Side::Floor) => Ok(false),
                         (CycleKind::Multi, Side::Herdlock) => {
                             herd_multi_cycle(&herd, &multi_keys(&tag, i)).await
                         }
@@ -603,29 +628,50 @@ async fn herd_cycle(herd: &Herd, key: &str) -> Res<bool> {
     }
 }
 
-/// One baseline cycle: `SET key tok NX PX ttl`, then the owner-checked delete.
+/// One baseline cycle: `SET key tok NX PX ttl` (or, for the fenced floor, the minimal
+/// fenced acquire script), then the owner-checked delete.
 async fn raw_cycle(
     conn: &mut MultiplexedConnection,
-    script: &redis::Script,
+    scripts: &RawScripts,
     prefix: &str,
     key: &str,
     i: u64,
+    fenced: bool,
 ) -> Res<bool> {
     // Same shape and size as herdlock's key and holder value (`fence:nonce:owner`).
-    let key = format!("{prefix}:{{{key}}}:lock");
+    let lock = format!("{prefix}:{{{key}}}:lock");
     let token = format!("{i}:{:016x}{i:x}:loadgen", 0x5eed_u64);
-    let set: Option<String> = redis::cmd("SET")
-        .arg(&key)
-        .arg(&token)
-        .arg("NX")
-        .arg("PX")
-        .arg(RAW_TTL_MS)
-        .query_async(conn)
-        .await?;
-    if set.is_none() {
+    let acquired = if fenced {
+        let fence = format!("{prefix}:{{{key}}}:fence");
+        let fence: i64 = scripts
+            .fenced_set_nx
+            .key(&lock)
+            .key(&fence)
+            .arg(&token)
+            .arg(RAW_TTL_MS)
+            .invoke_async(conn)
+            .await?;
+        fence > 0
+    } else {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&lock)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(RAW_TTL_MS)
+            .query_async(conn)
+            .await?;
+        set.is_some()
+    };
+    if !acquired {
         return Ok(false);
     }
-    let deleted: i64 = script.key(&key).arg(&token).invoke_async(conn).await?;
+    let deleted: i64 = scripts
+        .compare_and_delete
+        .key(&lock)
+        .arg(&token)
+        .invoke_async(conn)
+        .await?;
     Ok(deleted == 1)
 }
 
@@ -634,7 +680,7 @@ async fn raw_cycle(
 
 async fn multi_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
     let ctx = CycleCtx::connect(CycleKind::Multi, url, prefix).await?;
-    let (herd_total, raw_total, segments) = ctx.abba(scale.multi_cycles).await;
+    let (herd_total, raw_total, _, segments) = ctx.abba(scale.multi_cycles).await;
     let ratio = herd_total.rate() / raw_total.rate();
     Ok(json!({
         "workload": "multi-cycles",
