@@ -683,8 +683,10 @@ impl NotifierShared {
 
     fn dispatch(&self, channel: &str, payload: &[u8]) {
         if let Some(entry) = self.channels().get(channel) {
-            // An error only means no receiver is left (the channel is idle).
-            let _ = entry.tx.send(Notice::Message(Arc::from(payload)));
+            // An idle channel (nobody waits; a leader hears its own completion) costs no copy.
+            if entry.tx.receiver_count() > 0 {
+                let _ = entry.tx.send(Notice::Message(Arc::from(payload)));
+            }
         }
     }
 
