@@ -292,9 +292,18 @@ impl Semaphore {
         };
         let wait_loop = async {
             let op = if self.fair { SemOp::Queue } else { SemOp::Try };
-            if let SemReply::Admitted = self.step(op, &member).await? {
-                return Ok(());
-            }
+            // A fair waiter subscribes first, so its first queue step is also its check:
+            // a wake sent after it cannot be missed. The channel is shared by every waiter
+            // of this semaphore in the process, so it is nearly always already subscribed
+            // and this costs no round trip. An unfair waiter tries once before anything.
+            let early = if self.fair {
+                Some(self.herd.backend().subscribe(&self.keys).await?)
+            } else {
+                if let SemReply::Admitted = self.step(op, &member).await? {
+                    return Ok(());
+                }
+                None
+            };
             // Unfair waiters of this process pass a local gate of N first.
             let _gate = if self.fair {
                 None
@@ -306,7 +315,10 @@ impl Semaphore {
                 )
             };
             let wake = format!("wake:{member}");
-            let mut sub = self.herd.backend().subscribe(&self.keys).await?;
+            let mut sub = match early {
+                Some(sub) => sub,
+                None => self.herd.backend().subscribe(&self.keys).await?,
+            };
             loop {
                 // Subscribed (confirmed) before this check.
                 let soonest = match self.step(op, &member).await? {
