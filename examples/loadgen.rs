@@ -9,13 +9,15 @@
 //!
 //! - `once-cycles`: `try_lock` + `release` of distinct keys, 50 in flight, one process;
 //!   baseline: `SET k tok NX PX ttl` + `EVALSHA` compare-and-delete on one multiplexed
-//!   connection, same concurrency. Segments of both alternate (ABBA) to cancel drift.
+//!   connection, same concurrency; fenced floor: the same with the least a fenced lock
+//!   does (`SET NX PX` + `INCR` fence in one script). Segments alternate to cancel drift.
 //! - `fanout-herd`: 1,000 callers over 4 processes on one key, a 50 ms job, 20 rounds;
 //!   runs per round, end-to-end time per round and follower notification latency;
 //!   baseline: raw `PUBLISH` → subscriber delivery to the same processes.
-//! - `fanout-throughput`: 10,000 job ids, each requested by 4 processes (256 in flight
-//!   each), a 0 ms job; jobs/s, timeouts and overlapping runs; baseline: the same 4
-//!   processes doing `SET NX` on the same ids.
+//! - `fanout-throughput`: 10,000 job ids, each requested by 4 processes, in waves of 256
+//!   ids that every process requests at once; a 0 ms job that notes its start and end
+//!   (overlaps are found from those, across processes); jobs/s, timeouts and
+//!   overlapping runs; baseline: the same 4 processes doing `SET NX` on the same ids.
 //! - `semaphore-handoff`: one permit, 25 clients in each of 4 processes, 20 holds each
 //!   (2,000 holds), 0 ms hold; unfair and fair; holds/s and wait from calling `acquire` to
 //!   holding the permit; baseline: the same clients on a raw `SET NX PX` mutex retried every
