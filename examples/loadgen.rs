@@ -324,13 +324,13 @@ fn run_prefix() -> String {
 /// redis-rs request futures) take glibc's slow path and dominate the client's CPU for both
 /// herdlock and the raw baselines. `--features system-allocator` measures on the system
 /// allocator instead; every report names the allocator it ran on.
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(all(not(feature = "system-allocator"), not(target_env = "msvc")))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[cfg(not(feature = "system-allocator"))]
+#[cfg(all(not(feature = "system-allocator"), not(target_env = "msvc")))]
 const ALLOCATOR: &str = "jemalloc";
-#[cfg(feature = "system-allocator")]
+#[cfg(any(feature = "system-allocator", target_env = "msvc"))]
 const ALLOCATOR: &str = "system";
 
 fn cores() -> usize {

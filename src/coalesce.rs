@@ -15,9 +15,10 @@
 //! 2. *Lead*: run the job (a panic becomes a "job panicked" outcome), keep the lease alive
 //!    with a watchdog, then *complete* (one script): if still the holder, store the
 //!    envelope tagged with `g` for a short linger, publish it, release the lock.
-//! 3. *Follow*: the subscription was confirmed before the acquire script saw run `g` in
-//!    progress, so that script was the check (no result of `g` can exist while `g` holds
-//!    the lock) and the follower goes straight to waiting. A notice is accepted directly
+//! 3. *Follow*: when the subscription was confirmed before the acquire script saw run `g`
+//!    in progress, that script was the check (no result of `g` can exist while `g` holds
+//!    the lock) and the follower goes straight to waiting; when it was not (pub/sub down
+//!    or not answering), the follower checks first. A notice is accepted directly
 //!    only if it is a well-formed envelope of exactly generation `g` with the run's holder
 //!    token; anything else, and the holder's lease running out, triggers a *check* (one
 //!    script): a stored result of generation `>= g` is taken; a lock still held means wait
@@ -186,9 +187,25 @@ fn abandoned(why: &str) -> Error {
     Error::new(ErrorKind::Abandoned, why)
 }
 
-/// The flight task.
+/// The flight task. A panic anywhere in it (say, a job whose `Drop` panics while it is
+/// being cancelled) still retires the flight and tells its callers, so the job id is never
+/// left to a dead flight.
 async fn fly(herd: Herd, keys: JobKeys, slot: Arc<Slot>, settings: RunSettings, mode: Mode) {
-    let outcome = drive(&herd, &keys, &slot, settings, mode).await;
+    let outcome = AssertUnwindSafe(drive(&herd, &keys, &slot, settings, mode))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| {
+            Some(FlightOutcome {
+                result: Err(Error::new(
+                    ErrorKind::JobPanicked,
+                    format!(
+                        "the run of job `{}` panicked while it was stopped or cleaned up",
+                        keys.key
+                    ),
+                )),
+                how: How::Led,
+            })
+        });
     herd.inner.flights.remove(&keys.key, &slot);
     if let Some(outcome) = outcome {
         slot.send_replace(Some(Arc::new(outcome)));
@@ -457,8 +474,8 @@ struct Run {
     pttl_ms: i64,
 }
 
-/// Waits for `run` (or a later one) to finish. `sub` was confirmed before `run` was seen
-/// in progress, so the first wait needs no check of Redis.
+/// Waits for `run` (or a later one) to finish. If `sub` was confirmed before `run` was
+/// seen in progress, the first wait needs no check of Redis.
 async fn follow(
     backend: &Backend,
     keys: &JobKeys,
@@ -474,7 +491,9 @@ async fn follow(
     } = run;
     flights.following.fetch_add(1, Ordering::SeqCst);
     let _gauge = Gauge(&flights.following);
-    let mut checked = true;
+    // Without a confirmed subscription (pub/sub down or slow), check first, as a waiter
+    // that subscribed late would.
+    let mut checked = sub.confirmed();
     loop {
         if !checked {
             // Subscribed (confirmed) before this check: a completion after it is delivered.

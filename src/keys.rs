@@ -75,7 +75,8 @@ impl JobKeys {
     // The names below are built on demand: a lock needs only `lock`, `fence` and
     // `channel`, and building every name up front cost an allocation each per call.
 
-    /// `prefix:{key}:result`: the last fan-out result envelope, with a short linger.
+    /// `prefix:{key}:result`: the last fan-out result (`r1:<ok>:<linger ms>:` + envelope),
+    /// with a short linger.
     pub(crate) fn result(&self) -> String {
         format!("{}:result", self.channel)
     }

@@ -292,18 +292,20 @@ impl Semaphore {
         };
         let wait_loop = async {
             let op = if self.fair { SemOp::Queue } else { SemOp::Try };
-            // A fair waiter subscribes first, so its first queue step is also its check:
-            // a wake sent after it cannot be missed. The channel is shared by every waiter
-            // of this semaphore in the process, so it is nearly always already subscribed
-            // and this costs no round trip. An unfair waiter tries once before anything.
+            // A fair waiter whose channel is already subscribed (other waiters of this
+            // semaphore in the process keep it warm) takes that subscription first, at no
+            // cost, so its first queue step is also its check. Otherwise try once first:
+            // a free permit then costs no SUBSCRIBE round trip.
             let early = if self.fair {
-                Some(self.herd.backend().subscribe(&self.keys).await?)
+                self.herd.backend().subscribe_if_warm(&self.keys)
             } else {
+                None
+            };
+            if early.is_none() {
                 if let SemReply::Admitted = self.step(op, &member).await? {
                     return Ok(());
                 }
-                None
-            };
+            }
             // Unfair waiters of this process pass a local gate of N first.
             let _gate = if self.fair {
                 None

@@ -22,6 +22,7 @@ both_backends!(
     push_dropped_completer_does_not_hang,
     codecs_and_unusable_results,
     max_duration_and_bad_options,
+    a_panic_while_cancelling_does_not_wedge_the_id,
     ten_thousand_local_callers,
 );
 
@@ -548,6 +549,44 @@ async fn codecs_and_unusable_results(fx: Fx) {
     assert_eq!(text.await.expect("task").expect("leader"), "text");
     let e = number.await.expect("task").expect_err("wrong type");
     assert_eq!(e.kind(), ErrorKind::Codec);
+}
+
+/// A job whose cleanup panics when it is cancelled (its maximum duration passed): every
+/// caller still gets an error at once, and the id is usable again once the dead run's lease
+/// runs out (nothing is left joined to a dead flight).
+async fn a_panic_while_cancelling_does_not_wedge_the_id(fx: Fx) {
+    struct PanicOnDrop;
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("cleanup panicked (expected by this test)");
+        }
+    }
+    let a = fx.node("a").await;
+    let options = FanoutOptions::new()
+        .timeout(Duration::from_secs(10))
+        .ttl(Duration::from_millis(300))
+        .max_duration(Duration::from_millis(100));
+    let started = Instant::now();
+    let e = a
+        .fanout_with("wedge", &options, || async {
+            let _cleanup = PanicOnDrop;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, JobError>(0_u8)
+        })
+        .await
+        .expect_err("cancelled, and its cleanup panicked");
+    assert_eq!(e.kind(), ErrorKind::JobPanicked, "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(a.stats().in_flight, 0);
+    let again = a
+        .fanout_with("wedge", &options, || async { Ok::<_, JobError>(2_u8) })
+        .await
+        .expect("the id works again");
+    assert_eq!(again.value, 2);
 }
 
 async fn max_duration_and_bad_options(fx: Fx) {

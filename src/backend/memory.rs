@@ -468,6 +468,6 @@ impl MemoryBackend {
             st.channels.insert(keys.channel.clone(), tx);
             rx
         };
-        Subscription::new(rx, None)
+        Subscription::new(rx, None, true)
     }
 }

@@ -137,11 +137,28 @@ pub(crate) struct Subscription {
     rx: broadcast::Receiver<Notice>,
     /// Unsubscribes on drop (Redis only; the in-memory channel needs no bookkeeping).
     _guard: Option<redis::ChannelGuard>,
+    confirmed: bool,
 }
 
 impl Subscription {
-    pub(crate) fn new(rx: broadcast::Receiver<Notice>, guard: Option<redis::ChannelGuard>) -> Self {
-        Subscription { rx, _guard: guard }
+    pub(crate) fn new(
+        rx: broadcast::Receiver<Notice>,
+        guard: Option<redis::ChannelGuard>,
+        confirmed: bool,
+    ) -> Self {
+        Subscription {
+            rx,
+            _guard: guard,
+            confirmed,
+        }
+    }
+
+    /// Whether the subscription was confirmed on the current connection when it was made
+    /// (so everything published after that is delivered). When not (pub/sub down, or the
+    /// SUBSCRIBE failed or timed out), a Resync follows a reconnect, and callers check
+    /// state before relying on notices.
+    pub(crate) fn confirmed(&self) -> bool {
+        self.confirmed
     }
 
     /// The next notice. A lagged receiver reports [`Notice::Resync`]. If the sending side is
@@ -218,6 +235,15 @@ impl Backend {
         match self {
             Backend::Redis(b) => b.subscribe(keys).await,
             Backend::Memory(b) => Ok(b.subscribe(keys)),
+        }
+    }
+
+    /// A confirmed subscription to the key's channel if it costs no round trip (the
+    /// channel is already subscribed on the current connection), else `None`.
+    pub(crate) fn subscribe_if_warm(&self, keys: &JobKeys) -> Option<Subscription> {
+        match self {
+            Backend::Redis(b) => b.subscribe_if_warm(keys),
+            Backend::Memory(b) => Some(b.subscribe(keys)),
         }
     }
 

@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -491,6 +492,13 @@ impl RedisBackend {
         })
     }
 
+    pub(crate) fn subscribe_if_warm(&self, keys: &JobKeys) -> Option<Subscription> {
+        self.inner
+            .notifier
+            .as_ref()?
+            .subscribe_if_warm(&keys.channel)
+    }
+
     pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {
         match &self.inner.notifier {
             Some(notifier) => Ok(notifier.subscribe(&keys.channel).await),
@@ -660,6 +668,10 @@ struct NotifierShared {
     /// connections (re-subscribing everything), and by the sweep across its UNSUBSCRIBE, so
     /// no SUBSCRIBE sent after a registration can be overtaken by a stale UNSUBSCRIBE.
     sink: tokio::sync::Mutex<Option<(PubSubSink, u64)>>,
+    /// The epoch of the installed sink (0 while reconnecting), readable without the sink
+    /// lock: a channel confirmed on this epoch needs neither a SUBSCRIBE nor the lock
+    /// (which the sweep holds across its UNSUBSCRIBE).
+    epoch: AtomicU64,
     command_timeout: Duration,
     /// Dropped with this struct, which tells the listener task to stop.
     _shutdown: oneshot::Sender<()>,
@@ -729,6 +741,7 @@ impl Notifier {
         let shared = Arc::new(NotifierShared {
             channels: Mutex::new(HashMap::new()),
             sink: tokio::sync::Mutex::new(None),
+            epoch: AtomicU64::new(0),
             command_timeout: settings.command_timeout,
             _shutdown: shutdown_tx,
         });
@@ -747,43 +760,79 @@ impl Notifier {
     /// down, returns at once: the listener re-subscribes on reconnect and sends a Resync,
     /// so nothing published meanwhile is silently missed.
     async fn subscribe(&self, channel: &str) -> Subscription {
-        let (rx, confirmed) = {
+        let (rx, confirmed) = self.register(channel);
+        let guard = ChannelGuard {
+            shared: Arc::clone(&self.shared),
+            channel: channel.to_owned(),
+        };
+        let live = self.shared.epoch.load(Ordering::Acquire);
+        if live != 0 && confirmed == live {
+            return Subscription::new(rx, Some(guard), true); // warm: no round trip, no lock
+        }
+        let current = self.shared.sink.lock().await.clone();
+        let Some((mut sink, epoch)) = current else {
+            return Subscription::new(rx, Some(guard), false);
+        };
+        if confirmed == epoch {
+            return Subscription::new(rx, Some(guard), true); // already subscribed: no round trip
+        }
+        let ok = match tokio::time::timeout(self.shared.command_timeout, sink.subscribe(channel))
+            .await
+        {
+            Ok(Ok(())) => {
+                if let Some(entry) = self.shared.channels().get_mut(channel) {
+                    entry.confirmed = entry.confirmed.max(epoch);
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(channel, error = %e, "subscribe failed; relying on resync");
+                false
+            }
+            Err(_) => {
+                tracing::debug!(channel, "subscribe timed out; relying on resync");
+                false
+            }
+        };
+        Subscription::new(rx, Some(guard), ok)
+    }
+
+    /// A subscription if the channel is already confirmed on the current connection (no
+    /// round trip); otherwise nothing is registered.
+    fn subscribe_if_warm(&self, channel: &str) -> Option<Subscription> {
+        let live = self.shared.epoch.load(Ordering::Acquire);
+        if live == 0 {
+            return None;
+        }
+        let rx = {
             let mut channels = self.shared.channels();
-            let entry = channels
-                .entry(channel.to_owned())
-                .or_insert_with(|| ChannelEntry {
-                    tx: broadcast::channel(CHANNEL_CAPACITY).0,
-                    refs: 0,
-                    confirmed: 0,
-                    idle_since: None,
-                });
+            let entry = channels.get_mut(channel).filter(|e| e.confirmed == live)?;
             entry.refs += 1;
             entry.idle_since = None;
-            (entry.tx.subscribe(), entry.confirmed)
+            entry.tx.subscribe()
         };
         let guard = ChannelGuard {
             shared: Arc::clone(&self.shared),
             channel: channel.to_owned(),
         };
-        let current = self.shared.sink.lock().await.clone();
-        let Some((mut sink, epoch)) = current else {
-            return Subscription::new(rx, Some(guard));
-        };
-        if confirmed == epoch {
-            return Subscription::new(rx, Some(guard)); // already subscribed: no round trip
-        }
-        match tokio::time::timeout(self.shared.command_timeout, sink.subscribe(channel)).await {
-            Ok(Ok(())) => {
-                if let Some(entry) = self.shared.channels().get_mut(channel) {
-                    entry.confirmed = entry.confirmed.max(epoch);
-                }
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(channel, error = %e, "subscribe failed; relying on resync");
-            }
-            Err(_) => tracing::debug!(channel, "subscribe timed out; relying on resync"),
-        }
-        Subscription::new(rx, Some(guard))
+        Some(Subscription::new(rx, Some(guard), true))
+    }
+
+    /// Registers a local subscriber of `channel`: its receiver, and the epoch on which the
+    /// channel was confirmed (0: not yet).
+    fn register(&self, channel: &str) -> (broadcast::Receiver<Notice>, u64) {
+        let mut channels = self.shared.channels();
+        let entry = channels
+            .entry(channel.to_owned())
+            .or_insert_with(|| ChannelEntry {
+                tx: broadcast::channel(CHANNEL_CAPACITY).0,
+                refs: 0,
+                confirmed: 0,
+                idle_since: None,
+            });
+        entry.refs += 1;
+        entry.idle_since = None;
+        (entry.tx.subscribe(), entry.confirmed)
     }
 }
 
@@ -861,6 +910,7 @@ async fn listen(
                 }
             }
             *slot = Some((sink, epoch));
+            shared.epoch.store(epoch, Ordering::Release);
             drop(slot);
             shared.resync_all();
         }
@@ -883,7 +933,10 @@ async fn listen(
         }
         tracing::debug!("pub/sub connection lost; reconnecting");
         let Some(shared) = weak.upgrade() else { return };
-        *shared.sink.lock().await = None;
+        let mut slot = shared.sink.lock().await;
+        *slot = None;
+        shared.epoch.store(0, Ordering::Release);
+        drop(slot);
         drop(shared);
     }
 }
