@@ -19,6 +19,8 @@
 //! none can be started, the Redis benches are skipped with a message and the in-memory
 //! ones still run.
 
+#[path = "../examples/support/raw.rs"]
+mod raw;
 #[path = "../examples/support/redis_server.rs"]
 mod redis_server;
 
@@ -29,10 +31,8 @@ use herdlock::{Herd, JobError, TryLock};
 use redis::aio::MultiplexedConnection;
 use tokio::runtime::Runtime;
 
+use raw::{set_nx, COMPARE_AND_DELETE};
 use redis_server::RedisServer;
-
-const COMPARE_AND_DELETE: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// KEYS: lock, result. ARGV: holder, result, linger ms, channel.
 const COMPARE_AND_COMPLETE: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -41,7 +41,6 @@ redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', ARGV[4], ARGV[2])
 return 1";
 
-const RAW_TTL_MS: u64 = 10_000;
 const FANOUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn main() {
@@ -141,16 +140,8 @@ fn raw_lock_cycle(
         b.to_async(runtime).iter(|| {
             let (mut conn, script, key, token) = (conn.clone(), &script, &key, &token);
             async move {
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(key)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(RAW_TTL_MS)
-                    .query_async(&mut conn)
-                    .await
-                    .expect("SET NX PX");
-                assert!(set.is_some(), "raw bench lock was busy");
+                let acquired = set_nx(&mut conn, key, token).await.expect("SET NX PX");
+                assert!(acquired, "raw bench lock was busy");
                 let deleted: i64 = script
                     .key(key)
                     .arg(token)
@@ -194,16 +185,8 @@ fn raw_fanout(
             let (script, lock, result, channel, token) =
                 (&script, &lock, &result, &channel, &token);
             async move {
-                let set: Option<String> = redis::cmd("SET")
-                    .arg(lock)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(RAW_TTL_MS)
-                    .query_async(&mut conn)
-                    .await
-                    .expect("SET NX PX");
-                assert!(set.is_some(), "raw bench run was busy");
+                let acquired = set_nx(&mut conn, lock, token).await.expect("SET NX PX");
+                assert!(acquired, "raw bench run was busy");
                 // The job's "result": a JSON number, as herdlock's JSON codec would send.
                 let done: i64 = script
                     .key(lock)

@@ -34,6 +34,8 @@
 //! parent and its workers talk in lines: a worker says `ready`, the parent says `go` to
 //! all of them at once, and each worker answers with one JSON line of measurements.
 
+#[path = "support/raw.rs"]
+mod raw;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -56,6 +58,7 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use raw::{set_nx, COMPARE_AND_DELETE, RAW_TTL_MS};
 use redis_server::RedisServer;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -75,15 +78,10 @@ const HERD_JOB: Duration = Duration::from_millis(50);
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Every fan-out run's lease.
 const RUN_TTL: Duration = Duration::from_secs(5);
-/// TTL of the baseline's raw locks.
-const RAW_TTL_MS: u64 = 10_000;
 /// Upper bound on one measured loop; a loop that hits it stops and says so.
 const PHASE_BUDGET: Duration = Duration::from_secs(50);
 /// How long the parent waits for any one line from a worker.
 const WORKER_LINE_TIMEOUT: Duration = Duration::from_secs(90);
-/// The baseline's owner-checked delete.
-const COMPARE_AND_DELETE: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 /// The `once-cycles` fenced floor's acquire: the least a fenced lock must do in Redis
 /// (`SET NX PX`, then `INCR` the fence on success); 0 when busy, else the fence.
 const FENCED_SET_NX: &str = "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) \
@@ -655,15 +653,7 @@ async fn raw_cycle(
             .await?;
         fence > 0
     } else {
-        let set: Option<String> = redis::cmd("SET")
-            .arg(&lock)
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(RAW_TTL_MS)
-            .query_async(conn)
-            .await?;
-        set.is_some()
+        set_nx(conn, &lock, &token).await?
     };
     if !acquired {
         return Ok(false);
@@ -1397,18 +1387,11 @@ async fn setnx_round(
         let mut raw = raw.clone();
         let key = format!("{prefix}:raw:{{t{round}-{i}}}:lock");
         async move {
-            let set: redis::RedisResult<Option<String>> = redis::cmd("SET")
-                .arg(&key)
-                .arg("1")
-                .arg("NX")
-                .arg("PX")
-                .arg(RAW_TTL_MS)
-                .query_async(&mut raw)
-                .await;
+            let set = set_nx(&mut raw, &key, "1").await;
             TputReport {
                 calls: 1,
                 ok: u64::from(set.is_ok()),
-                leaders: u64::from(matches!(set, Ok(Some(_)))),
+                leaders: u64::from(matches!(set, Ok(true))),
                 errors: u64::from(set.is_err()),
                 ..TputReport::default()
             }
@@ -1748,15 +1731,7 @@ async fn raw_hold(
 ) -> Result<(), HoldError> {
     loop {
         r.attempts += 1;
-        let set: Option<String> = redis::cmd("SET")
-            .arg(key)
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(RAW_TTL_MS)
-            .query_async(conn)
-            .await?;
-        if set.is_some() {
+        if set_nx(conn, key, token).await? {
             break;
         }
         if called.elapsed() >= HANDOFF_WAIT {
