@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use herdlock::{ErrorKind, Herd, KeyRelease, LockOptions, MultiGuard, TryLock, TryMulti};
+use herdlock::{
+    ErrorKind, Herd, KeyRelease, LockGuard, LockOptions, MultiGuard, TryLock, TryMulti,
+};
 
 use crate::fixture::{both_backends, within, Fx, Kind};
 
@@ -56,6 +58,24 @@ async fn assert_held_by(node: &Herd, key: &str, owner: &str) {
 /// The Redis name of `key`'s lock (the key layout of the crate docs; plain keys only).
 fn lock_key(fx: &Fx, key: &str) -> String {
     format!("{}:{{{key}}}:lock", fx.prefix)
+}
+
+/// Redis only: `x` takes `a`, `b` and `c`; then `b`'s lock is deleted under it and `y`
+/// takes `b`. Returns `x`'s multi-guard and `y`'s lock on `b`.
+async fn abc_with_b_taken(fx: &Fx, x: &Herd, y: &Herd) -> (MultiGuard, LockGuard) {
+    let guard = acquired(
+        x.try_multi_with(&["a", "b", "c"], &long())
+            .await
+            .expect("try_multi"),
+    );
+    assert_eq!(fx.server().cmd(&["DEL", &lock_key(fx, "b")]), "1");
+    let taken = y
+        .try_lock_with("b", &long())
+        .await
+        .expect("try_lock")
+        .acquired()
+        .expect("b was deleted");
+    (guard, taken)
 }
 
 /// Issue 4, test 3: key 1 held by another node's plain lock: `try_multi(1, 2, 3)` is Busy
@@ -207,18 +227,7 @@ async fn extend_with_one_key_lost_releases_the_others_redis() {
     let fx = Fx::new(Kind::Redis, "multi::extend_with_one_key_lost");
     let x = fx.node("x").await;
     let y = fx.node("y").await;
-    let mut guard = acquired(
-        x.try_multi_with(&["a", "b", "c"], &long())
-            .await
-            .expect("try_multi"),
-    );
-    assert_eq!(fx.server().cmd(&["DEL", &lock_key(&fx, "b")]), "1");
-    let taken = y
-        .try_lock_with("b", &long())
-        .await
-        .expect("try_lock")
-        .acquired()
-        .expect("b was deleted");
+    let (mut guard, taken) = abc_with_b_taken(&fx, &x, &y).await;
     // Before the extend, `a` and `c` are still held by `x`.
     assert_held_by(&y, "a", "x").await;
     assert_held_by(&y, "c", "x").await;
@@ -247,18 +256,7 @@ async fn release_with_one_key_lost_reports_it_redis() {
     let fx = Fx::new(Kind::Redis, "multi::release_with_one_key_lost");
     let x = fx.node("x").await;
     let y = fx.node("y").await;
-    let guard = acquired(
-        x.try_multi_with(&["a", "b", "c"], &long())
-            .await
-            .expect("try_multi"),
-    );
-    assert_eq!(fx.server().cmd(&["DEL", &lock_key(&fx, "b")]), "1");
-    let taken = y
-        .try_lock_with("b", &long())
-        .await
-        .expect("try_lock")
-        .acquired()
-        .expect("b was deleted");
+    let (guard, taken) = abc_with_b_taken(&fx, &x, &y).await;
     let outcomes = guard.release().await.expect("release never fails on loss");
     assert_eq!(
         outcomes,
