@@ -121,17 +121,7 @@ async fn waiter_is_woken_by_release(fx: Fx) {
     });
     fx.wait_subscribed(&["wake"]).await;
     assert!(!task.is_finished(), "the waiter must wait while full");
-    let released_at = Instant::now();
-    held.release().await.expect("release");
-    let (got, admitted_at) = within(Duration::from_secs(10), "waiter", task)
-        .await
-        .expect("waiter task");
-    let permit = got.expect("admitted");
-    let delay = admitted_at.saturating_duration_since(released_at);
-    assert!(
-        delay < Duration::from_secs(2),
-        "admitted {delay:?} after the release"
-    );
+    let permit = release_admits(held, task, Duration::from_secs(2)).await;
     permit.release().await.expect("release");
 }
 
@@ -283,6 +273,27 @@ async fn fair_waiters_are_admitted_in_queue_order(fx: Fx) {
     assert_eq!((status.in_use, status.queued), (0, 0));
 }
 
+/// A waiting task that reports its outcome and when it got it.
+type Waiter = tokio::task::JoinHandle<(Result<Permit, herdlock::Error>, Instant)>;
+
+/// Releases `held`, then asserts that `waiter` was admitted less than `limit` after the
+/// release; returns its permit.
+async fn release_admits(held: Permit, waiter: Waiter, limit: Duration) -> Permit {
+    let released_at = Instant::now();
+    held.release().await.expect("release");
+    let (got, admitted_at) = within(Duration::from_secs(10), "waiter", waiter)
+        .await
+        .expect("waiter task");
+    let permit = got.expect("the waiter is admitted");
+    let delay = admitted_at.saturating_duration_since(released_at);
+    assert!(
+        delay < limit,
+        "admitted {delay:?} after the release (limit {limit:?}, QUEUE_TTL {:?})",
+        herdlock::QUEUE_TTL
+    );
+    permit
+}
+
 /// Sets up: `holder` holds the only permit of a fair semaphore; the first waiter queues
 /// with `first_wait`, then a second waiter queues with a long wait.
 async fn two_fair_waiters(
@@ -293,7 +304,7 @@ async fn two_fair_waiters(
     Semaphore,
     Permit,
     tokio::task::JoinHandle<Result<Permit, herdlock::Error>>,
-    tokio::task::JoinHandle<(Result<Permit, herdlock::Error>, Instant)>,
+    Waiter,
 ) {
     let holder = fx.node("holder").await;
     let quitter = fx.node("quitter").await;
@@ -329,18 +340,7 @@ async fn fair_waiter_timing_out_does_not_block_the_queue(fx: Fx) {
         "left the queue {:?} after giving up",
         gave_up.elapsed()
     );
-    let released_at = Instant::now();
-    held.release().await.expect("release");
-    let (got, admitted_at) = within(Duration::from_secs(10), "second waiter", second)
-        .await
-        .expect("task");
-    let permit = got.expect("the second waiter is admitted");
-    let delay = admitted_at.saturating_duration_since(released_at);
-    assert!(
-        delay < Duration::from_millis(1500),
-        "admitted {delay:?} after the release (QUEUE_TTL is {:?})",
-        herdlock::QUEUE_TTL
-    );
+    let permit = release_admits(held, second, Duration::from_millis(1500)).await;
     permit.release().await.expect("release");
 }
 
@@ -355,18 +355,7 @@ async fn fair_waiter_dropped_does_not_block_the_queue(fx: Fx) {
         .expect_err("aborted");
     assert!(aborted.is_cancelled());
     // No waiting for the background leave: the release and the leave race.
-    let released_at = Instant::now();
-    held.release().await.expect("release");
-    let (got, admitted_at) = within(Duration::from_secs(10), "second waiter", second)
-        .await
-        .expect("task");
-    let permit = got.expect("the second waiter is admitted");
-    let delay = admitted_at.saturating_duration_since(released_at);
-    assert!(
-        delay < Duration::from_millis(1500),
-        "admitted {delay:?} after the release (QUEUE_TTL is {:?})",
-        herdlock::QUEUE_TTL
-    );
+    let permit = release_admits(held, second, Duration::from_millis(1500)).await;
     let status = handle.status().await.expect("status");
     assert_eq!((status.in_use, status.queued), (1, 0), "{status:?}");
     permit.release().await.expect("release");
