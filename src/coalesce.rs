@@ -41,7 +41,7 @@ use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::JobKeys;
-use crate::watchdog::Renewal;
+use crate::watchdog::{LeaseTerms, Renewal};
 
 /// When a lock reports no TTL, re-check this often.
 const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
@@ -236,6 +236,7 @@ async fn drive(
             Ok(sub) => sub,
             Err(e) => return fail(e),
         };
+        let sent = std::time::Instant::now();
         let reply = backend
             .fanout_acquire(
                 keys,
@@ -257,7 +258,7 @@ async fn drive(
             }
             Ok(FanoutReply::Lock(AcquireReply::Acquired { token, fence })) => {
                 drop(sub);
-                return Some(lead(herd, keys, settings, mode, token, fence).await);
+                return Some(lead(herd, keys, settings, mode, token, fence, sent).await);
             }
             Ok(FanoutReply::Lock(AcquireReply::Busy { holder, pttl_ms })) => (holder, pttl_ms),
         };
@@ -321,6 +322,7 @@ async fn lead(
     mode: Mode,
     token: String,
     fence: u64,
+    sent: std::time::Instant,
 ) -> FlightOutcome {
     let backend = herd.backend();
     let lease = herd.inner.watchdog.register(
@@ -328,8 +330,12 @@ async fn lead(
             keys: keys.clone(),
             token: token.clone(),
         },
-        settings.ttl,
-        None,
+        LeaseTerms {
+            ttl: settings.ttl,
+            sent,
+            renew: true,
+            max_hold: None,
+        },
     );
     let lost_outcome = || FlightOutcome {
         result: Err(Error::new(

@@ -12,7 +12,7 @@ use crate::backend::{parse_holder, AcquireReply, Backend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
-use crate::watchdog::{self, LeaseHandle, Renewal};
+use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
 
 /// When a busy lock reports no TTL (it should always have one), re-check this often.
 const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
@@ -319,16 +319,18 @@ impl LockGuard {
     /// If cancelled, the extension may or may not have been applied.
     pub async fn extend(&self, ttl: Duration) -> Result<()> {
         keys::validate_ttl("lock ttl", ttl)?;
+        let sent = std::time::Instant::now();
         if self
             .herd
             .backend()
             .extend(&self.keys, &self.token, ttl)
             .await?
         {
-            if let Some(lease) = &self.lease {
-                lease.extended(ttl);
+            // An extension that lands after the local deadline does not revive the lock.
+            if self.lease.as_ref().is_none_or(|l| l.extended(ttl, sent)) {
+                return Ok(());
             }
-            Ok(())
+            Err(lost(&self.keys.key))
         } else {
             if let Some(lease) = &self.lease {
                 lease.mark_lost();
@@ -337,9 +339,12 @@ impl LockGuard {
         }
     }
 
-    /// Whether the lock is known to be lost: the watchdog found another holder or could
-    /// not renew the lease before it ran out, or an `extend` failed. Always `false` without
-    /// [auto-extend](LockOptions::auto_extend) until an `extend` fails.
+    /// Whether the lock is known to be lost: the watchdog found another holder, or no
+    /// renewal (or [`extend`](LockGuard::extend)) succeeded before the lease's *local
+    /// deadline* — the instant the last successful acquisition or renewal was sent, plus
+    /// the TTL, minus a drift margin of 1 % + 2 ms — which is never later than the key's
+    /// expiry on Redis. Without [auto-extend](LockOptions::auto_extend) the lock is lost
+    /// at that deadline unless `extend` moved it.
     pub fn is_lost(&self) -> bool {
         self.lease.as_ref().is_some_and(LeaseHandle::is_lost)
     }
@@ -479,6 +484,7 @@ impl Herd {
     }
 
     async fn attempt(&self, keys: JobKeys, options: &Resolved) -> Result<TryLock> {
+        let sent = std::time::Instant::now();
         let reply = self
             .backend()
             .acquire(&keys, &nonce(), self.owner(), options.ttl)
@@ -489,16 +495,19 @@ impl Herd {
                 return Ok(TryLock::Busy(Holder::parse(&holder, pttl_ms)?));
             }
         };
-        let lease = options.auto_extend.then(|| {
-            self.inner.watchdog.register(
-                Renewal::Lock {
-                    keys: keys.clone(),
-                    token: token.clone(),
-                },
-                options.ttl,
-                options.max_hold,
-            )
-        });
+        // Every lock is watched until its local deadline; with auto-extend it is renewed.
+        let lease = Some(self.inner.watchdog.register(
+            Renewal::Lock {
+                keys: keys.clone(),
+                token: token.clone(),
+            },
+            LeaseTerms {
+                ttl: options.ttl,
+                sent,
+                renew: options.auto_extend,
+                max_hold: options.max_hold,
+            },
+        ));
         let guard = LockGuard {
             herd: self.clone(),
             keys,

@@ -22,7 +22,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::lock::{FencingToken, Holder, LockOptions, Resolved};
-use crate::watchdog::{self, LeaseHandle, Renewal};
+use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
 
 /// The most keys one multi-key lock may hold.
 ///
@@ -385,6 +385,7 @@ impl Herd {
     }
 
     async fn multi_attempt(&self, keys: Vec<JobKeys>, options: &Resolved) -> Result<TryMulti> {
+        let sent = std::time::Instant::now();
         let reply = self
             .backend()
             .multi_acquire(&keys, &nonce(), self.owner(), options.ttl)
@@ -395,16 +396,19 @@ impl Herd {
                     .iter()
                     .map(|t| parse_holder(t).map(|(f, _)| FencingToken::new(f)))
                     .collect::<Result<Vec<_>>>()?;
-                let lease = options.auto_extend.then(|| {
-                    self.inner.watchdog.register(
-                        Renewal::Multi {
-                            keys: keys.clone(),
-                            tokens: tokens.clone(),
-                        },
-                        options.ttl,
-                        options.max_hold,
-                    )
-                });
+                // Watched until its local deadline; with auto-extend it is renewed.
+                let lease = Some(self.inner.watchdog.register(
+                    Renewal::Multi {
+                        keys: keys.clone(),
+                        tokens: tokens.clone(),
+                    },
+                    LeaseTerms {
+                        ttl: options.ttl,
+                        sent,
+                        renew: options.auto_extend,
+                        max_hold: options.max_hold,
+                    },
+                ));
                 Ok(TryMulti::Acquired(MultiGuard {
                     herd: self.clone(),
                     keys,

@@ -40,7 +40,7 @@ use crate::backend::{Notice, SemArgs, SemOp, SemReply};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
-use crate::watchdog::{self, LeaseHandle, Renewal};
+use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
 
 /// The largest accepted number of permits.
 pub const MAX_PERMITS: u32 = 100_000;
@@ -252,8 +252,9 @@ impl Semaphore {
     /// expires with its lease.
     pub async fn try_acquire(&self) -> Result<TryPermit> {
         let member = self.member();
+        let sent = std::time::Instant::now();
         Ok(match self.step(SemOp::Try, &member).await? {
-            SemReply::Admitted => TryPermit::Acquired(self.permit(member)),
+            SemReply::Admitted => TryPermit::Acquired(self.permit(member, sent)),
             SemReply::Busy { in_use, .. } => TryPermit::Busy { in_use },
             other => return Err(unexpected(&other)),
         })
@@ -290,6 +291,8 @@ impl Semaphore {
             semaphore: self.clone(),
             member: member.clone(),
         };
+        // When the step that admitted us was sent: the permit's lease starts no earlier.
+        let mut sent = std::time::Instant::now();
         let wait_loop = async {
             let op = if self.fair { SemOp::Queue } else { SemOp::Try };
             // A fair waiter whose channel is already subscribed (other waiters of this
@@ -302,6 +305,7 @@ impl Semaphore {
                 None
             };
             if early.is_none() {
+                sent = std::time::Instant::now();
                 if let SemReply::Admitted = self.step(op, &member).await? {
                     return Ok(());
                 }
@@ -323,6 +327,7 @@ impl Semaphore {
             };
             loop {
                 // Subscribed (confirmed) before this check.
+                sent = std::time::Instant::now();
                 let soonest = match self.step(op, &member).await? {
                     SemReply::Admitted => return Ok(()),
                     SemReply::Busy { soonest_ms, .. } => soonest_ms,
@@ -352,7 +357,7 @@ impl Semaphore {
         match tokio::time::timeout_at(deadline, wait_loop).await {
             Ok(Ok(())) => {
                 leave.armed = false;
-                Ok(self.permit(member))
+                Ok(self.permit(member, sent))
             }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(timed_out()),
@@ -392,15 +397,19 @@ impl Semaphore {
         }
     }
 
-    fn permit(&self, member: String) -> Permit {
+    fn permit(&self, member: String, sent: std::time::Instant) -> Permit {
         let lease = self.herd.inner.watchdog.register(
             Renewal::Permit {
                 keys: self.keys.clone(),
                 member: member.clone(),
                 permits: self.permits,
             },
-            self.lease,
-            None,
+            LeaseTerms {
+                ttl: self.lease,
+                sent,
+                renew: true,
+                max_hold: None,
+            },
         );
         Permit {
             semaphore: self.clone(),
@@ -488,8 +497,10 @@ impl Permit {
         &self.semaphore.keys.key
     }
 
-    /// Whether the watchdog found the permit gone (its lease ran out, for example while
-    /// Redis was unreachable).
+    /// Whether the permit is known lost: the watchdog found it gone, or no renewal
+    /// succeeded before its local deadline (the send time of the last successful
+    /// admission or renewal, plus the lease, minus 1 % + 2 ms), for example while Redis
+    /// was unreachable.
     pub fn is_lost(&self) -> bool {
         self.lease.as_ref().is_some_and(LeaseHandle::is_lost)
     }
@@ -521,6 +532,7 @@ impl Permit {
             lease,
             ..self.semaphore.args(&self.member)
         };
+        let sent = std::time::Instant::now();
         let reply = self
             .semaphore
             .herd
@@ -528,10 +540,11 @@ impl Permit {
             .semaphore(&self.semaphore.keys, SemOp::Extend, args)
             .await?;
         if reply == SemReply::Done(true) {
-            if let Some(handle) = &self.lease {
-                handle.extended(lease);
+            // An extension that lands after the local deadline does not revive the permit.
+            if self.lease.as_ref().is_none_or(|h| h.extended(lease, sent)) {
+                return Ok(());
             }
-            Ok(())
+            Err(self.lost_error())
         } else {
             if let Some(handle) = &self.lease {
                 handle.mark_lost();

@@ -1,22 +1,35 @@
-//! The lease watchdog: one OS thread per herd that keeps every held lease alive.
+//! The lease watchdog: one OS thread per herd that keeps every held lease alive, and tells
+//! each holder it lost its lease no later than the lease can have run out on Redis.
 //!
-//! Held locks, fan-out runs and semaphore permits register a lease here. The thread runs
-//! its own single-threaded Tokio runtime and, for Redis, its **own connection**, so a job
-//! that blocks the caller's runtime (a CPU loop, a blocking call) does not stop renewals.
-//! Every lease is renewed every third of its TTL; renewals that fall due together are sent
-//! together (pipelined on one multiplexed connection), not one timer per lease.
+//! Held locks, fan-out runs, multi-locks and semaphore permits register a lease here. The
+//! thread runs its own single-threaded Tokio runtime and, for Redis, its **own connection**,
+//! so a job that blocks the caller's runtime (a CPU loop, a blocking call) does not stop
+//! renewals. Every lease is renewed every third of its TTL; each renewal runs as its own
+//! task (pipelined on one multiplexed connection), so one slow or hung renewal never delays
+//! another lease's renewal or its loss.
 //!
-//! A lease is *lost* when a renewal finds another holder, or when no renewal succeeded
-//! before the lease's own deadline (Redis unreachable): its [`LeaseHandle`] then reports
-//! lost, and whoever holds it decides (a fan-out leader cancels its job by default).
-//! Dropping the handle stops renewal at once. An optional maximum hold time stops renewing
-//! after that long, so the lease runs out.
+//! # Loss is decided on the holder's clock
+//!
+//! A lease's *local deadline* is the instant its last successful renewal (or its
+//! acquisition) was **sent**, plus its TTL, minus a drift margin ([`drift_margin`]: 1 % of
+//! the TTL plus 2 ms, for clock-rate drift between this host and Redis and Redis's
+//! millisecond rounding). Redis starts the TTL when it *runs* the command, which is after
+//! it was sent, so the local deadline is never later than the key's expiry on Redis. When
+//! the deadline passes the lease is lost — whatever renewals are in flight, whatever the
+//! command timeout — and its [`LeaseHandle`] reports it. A renewal that succeeds after
+//! that does not resurrect the lease: the watchdog releases it.
+//!
+//! A lease is also lost when a renewal finds another holder. Whoever holds the handle
+//! decides what loss means (a fan-out leader cancels its job by default). Dropping the
+//! handle stops renewal at once. A lease registered without renewal (`auto_extend(false)`)
+//! or past its maximum hold time is not renewed, and is reported lost at its deadline.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::backend::{Backend, SemArgs, SemOp, SemReply};
 use crate::keys::JobKeys;
@@ -26,6 +39,22 @@ use crate::semaphore::QUEUE_TTL;
 const RETRY: Duration = Duration::from_millis(100);
 /// The longest the thread sleeps when nothing is due (it is woken on registration).
 const IDLE: Duration = Duration::from_secs(1);
+/// The fixed part of the drift margin: Redis rounds its clock to milliseconds.
+const DRIFT_FIXED: Duration = Duration::from_millis(2);
+/// The proportional part of the drift margin: 1 / `DRIFT_DIVISOR` of the TTL.
+const DRIFT_DIVISOR: u32 = 100;
+
+/// How much earlier than `sent + ttl` a lease is considered gone: 1 % of the TTL (the
+/// clock-rate difference between this host and the Redis host that herdlock tolerates)
+/// plus 2 ms (Redis keeps expiry times in whole milliseconds).
+pub(crate) fn drift_margin(ttl: Duration) -> Duration {
+    ttl / DRIFT_DIVISOR + DRIFT_FIXED
+}
+
+/// The local deadline of a lease whose acquisition or renewal to `ttl` was sent at `sent`.
+pub(crate) fn local_deadline(sent: Instant, ttl: Duration) -> Instant {
+    sent + ttl.saturating_sub(drift_margin(ttl))
+}
 
 /// What renewing one lease means.
 #[derive(Debug, Clone)]
@@ -45,6 +74,19 @@ pub(crate) enum Renewal {
     },
 }
 
+/// How a lease is kept.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LeaseTerms {
+    /// The TTL the lease was acquired with.
+    pub(crate) ttl: Duration,
+    /// When the acquisition was sent (before the acquire command left this process).
+    pub(crate) sent: Instant,
+    /// Whether the watchdog renews it (`false`: it is only watched until its deadline).
+    pub(crate) renew: bool,
+    /// Stop renewing this long after `sent` (the maximum hold time).
+    pub(crate) max_hold: Option<Duration>,
+}
+
 /// The watchdog of one herd. The thread starts on the first registration.
 #[derive(Debug)]
 pub(crate) struct Watchdog {
@@ -54,7 +96,7 @@ pub(crate) struct Watchdog {
 #[derive(Debug)]
 struct Shared {
     leases: Mutex<Leases>,
-    /// Wakes the thread when a lease is registered.
+    /// Wakes the thread when a lease is registered or extended.
     wake: Arc<Notify>,
     /// The backend the thread renews through (for Redis, it opens a connection of its own).
     backend: Backend,
@@ -73,30 +115,76 @@ struct Leases {
 struct Lease {
     renewal: Renewal,
     ttl: Duration,
+    renew: bool,
     next_due: Instant,
-    /// The lease is certainly valid until here (from the send time of the last success).
-    valid_until: Instant,
     /// Stop renewing after this (the maximum hold time).
     hold_until: Option<Instant>,
+    /// A renewal of this lease is on its way.
+    in_flight: bool,
+    state: Arc<LeaseState>,
+}
+
+/// What a lease's holder and the thread share: the lost flag and the local deadline.
+#[derive(Debug)]
+struct LeaseState {
     lost: watch::Sender<bool>,
+    /// The local deadline, as nanoseconds since [`epoch`].
+    deadline: AtomicU64,
+}
+
+impl LeaseState {
+    fn deadline(&self) -> Instant {
+        epoch() + Duration::from_nanos(self.deadline.load(Ordering::Acquire))
+    }
+
+    fn set_deadline(&self, at: Instant) {
+        let nanos = at.saturating_duration_since(epoch()).as_nanos();
+        self.deadline
+            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Release);
+    }
+
+    fn is_lost(&self) -> bool {
+        *self.lost.borrow() || self.deadline() <= Instant::now()
+    }
+
+    fn mark_lost(&self) {
+        self.lost.send_replace(true);
+    }
+}
+
+/// A fixed instant the deadlines are measured from (set before any lease exists).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// A renewal's outcome, sent back to the thread's loop by the renewal's task.
+struct Renewed {
+    id: u64,
+    sent: Instant,
+    ttl: Duration,
+    outcome: crate::Result<bool>,
 }
 
 impl Leases {
+    /// Marks every lease whose deadline has passed as lost, and collects the due renewals.
     fn due(&mut self, now: Instant) -> Vec<(u64, Renewal, Duration)> {
         let mut due = Vec::new();
         for (id, lease) in &mut self.map {
-            if *lease.lost.borrow() {
+            if *lease.state.lost.borrow() {
                 continue;
             }
-            if lease.valid_until <= now {
-                // Nothing renewed it in time: it may have expired and been taken.
-                lease.lost.send_replace(true);
+            if lease.state.deadline() <= now {
+                // Nothing renewed it in time: it may have expired on Redis and been taken.
+                tracing::warn!(renewal = ?lease.renewal, "lease lost: its local deadline passed before a renewal succeeded");
+                lease.state.mark_lost();
                 continue;
             }
-            if lease.hold_until.is_some_and(|t| t <= now) {
-                continue; // past its maximum hold time: let it run out
+            if !lease.renew || lease.in_flight || lease.hold_until.is_some_and(|t| t <= now) {
+                continue;
             }
             if lease.next_due <= now {
+                lease.in_flight = true;
                 due.push((*id, lease.renewal.clone(), lease.ttl));
             }
         }
@@ -106,12 +194,13 @@ impl Leases {
     fn next_wake(&self, now: Instant) -> Instant {
         self.map
             .values()
-            .filter(|l| !*l.lost.borrow())
+            .filter(|l| !*l.state.lost.borrow())
             .map(|l| {
-                if l.hold_until.is_some_and(|t| t <= now) {
-                    l.valid_until
+                let deadline = l.state.deadline();
+                if !l.renew || l.in_flight || l.hold_until.is_some_and(|t| t <= now) {
+                    deadline
                 } else {
-                    l.next_due.min(l.valid_until)
+                    l.next_due.min(deadline)
                 }
             })
             .min()
@@ -122,6 +211,7 @@ impl Leases {
 
 impl Watchdog {
     pub(crate) fn new(backend: Backend) -> Watchdog {
+        epoch();
         Watchdog {
             shared: Arc::new(Shared {
                 leases: Mutex::new(Leases::default()),
@@ -131,16 +221,18 @@ impl Watchdog {
         }
     }
 
-    /// Registers a lease just acquired with `ttl`; renewal starts a third of the TTL from
-    /// now. Keep the handle while the lease is held; dropping it stops renewal.
-    pub(crate) fn register(
-        &self,
-        renewal: Renewal,
-        ttl: Duration,
-        max_hold: Option<Duration>,
-    ) -> LeaseHandle {
-        let now = Instant::now();
+    /// Registers a lease just acquired on `terms`; renewal (if any) starts a third of the
+    /// TTL after the acquisition was sent. Keep the handle while the lease is held;
+    /// dropping it stops renewal.
+    pub(crate) fn register(&self, renewal: Renewal, terms: LeaseTerms) -> LeaseHandle {
         let (tx, rx) = watch::channel(false);
+        let state = Arc::new(LeaseState {
+            lost: tx,
+            deadline: AtomicU64::new(0),
+        });
+        let deadline = local_deadline(terms.sent, terms.ttl);
+        state.set_deadline(deadline);
+        let first_due = terms.sent + period(terms.ttl);
         let (id, wake) = {
             let mut leases = lock(&self.shared.leases);
             leases.next_id += 1;
@@ -149,11 +241,12 @@ impl Watchdog {
                 id,
                 Lease {
                     renewal,
-                    ttl,
-                    next_due: now + period(ttl),
-                    valid_until: now + ttl,
-                    hold_until: max_hold.map(|d| now + d),
-                    lost: tx,
+                    ttl: terms.ttl,
+                    renew: terms.renew,
+                    next_due: first_due,
+                    hold_until: terms.max_hold.map(|d| terms.sent + d),
+                    in_flight: false,
+                    state: Arc::clone(&state),
                 },
             );
             if !leases.thread_started {
@@ -161,9 +254,14 @@ impl Watchdog {
                 self.start_thread();
             }
             // Wake the thread only if it would otherwise sleep past this lease's first
-            // renewal: with the usual TTLs it wakes in time on its own, and skipping the
-            // wake-up keeps registration cheap on the acquire path.
-            let wake = leases.planned_wake.is_some_and(|t| now + period(ttl) < t);
+            // renewal or its deadline: with the usual TTLs it wakes in time on its own, and
+            // skipping the wake-up keeps registration cheap on the acquire path.
+            let next = if terms.renew {
+                first_due.min(deadline)
+            } else {
+                deadline
+            };
+            let wake = leases.planned_wake.is_some_and(|t| next < t);
             (id, wake)
         };
         if wake {
@@ -172,6 +270,7 @@ impl Watchdog {
         LeaseHandle {
             shared: Arc::downgrade(&self.shared),
             id,
+            state,
             lost: rx,
         }
     }
@@ -216,50 +315,62 @@ async fn run(weak: Weak<Shared>) {
         let wake = Arc::clone(&shared.wake);
         let backend = match &shared.backend {
             Backend::Redis(redis) => match redis.detached() {
-                Ok(own) => Backend::Redis(own),
+                Ok(own) => Some(Backend::Redis(own)),
                 Err(e) => {
-                    tracing::error!(error = %e, "the lease watchdog could not open its connection");
-                    return;
+                    // Without renewals, every lease is still reported lost at its deadline.
+                    tracing::error!(error = %e, "the lease watchdog could not open its connection; leases will not be renewed");
+                    None
                 }
             },
-            memory @ Backend::Memory(_) => memory.clone(),
+            memory @ Backend::Memory(_) => Some(memory.clone()),
         };
         (backend, wake)
     };
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Renewed>();
     loop {
         let Some(shared) = weak.upgrade() else { return };
+        // Outcomes first: a success moves deadlines, so apply it before judging them.
+        let mut late = Vec::new();
+        {
+            let mut leases = lock(&shared.leases);
+            while let Ok(renewed) = done_rx.try_recv() {
+                if let Some(renewal) = apply(&mut leases, renewed) {
+                    late.push(renewal);
+                }
+            }
+        }
+        if let Some(backend) = &backend {
+            for renewal in late {
+                spawn_release(backend, renewal);
+            }
+        }
         let now = Instant::now();
         let due = {
             let mut leases = lock(&shared.leases);
             leases.planned_wake = None;
             leases.due(now)
         };
-        if !due.is_empty() {
-            let sent_at = Instant::now();
-            let renewals = due
-                .iter()
-                .map(|(_, renewal, ttl)| renew(&backend, renewal, *ttl));
-            let outcomes = futures::future::join_all(renewals).await;
-            let mut leases = lock(&shared.leases);
-            for ((id, _, ttl), outcome) in due.iter().zip(outcomes) {
-                let Some(lease) = leases.map.get_mut(id) else {
-                    continue;
-                }; // released meanwhile
-                match outcome {
-                    Ok(true) => {
-                        lease.valid_until = sent_at + *ttl;
-                        lease.next_due = sent_at + period(*ttl);
-                    }
-                    Ok(false) => {
-                        tracing::warn!(renewal = ?lease.renewal, "lease lost: another holder has it, or it expired");
-                        lease.lost.send_replace(true);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "lease renewal failed; retrying");
-                        lease.next_due = Instant::now() + RETRY.min(period(*ttl));
-                    }
+        for (id, renewal, ttl) in due {
+            let Some(backend) = backend.clone() else {
+                // No connection to renew on: the lease runs out at its deadline.
+                if let Some(lease) = lock(&shared.leases).map.get_mut(&id) {
+                    lease.renew = false;
+                    lease.in_flight = false;
                 }
-            }
+                continue;
+            };
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let sent = Instant::now();
+                let outcome = renew(&backend, &renewal, ttl).await;
+                // The loop may be gone (herd dropped): then nobody needs the outcome.
+                let _ = done.send(Renewed {
+                    id,
+                    sent,
+                    ttl,
+                    outcome,
+                });
+            });
         }
         let wake_at = {
             let mut leases = lock(&shared.leases);
@@ -273,8 +384,84 @@ async fn run(weak: Weak<Shared>) {
         tokio::select! {
             () = notified => {}
             () = tokio::time::sleep_until(wake_at.into()) => {}
+            Some(renewed) = done_rx.recv() => {
+                let Some(shared) = weak.upgrade() else { return };
+                let late = apply(&mut lock(&shared.leases), renewed);
+                if let (Some(renewal), Some(backend)) = (late, &backend) {
+                    spawn_release(backend, renewal);
+                }
+            }
         }
     }
+}
+
+/// Applies a renewal's outcome to its lease. Returns the renewal to undo when it succeeded
+/// on Redis after the lease was already reported lost (it must not come back to life).
+fn apply(leases: &mut Leases, renewed: Renewed) -> Option<Renewal> {
+    let Renewed {
+        id,
+        sent,
+        ttl,
+        outcome,
+    } = renewed;
+    let lease = leases.map.get_mut(&id)?; // released meanwhile
+    lease.in_flight = false;
+    match outcome {
+        Ok(true) => {
+            let deadline = local_deadline(sent, ttl);
+            if lease.state.is_lost() || deadline <= Instant::now() {
+                tracing::warn!(renewal = ?lease.renewal, "a renewal succeeded after the lease's local deadline; releasing it");
+                lease.state.mark_lost();
+                return Some(lease.renewal.clone());
+            }
+            // A manual extension sent later may have moved the deadline further already.
+            if deadline > lease.state.deadline() {
+                lease.state.set_deadline(deadline);
+            }
+            lease.next_due = sent + period(ttl);
+        }
+        Ok(false) => {
+            tracing::warn!(renewal = ?lease.renewal, "lease lost: another holder has it, or it expired");
+            lease.state.mark_lost();
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, renewal = ?lease.renewal, "lease renewal failed; retrying");
+            lease.next_due = Instant::now() + RETRY.min(period(ttl));
+        }
+    }
+    None
+}
+
+/// Releases, in the background, a lease that was renewed after it was reported lost.
+fn spawn_release(backend: &Backend, renewal: Renewal) {
+    let backend = backend.clone();
+    tokio::spawn(async move {
+        let released = match &renewal {
+            Renewal::Lock { keys, token } => {
+                backend.release(keys, token, Duration::ZERO).await.map(drop)
+            }
+            Renewal::Multi { keys, tokens } => backend.multi_release(keys, tokens).await.map(drop),
+            Renewal::Permit {
+                keys,
+                member,
+                permits,
+            } => {
+                let args = SemArgs {
+                    member,
+                    permits: *permits,
+                    lease: Duration::ZERO,
+                    queue_ttl: QUEUE_TTL,
+                };
+                backend
+                    .semaphore(keys, SemOp::Release, args)
+                    .await
+                    .map(drop)
+            }
+        };
+        if let Err(e) = released {
+            tracing::warn!(error = %e, ?renewal, "could not release a lease renewed after its deadline; it runs out with its TTL");
+        }
+    });
 }
 
 async fn renew(backend: &Backend, renewal: &Renewal, ttl: Duration) -> crate::Result<bool> {
@@ -304,13 +491,14 @@ async fn renew(backend: &Backend, renewal: &Renewal, ttl: Duration) -> crate::Re
 pub(crate) struct LeaseHandle {
     shared: Weak<Shared>,
     id: u64,
+    state: Arc<LeaseState>,
     lost: watch::Receiver<bool>,
 }
 
 impl LeaseHandle {
-    /// Whether the lease is known lost.
+    /// Whether the lease is known lost, or its local deadline has passed.
     pub(crate) fn is_lost(&self) -> bool {
-        *self.lost.borrow()
+        self.state.is_lost()
     }
 
     /// Resolves once the lease is lost (never, while it is held).
@@ -328,24 +516,28 @@ impl LeaseHandle {
 
     /// Records that the holder found the lease lost itself (a failed extend or heartbeat).
     pub(crate) fn mark_lost(&self) {
-        if let Some(shared) = self.shared.upgrade() {
-            if let Some(lease) = lock(&shared.leases).map.get(&self.id) {
-                lease.lost.send_replace(true);
-            }
-        }
+        self.state.mark_lost();
     }
 
-    /// Records a successful manual extension to `ttl`.
-    pub(crate) fn extended(&self, ttl: Duration) {
-        if let Some(shared) = self.shared.upgrade() {
-            let now = Instant::now();
-            if let Some(lease) = lock(&shared.leases).map.get_mut(&self.id) {
-                lease.ttl = ttl;
-                lease.valid_until = now + ttl;
-                lease.next_due = now + period(ttl);
-            }
-            shared.wake.notify_one();
+    /// Records a successful manual extension to `ttl` that was sent at `sent`. Returns
+    /// `false` (and changes nothing) when the lease was already lost: a late extension
+    /// does not bring it back.
+    pub(crate) fn extended(&self, ttl: Duration, sent: Instant) -> bool {
+        if self.state.is_lost() {
+            self.state.mark_lost();
+            return false;
         }
+        let Some(shared) = self.shared.upgrade() else {
+            self.state.set_deadline(local_deadline(sent, ttl));
+            return true;
+        };
+        if let Some(lease) = lock(&shared.leases).map.get_mut(&self.id) {
+            lease.ttl = ttl;
+            lease.next_due = sent + period(ttl);
+            self.state.set_deadline(local_deadline(sent, ttl));
+        }
+        shared.wake.notify_one();
+        true
     }
 }
 
@@ -363,5 +555,25 @@ impl Drop for LeaseHandle {
         if let Some(shared) = self.shared.upgrade() {
             lock(&shared.leases).map.remove(&self.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_deadline_is_before_the_ttl_runs_out() {
+        let sent = Instant::now();
+        for ttl_ms in [1, 10, 100, 1_000, 2_000, 10_000, 3_600_000] {
+            let ttl = Duration::from_millis(ttl_ms);
+            let deadline = local_deadline(sent, ttl);
+            assert!(deadline <= sent + ttl, "ttl {ttl:?}");
+            assert!(deadline >= sent);
+        }
+        assert_eq!(
+            local_deadline(sent, Duration::from_secs(10)),
+            sent + Duration::from_millis(9_898)
+        );
     }
 }
