@@ -25,6 +25,7 @@
 //!    again; a free lock with no such result means the leader died or gave up, so go back
 //!    to 1 and contend (one of the waiters becomes the next leader).
 
+use std::any::TypeId;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,7 +37,9 @@ use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::backend::{parse_holder, AcquireReply, Backend, FanoutReply, Notice, Subscription};
+use crate::backend::{
+    parse_holder, AcquireReply, Backend, FanoutReply, Notice, ResultAges, Subscription,
+};
 use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
@@ -91,13 +94,42 @@ pub(crate) enum Mode {
     Push(Option<oneshot::Sender<Option<oneshot::Sender<Body>>>>),
 }
 
+/// When the newest caller of a flight called (it joined or started the flight then).
+type Joined = Arc<Mutex<Instant>>;
+
+/// One flight in the map.
+#[derive(Debug)]
+struct Entry {
+    slot: Arc<Slot>,
+    /// The result type of the callers (one job id has one result type).
+    result_type: TypeId,
+    type_name: &'static str,
+    joined: Joined,
+}
+
+/// The result type a caller asks a flight for (its `TypeId` and name, for errors).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResultType {
+    id: TypeId,
+    name: &'static str,
+}
+
+impl ResultType {
+    pub(crate) fn of<T: 'static>() -> ResultType {
+        ResultType {
+            id: TypeId::of::<T>(),
+            name: std::any::type_name::<T>(),
+        }
+    }
+}
+
 /// The flights of one herd, by job id.
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     /// Invariant: an entry exists exactly while its flight task has not yet published an
     /// outcome or retired; joining (subscribing) and retiring both happen under this lock,
     /// so a caller never joins a flight that has already given up.
-    map: Mutex<HashMap<String, Arc<Slot>>>,
+    map: Mutex<HashMap<String, Entry>>,
     /// Flights currently subscribed and waiting for another node's run (a gauge).
     following: AtomicUsize,
 }
@@ -110,14 +142,14 @@ impl Flights {
 
     /// Callers waiting on any flight.
     pub(crate) fn waiting(&self) -> usize {
-        self.map().values().map(|slot| slot.receiver_count()).sum()
+        self.map().values().map(|e| e.slot.receiver_count()).sum()
     }
 
     /// Flights subscribed and waiting for another node's run.
     pub(crate) fn following(&self) -> usize {
         self.following.load(Ordering::SeqCst)
     }
-    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Slot>>> {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.map
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -126,7 +158,7 @@ impl Flights {
     /// Removes the flight if it is still the registered one for `id`.
     fn remove(&self, id: &str, slot: &Arc<Slot>) {
         let mut map = self.map();
-        if map.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        if map.get(id).is_some_and(|e| Arc::ptr_eq(&e.slot, slot)) {
             map.remove(id);
         }
     }
@@ -138,7 +170,7 @@ impl Flights {
         if slot.receiver_count() > 0 {
             return false;
         }
-        if map.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+        if map.get(id).is_some_and(|e| Arc::ptr_eq(&e.slot, slot)) {
             map.remove(id);
         }
         true
@@ -147,23 +179,63 @@ impl Flights {
 
 /// Joins the flight for `keys`, or starts one with `mode`. Returns the waiter and whether
 /// this call started the flight (when it joined, `mode` is dropped unused).
+///
+/// # Errors
+///
+/// [`InvalidInput`](ErrorKind::InvalidInput) when the job id is in flight in this process
+/// for another result type: one job id names one job, with one result type.
 pub(crate) fn join_or_start(
     herd: &Herd,
     keys: &JobKeys,
+    result_type: ResultType,
     settings: RunSettings,
     mode: Mode,
-) -> (Waiter, bool) {
+) -> Result<(Waiter, bool)> {
     let flights = &herd.inner.flights;
     let mut map = flights.map();
-    if let Some(slot) = map.get(&keys.key) {
-        return (slot.subscribe(), false);
+    let now = Instant::now();
+    if let Some(entry) = map.get(&keys.key) {
+        if entry.result_type != result_type.id {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "job `{}` is in flight for result type `{}`; this call asks for `{}` \
+                     (one job id has one result type: give each type its own id)",
+                    keys.key, entry.type_name, result_type.name
+                ),
+            ));
+        }
+        *lock_joined(&entry.joined) = now;
+        return Ok((entry.slot.subscribe(), false));
     }
     let (tx, rx) = watch::channel(None);
     let slot = Arc::new(tx);
-    map.insert(keys.key.clone(), Arc::clone(&slot));
+    let joined = Arc::new(Mutex::new(now));
+    map.insert(
+        keys.key.clone(),
+        Entry {
+            slot: Arc::clone(&slot),
+            result_type: result_type.id,
+            type_name: result_type.name,
+            joined: Arc::clone(&joined),
+        },
+    );
     drop(map);
-    tokio::spawn(fly(herd.clone(), keys.clone(), slot, settings, mode));
-    (rx, true)
+    tokio::spawn(fly(
+        herd.clone(),
+        keys.clone(),
+        slot,
+        joined,
+        settings,
+        mode,
+    ));
+    Ok((rx, true))
+}
+
+fn lock_joined(joined: &Mutex<Instant>) -> MutexGuard<'_, Instant> {
+    joined
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Waits for a flight's outcome until `deadline`.
@@ -190,8 +262,15 @@ fn abandoned(why: &str) -> Error {
 /// The flight task. A panic anywhere in it (say, a job whose `Drop` panics while it is
 /// being cancelled) still retires the flight and tells its callers, so the job id is never
 /// left to a dead flight.
-async fn fly(herd: Herd, keys: JobKeys, slot: Arc<Slot>, settings: RunSettings, mode: Mode) {
-    let outcome = AssertUnwindSafe(drive(&herd, &keys, &slot, settings, mode))
+async fn fly(
+    herd: Herd,
+    keys: JobKeys,
+    slot: Arc<Slot>,
+    joined: Joined,
+    settings: RunSettings,
+    mode: Mode,
+) {
+    let outcome = AssertUnwindSafe(drive(&herd, &keys, &slot, &joined, settings, mode))
         .catch_unwind()
         .await
         .unwrap_or_else(|_| {
@@ -217,6 +296,7 @@ async fn drive(
     herd: &Herd,
     keys: &JobKeys,
     slot: &Arc<Slot>,
+    joined: &Mutex<Instant>,
     settings: RunSettings,
     mut mode: Mode,
 ) -> Option<FlightOutcome> {
@@ -237,17 +317,32 @@ async fn drive(
             Err(e) => return fail(e),
         };
         let sent = std::time::Instant::now();
+        let asked = Instant::now();
+        // A run that completed after the newest caller called is everyone's: serving its
+        // stored result is no coalescing miss, and needs no extra round trip.
+        let newest_call = *lock_joined(joined);
+        let ages = ResultAges {
+            cache_age: settings.cache_age,
+            called: asked.saturating_duration_since(newest_call),
+        };
         let reply = backend
-            .fanout_acquire(
-                keys,
-                &nonce(),
-                herd.owner(),
-                settings.ttl,
-                settings.cache_age,
-            )
+            .fanout_acquire(keys, &nonce(), herd.owner(), settings.ttl, ages)
             .await;
         let (holder, pttl_ms) = match reply {
             Err(e) => return fail(e),
+            Ok(FanoutReply::Fresh { envelope }) => {
+                // A caller that joined while the request was out may have called after
+                // that run completed: it must not get it. Try again for everyone then.
+                if *lock_joined(joined) > newest_call {
+                    continue;
+                }
+                drop(sub);
+                tell_follower(&mut mode);
+                return Some(FlightOutcome {
+                    result: decode_stored(&keys.key, &envelope).map(Arc::new),
+                    how: How::Followed,
+                });
+            }
             Ok(FanoutReply::Cached { envelope }) => {
                 drop(sub);
                 tell_follower(&mut mode);

@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::coalesce::{self, How, Mode, RunSettings, Waiter};
+use crate::coalesce::{self, How, Mode, ResultType, RunSettings, Waiter};
 use crate::codec::{self, Body, Codec, JobError};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::Herd;
@@ -250,7 +250,14 @@ impl Herd {
     /// [`Error::job_error`]) when the job returned an error; [`JobPanicked`](ErrorKind::JobPanicked);
     /// [`Codec`](ErrorKind::Codec) when the result could not be serialized, was too large,
     /// or could not be decoded as `T`; [`Abandoned`](ErrorKind::Abandoned) when the runtime
-    /// shut down; [`InvalidInput`](ErrorKind::InvalidInput) and connection errors.
+    /// shut down; [`InvalidInput`](ErrorKind::InvalidInput) for a bad job id, or when the
+    /// job id is in flight in this process for another result type `T` (one job id names
+    /// one job with one result type); connection errors.
+    ///
+    /// A caller never starts a new run when a run of its job id completed after it called:
+    /// it gets that run's result (or error), wherever the run took place, with no extra
+    /// round trip. A caller that calls after a run completed never gets that run's result
+    /// (unless it asked for a [cache age](FanoutOptions::cache_age)).
     ///
     /// # Cancel safety
     ///
@@ -320,7 +327,8 @@ impl Herd {
             }
             .boxed()
         });
-        let (waiter, started) = coalesce::join_or_start(self, &keys, settings, Mode::Run(job));
+        let (waiter, started) =
+            coalesce::join_or_start(self, &keys, ResultType::of::<T>(), settings, Mode::Run(job))?;
         settle(job_id, waiter, started, deadline, options.timeout).await
     }
 
@@ -371,8 +379,13 @@ impl Herd {
         let settings = options.validate(self)?;
         let deadline = Instant::now() + options.timeout;
         let (role_tx, role_rx) = oneshot::channel();
-        let (waiter, started) =
-            coalesce::join_or_start(self, &keys, settings, Mode::Push(Some(role_tx)));
+        let (waiter, started) = coalesce::join_or_start(
+            self,
+            &keys,
+            ResultType::of::<T>(),
+            settings,
+            Mode::Push(Some(role_tx)),
+        )?;
         let follower = |waiter| Follower {
             job_id: job_id.to_owned(),
             waiter,

@@ -24,6 +24,7 @@ both_backends!(
     max_duration_and_bad_options,
     a_panic_while_cancelling_does_not_wedge_the_id,
     ten_thousand_local_callers,
+    one_job_id_has_one_result_type,
 );
 
 fn counting_job(
@@ -662,4 +663,68 @@ async fn ten_thousand_local_callers(fx: Fx) {
         assert_eq!(task.await.expect("task").expect("fanout"), "shared");
     }
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// Issue 10: `fanout::<u32>("id")` and `fanout::<String>("id")` in one process do not share
+/// a flight (which would hand one of them a codec error): the second is refused at once
+/// with a clear error naming both types, and the first is unaffected.
+async fn one_job_id_has_one_result_type(fx: Fx) {
+    let node = fx.node("typed").await;
+    let (go_tx, go_rx) = oneshot::channel::<()>();
+    let leader = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            node.fanout("typed-job", Duration::from_secs(10), move || async move {
+                let _ = go_rx.await;
+                Ok::<u32, JobError>(7)
+            })
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.stats().in_flight == 0 {
+        assert!(Instant::now() < deadline, "the first flight never started");
+        tokio::task::yield_now().await;
+    }
+    let err = node
+        .fanout("typed-job", Duration::from_secs(10), || async {
+            Ok::<String, JobError>("text".to_owned())
+        })
+        .await
+        .expect_err("another result type for an id in flight");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("u32") && message.contains("String"),
+        "{message}"
+    );
+    // The same type joins as usual.
+    let joiner = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            node.fanout("typed-job", Duration::from_secs(10), || async {
+                Ok::<u32, JobError>(0)
+            })
+            .await
+        })
+    };
+    while node.stats().waiting < 2 {
+        assert!(Instant::now() < deadline, "the joiner never joined");
+        tokio::task::yield_now().await;
+    }
+    go_tx.send(()).expect("the job waits");
+    assert_eq!(
+        within(Duration::from_secs(10), "leader", leader)
+            .await
+            .expect("task")
+            .expect("leader"),
+        7
+    );
+    assert_eq!(
+        within(Duration::from_secs(10), "joiner", joiner)
+            .await
+            .expect("task")
+            .expect("joiner"),
+        7
+    );
 }

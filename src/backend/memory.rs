@@ -12,8 +12,8 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 
 use super::{
-    AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, SemArgs, SemOp, SemReply,
-    StatusReply, Subscription,
+    AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
+    SemReply, StatusReply, Subscription,
 };
 use crate::keys::JobKeys;
 
@@ -163,7 +163,16 @@ impl MemoryBackend {
         owner: &str,
         ttl: Duration,
     ) -> AcquireReply {
-        let mut st = self.lock();
+        Self::acquire_in(&mut self.lock(), keys, nonce, owner, ttl)
+    }
+
+    fn acquire_in(
+        st: &mut State,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> AcquireReply {
         if st.get(&keys.lock).is_some() {
             let pttl_ms = st.pttl(&keys.lock);
             let holder = st
@@ -364,21 +373,37 @@ impl MemoryBackend {
         nonce: &str,
         owner: &str,
         ttl: Duration,
-        cache_age: Option<Duration>,
+        ages: ResultAges,
     ) -> FanoutReply {
-        if let Some(max_age) = cache_age {
-            let mut st = self.lock();
-            if let Some(stored) = st.result(&keys.result()) {
-                if stored.ok && stored.at.elapsed() <= max_age {
-                    return FanoutReply::Cached {
-                        envelope: stored.envelope.clone(),
-                    };
+        let mut st = self.lock();
+        // As fanout_acquire.lua: a cached result first (even while a run is in progress),
+        // then a run in progress, then a result produced after the newest call.
+        let serve = |st: &mut State| {
+            let stored = st.result(&keys.result())?;
+            let age = stored.at.elapsed();
+            if age < ages.called {
+                return Some(FanoutReply::Fresh {
+                    envelope: stored.envelope.clone(),
+                });
+            }
+            (stored.ok && ages.cache_age.is_some_and(|max_age| age <= max_age)).then(|| {
+                FanoutReply::Cached {
+                    envelope: stored.envelope.clone(),
                 }
+            })
+        };
+        if ages.cache_age.is_some() {
+            if let Some(reply) = serve(&mut st) {
+                return reply;
             }
         }
-        // The cache check and the acquire are two critical sections; that is fine because a
-        // result stored in between is simply not served from the cache (as if it came later).
-        FanoutReply::Lock(self.acquire(keys, nonce, owner, ttl))
+        if st.get(&keys.lock).is_none() {
+            if let Some(reply) = serve(&mut st) {
+                return reply;
+            }
+        }
+        // One critical section: a result stored just before the acquire is served above.
+        FanoutReply::Lock(Self::acquire_in(&mut st, keys, nonce, owner, ttl))
     }
 
     pub(crate) fn fanout_check(&self, keys: &JobKeys) -> CheckReply {

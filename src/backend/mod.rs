@@ -39,6 +39,18 @@ pub(crate) enum FanoutReply {
     Lock(AcquireReply),
     /// A successful result younger than the requested cache age.
     Cached { envelope: Vec<u8> },
+    /// The result (success or failure) of a run that completed after the newest caller of
+    /// this attempt called: it is theirs, so no new run starts (no coalescing miss).
+    Fresh { envelope: Vec<u8> },
+}
+
+/// Which stored results a fan-out acquire may serve instead of starting a run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResultAges {
+    /// A successful result no older than this (the caller's cache age).
+    pub(crate) cache_age: Option<Duration>,
+    /// Any result younger than this: the time since the newest caller called.
+    pub(crate) called: Duration,
 }
 
 /// The reply of the fan-out check step.
@@ -247,19 +259,21 @@ impl Backend {
         }
     }
 
-    /// As [`acquire`](Backend::acquire), but first serves a successful stored result no
-    /// older than `cache_age`, when one is given.
+    /// As [`acquire`](Backend::acquire), but first serves a stored result the caller may
+    /// have: one younger than `called` (the time since the newest caller called, measured
+    /// when the request is sent), whatever its outcome, or a successful one no older than
+    /// `cache_age`, when one is given.
     pub(crate) async fn fanout_acquire(
         &self,
         keys: &JobKeys,
         nonce: &str,
         owner: &str,
         ttl: Duration,
-        cache_age: Option<Duration>,
+        ages: ResultAges,
     ) -> Result<FanoutReply> {
         match self {
-            Backend::Redis(b) => b.fanout_acquire(keys, nonce, owner, ttl, cache_age).await,
-            Backend::Memory(b) => Ok(b.fanout_acquire(keys, nonce, owner, ttl, cache_age)),
+            Backend::Redis(b) => b.fanout_acquire(keys, nonce, owner, ttl, ages).await,
+            Backend::Memory(b) => Ok(b.fanout_acquire(keys, nonce, owner, ttl, ages)),
         }
     }
 

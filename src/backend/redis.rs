@@ -26,8 +26,8 @@ use redis::{Client, Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
 use super::{
-    AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, SemArgs, SemOp, SemReply,
-    StatusReply, Subscription,
+    AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
+    SemReply, StatusReply, Subscription,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{millis, JobKeys};
@@ -245,7 +245,7 @@ impl RedisBackend {
         let reply = self.invoke_idempotent("acquire", &inv).await?;
         match parse_acquire(&reply, "acquire")? {
             FanoutReply::Lock(reply) => Ok(reply),
-            FanoutReply::Cached { .. } => Err(malformed("acquire")),
+            FanoutReply::Cached { .. } | FanoutReply::Fresh { .. } => Err(malformed("acquire")),
         }
     }
 
@@ -255,9 +255,11 @@ impl RedisBackend {
         nonce: &str,
         owner: &str,
         ttl: Duration,
-        cache_age: Option<Duration>,
+        ages: ResultAges,
     ) -> Result<FanoutReply> {
-        let max_age = cache_age.map_or(-1, |age| i64::try_from(millis(age)).unwrap_or(i64::MAX));
+        let max_age = ages
+            .cache_age
+            .map_or(-1, |age| i64::try_from(millis(age)).unwrap_or(i64::MAX));
         let mut inv = self.inner.scripts.fanout_acquire.prepare_invoke();
         inv.key(&keys.lock)
             .key(&keys.fence)
@@ -265,7 +267,8 @@ impl RedisBackend {
             .arg(nonce)
             .arg(owner)
             .arg(millis(ttl))
-            .arg(max_age);
+            .arg(max_age)
+            .arg(ages.called.as_millis().min(u128::from(u64::MAX)) as u64);
         let reply = self.invoke_idempotent("fanout acquire", &inv).await?;
         parse_acquire(&reply, "fanout acquire")
     }
@@ -580,6 +583,9 @@ fn parse_acquire(reply: &Value, what: &str) -> Result<FanoutReply> {
             pttl_ms: n,
         }),
         2 => FanoutReply::Cached {
+            envelope: stored_envelope(bytes(&items[1], what)?, what)?,
+        },
+        3 => FanoutReply::Fresh {
             envelope: stored_envelope(bytes(&items[1], what)?, what)?,
         },
         _ => return Err(malformed(what)),
