@@ -16,8 +16,10 @@
 //!   baseline: raw `PUBLISH` → subscriber delivery to the same processes.
 //! - `fanout-throughput`: 10,000 job ids, each requested by 4 processes, in waves of 256
 //!   ids that every process requests at once; a 0 ms job that notes its start and end
-//!   (overlaps are found from those, across processes); jobs/s, timeouts and
-//!   overlapping runs; baseline: the same 4 processes doing `SET NX` on the same ids.
+//!   (overlaps are found from those, across processes); jobs/s, timeouts, overlapping
+//!   runs, and every run after an id's first split into *misses* (its caller called
+//!   before the previous run of the id finished) and *late re-runs* (it called after);
+//!   baseline: the same 4 processes doing `SET NX` on the same ids.
 //! - `semaphore-handoff`: one permit, 25 clients in each of 4 processes, 20 holds each
 //!   (2,000 holds), 0 ms hold; unfair and fair; holds/s and wait from calling `acquire` to
 //!   holding the permit; baseline: the same clients on a raw `SET NX PX` mutex retried every
@@ -1238,9 +1240,10 @@ struct TputReport {
     unfinished: u64,
     start_us: u64,
     end_us: u64,
-    /// Every run of the job in this process: (job index, start ns, end ns), wall clock.
+    /// Every run of the job in this process: (job index, start ns, end ns, when the caller
+    /// whose job ran called, ns), wall clock.
     #[serde(default)]
-    runs: Vec<(u32, u64, u64)>,
+    runs: Vec<(u32, u64, u64, u64)>,
 }
 
 /// Nanoseconds since the epoch: one clock for every process on this machine, so run
@@ -1251,24 +1254,50 @@ fn now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Pairs of runs of one job whose intervals overlap (two leaders at once), over the runs
-/// of every process.
-fn overlapping_runs(runs: &mut [(u32, u64, u64)]) -> u64 {
+/// How the runs of every job id, over every process, came about.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct RunKinds {
+    /// The first run of an id.
+    first: u64,
+    /// A later run started by a caller that called *before* the previous run of its id
+    /// finished: that caller should have received the previous run's result.
+    misses: u64,
+    /// A later run started by a caller that called after the previous run finished (a
+    /// legitimate fresh run: results are never served to later callers without a cache
+    /// age).
+    late: u64,
+    /// Pairs of runs of one id whose intervals overlap (two leaders at once).
+    overlaps: u64,
+}
+
+/// Classifies every run (job, start, end, called) of every process.
+fn classify_runs(runs: &mut [(u32, u64, u64, u64)]) -> RunKinds {
     runs.sort_unstable();
-    let mut overlaps = 0;
-    let mut latest_end: Option<(u32, u64)> = None;
-    for &(job, start, end) in runs.iter() {
-        match latest_end {
+    let mut kinds = RunKinds::default();
+    let mut previous: Option<(u32, u64)> = None; // (job, latest end so far)
+    for &(job, start, end, called) in runs.iter() {
+        match previous {
             Some((j, e)) if j == job => {
                 if start < e {
-                    overlaps += 1;
+                    kinds.overlaps += 1;
                 }
-                latest_end = Some((job, e.max(end)));
+                if called < e {
+                    kinds.misses += 1;
+                    if std::env::var_os("LOADGEN_DEBUG_MISSES").is_some() {
+                        eprintln!("miss: job {job} called {} us before the previous run ended; started {} us after", (e - called) / 1000, (start.saturating_sub(e)) / 1000);
+                    }
+                } else {
+                    kinds.late += 1;
+                }
+                previous = Some((job, e.max(end)));
             }
-            _ => latest_end = Some((job, end)),
+            _ => {
+                kinds.first += 1;
+                previous = Some((job, end));
+            }
         }
     }
-    overlaps
+    kinds
 }
 
 impl TputReport {
@@ -1343,12 +1372,13 @@ async fn tput_round(
             // traffic is measured.
             let ran = Arc::new(std::sync::Mutex::new(None));
             let note = Arc::clone(&ran);
+            let called = now_ns();
             let result = herd
                 .fanout_with(&job_id, &options, move || async move {
                     let start = now_ns();
                     let end = now_ns();
                     if let Ok(mut slot) = note.lock() {
-                        *slot = Some((start, end));
+                        *slot = Some((start, end, called));
                     }
                     Ok::<u8, JobError>(0)
                 })
@@ -1358,9 +1388,9 @@ async fn tput_round(
                 ..TputReport::default()
             };
             let run = ran.lock().ok().and_then(|mut slot| slot.take());
-            if let Some((start, end)) = run {
+            if let Some((start, end, called)) = run {
                 r.runs
-                    .push((u32::try_from(i).unwrap_or(u32::MAX), start, end));
+                    .push((u32::try_from(i).unwrap_or(u32::MAX), start, end, called));
             }
             match result {
                 Ok(fanned) => {
@@ -1421,7 +1451,7 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
         TputReport::default(),
         Duration::ZERO,
     );
-    let (mut runs, mut overlaps) = (0, 0);
+    let (mut runs, mut kinds) = (0, RunKinds::default());
     // ABBA over two rounds of half the ids each. Each round goes in waves of
     // TPUT_IN_FLIGHT ids: every process requests all ids of a wave at once, and the
     // next wave starts when every process is done (the time between waves, spent on
@@ -1441,7 +1471,11 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
         if cmd == "tput" {
             let mut round_runs = std::mem::take(&mut sum.runs);
             runs += round_runs.len() as u64;
-            overlaps += overlapping_runs(&mut round_runs);
+            let round_kinds = classify_runs(&mut round_runs);
+            kinds.first += round_kinds.first;
+            kinds.misses += round_kinds.misses;
+            kinds.late += round_kinds.late;
+            kinds.overlaps += round_kinds.overlaps;
             herd.add(&sum);
             herd_time += time;
             eprintln!("  herdlock round {round}: {rate:.0} calls/s, {half} ids");
@@ -1470,10 +1504,13 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
             "ok": herd.ok,
             "runs": runs,
             "runs_per_job": round3(runs as f64 / ids.max(1) as f64),
+            "first_runs": kinds.first,
+            "misses": kinds.misses,
+            "late_reruns": kinds.late,
             "leaders": herd.leaders,
             "timeouts": herd.timeouts,
             "errors": herd.errors,
-            "overlapping_runs": overlaps,
+            "overlapping_runs": kinds.overlaps,
             "unfinished": herd.unfinished,
         },
         "baseline": {
@@ -1485,7 +1522,8 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
         },
         "calls_ratio": round3(herd_calls_s / base_ops_s.max(1e-9)),
         "timeouts_ok": herd.timeouts == 0,
-        "overlaps_ok": overlaps == 0,
+        "overlaps_ok": kinds.overlaps == 0,
+        "misses_ok": kinds.misses == 0,
     }))
 }
 

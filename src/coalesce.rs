@@ -317,13 +317,12 @@ async fn drive(
             Err(e) => return fail(e),
         };
         let sent = std::time::Instant::now();
-        let asked = Instant::now();
         // A run that completed after the newest caller called is everyone's: serving its
         // stored result is no coalescing miss, and needs no extra round trip.
         let newest_call = *lock_joined(joined);
         let ages = ResultAges {
             cache_age: settings.cache_age,
-            called: asked.saturating_duration_since(newest_call),
+            newest_call,
         };
         let reply = backend
             .fanout_acquire(keys, &nonce(), herd.owner(), settings.ttl, ages)

@@ -75,7 +75,7 @@ impl JobKeys {
     // The names below are built on demand: a lock needs only `lock`, `fence` and
     // `channel`, and building every name up front cost an allocation each per call.
 
-    /// `prefix:{key}:result`: the last fan-out result (`r1:<ok>:<linger ms>:` + envelope),
+    /// `prefix:{key}:result`: the last fan-out result (`r2:<ok>:<completed µs>:` + envelope),
     /// with a short linger.
     pub(crate) fn result(&self) -> String {
         format!("{}:result", self.channel)
@@ -197,6 +197,11 @@ pub(crate) fn millis(d: Duration) -> u64 {
         ms + 1
     };
     u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// Whole microseconds, rounded down (saturating).
+pub(crate) fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

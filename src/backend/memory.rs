@@ -381,7 +381,7 @@ impl MemoryBackend {
         let serve = |st: &mut State| {
             let stored = st.result(&keys.result())?;
             let age = stored.at.elapsed();
-            if age < ages.called {
+            if stored.at > ages.newest_call {
                 return Some(FanoutReply::Fresh {
                     envelope: stored.envelope.clone(),
                 });

@@ -5,6 +5,7 @@
 //! engines implement exactly the same steps with the same semantics; the behavioural test
 //! suite runs against both.
 
+mod clock;
 pub(crate) mod memory;
 pub(crate) mod redis;
 
@@ -49,8 +50,8 @@ pub(crate) enum FanoutReply {
 pub(crate) struct ResultAges {
     /// A successful result no older than this (the caller's cache age).
     pub(crate) cache_age: Option<Duration>,
-    /// Any result younger than this: the time since the newest caller called.
-    pub(crate) called: Duration,
+    /// Any result completed after this instant, when the newest caller called.
+    pub(crate) newest_call: tokio::time::Instant,
 }
 
 /// The reply of the fan-out check step.

@@ -25,12 +25,13 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub, PubSubSink}
 use redis::{Client, Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
+use super::clock::RedisClock;
 use super::{
     AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
     SemReply, StatusReply, Subscription,
 };
 use crate::error::{Error, ErrorKind, Result};
-use crate::keys::{millis, JobKeys};
+use crate::keys::{micros, millis, JobKeys};
 
 /// Capacity of a key's local notice queue; a receiver that falls further behind sees a
 /// Resync and re-checks state.
@@ -53,6 +54,13 @@ pub(crate) struct RedisBackend {
 struct Inner {
     client: Client,
     conn: ConnectionManager,
+    /// A bound on the server's clock, from the replies that carry it.
+    clock: RedisClock,
+    /// A connection of its own for clock probes, opened on the first probe: under load
+    /// the command connection's queue would make every probe as slow as the load.
+    probe: tokio::sync::OnceCell<redis::aio::MultiplexedConnection>,
+    /// Held while the first clock sample is taken.
+    first_probe: tokio::sync::Mutex<()>,
     scripts: Scripts,
     /// `None` for a detached command-only backend (the watchdog's).
     notifier: Option<Notifier>,
@@ -136,6 +144,9 @@ impl RedisBackend {
     ) -> RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
+                clock: RedisClock::default(),
+                probe: tokio::sync::OnceCell::new(),
+                first_probe: tokio::sync::Mutex::new(()),
                 notifier: Some(Notifier::start(client.clone(), pubsub, settings)),
                 client,
                 conn,
@@ -153,6 +164,9 @@ impl RedisBackend {
             .map_err(|e| Error::redis("connect", e))?;
         Ok(RedisBackend {
             inner: Arc::new(Inner {
+                clock: RedisClock::default(),
+                probe: tokio::sync::OnceCell::new(),
+                first_probe: tokio::sync::Mutex::new(()),
                 client: self.inner.client.clone(),
                 conn,
                 scripts: Scripts::load(),
@@ -243,7 +257,7 @@ impl RedisBackend {
             .arg(owner)
             .arg(millis(ttl));
         let reply = self.invoke_idempotent("acquire", &inv).await?;
-        match parse_acquire(&reply, "acquire")? {
+        match parse_acquire(array(&reply, 3, "acquire")?, "acquire")? {
             FanoutReply::Lock(reply) => Ok(reply),
             FanoutReply::Cached { .. } | FanoutReply::Fresh { .. } => Err(malformed("acquire")),
         }
@@ -259,7 +273,32 @@ impl RedisBackend {
     ) -> Result<FanoutReply> {
         let max_age = ages
             .cache_age
-            .map_or(-1, |age| i64::try_from(millis(age)).unwrap_or(i64::MAX));
+            .map_or(-1, |age| i64::try_from(micros(age)).unwrap_or(i64::MAX));
+        if self
+            .inner
+            .clock
+            .upper_bound_us(std::time::Instant::now())
+            .is_none()
+        {
+            // The first fan-out of this backend (or after a long pause) waits for one clock
+            // sample, so that even its first callers' results are recognised.
+            let _one = self.inner.first_probe.lock().await;
+            if self
+                .inner
+                .clock
+                .upper_bound_us(std::time::Instant::now())
+                .is_none()
+            {
+                probe(&self.inner).await;
+            }
+        } else if self.inner.clock.claim_probe() {
+            self.probe_clock();
+        }
+        let call_at = self
+            .inner
+            .clock
+            .upper_bound_us(ages.newest_call.into_std())
+            .unwrap_or(0);
         let mut inv = self.inner.scripts.fanout_acquire.prepare_invoke();
         inv.key(&keys.lock)
             .key(&keys.fence)
@@ -268,9 +307,22 @@ impl RedisBackend {
             .arg(owner)
             .arg(millis(ttl))
             .arg(max_age)
-            .arg(ages.called.as_millis().min(u128::from(u64::MAX)) as u64);
+            .arg(call_at)
+            .arg(micros(ages.newest_call.elapsed()));
+        let sent = std::time::Instant::now();
         let reply = self.invoke_idempotent("fanout acquire", &inv).await?;
-        parse_acquire(&reply, "fanout acquire")
+        let received = std::time::Instant::now();
+        let what = "fanout acquire";
+        let items = array(&reply, 4, what)?;
+        let redis_us = u64::try_from(int(&items[3], what)?).map_err(|_| malformed(what))?;
+        self.inner.clock.sample(sent, received, redis_us);
+        parse_acquire(&items[..3], what)
+    }
+
+    /// Samples the server's clock with one `TIME`, in the background.
+    fn probe_clock(&self) {
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move { probe(&inner).await });
     }
 
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
@@ -300,19 +352,14 @@ impl RedisBackend {
         ok: bool,
         linger: Duration,
     ) -> Result<bool> {
-        let linger_ms = millis(linger);
-        let header = format!("r1:{}:{linger_ms}:", u8::from(ok));
-        let mut stored = Vec::with_capacity(header.len() + envelope.len());
-        stored.extend_from_slice(header.as_bytes());
-        stored.extend_from_slice(envelope);
         let mut inv = self.inner.scripts.complete.prepare_invoke();
         inv.key(&keys.lock)
             .key(keys.result())
             .arg(token)
-            .arg(stored)
-            .arg(linger_ms)
+            .arg(envelope)
+            .arg(millis(linger))
             .arg(&keys.channel)
-            .arg(header.len() + 1);
+            .arg(u8::from(ok));
         let reply = self.invoke("complete", &inv).await?;
         Ok(int(&reply, "complete")? == 1)
     }
@@ -533,6 +580,37 @@ fn manager_config(settings: ConnectSettings) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(500))
 }
 
+/// Samples the server's clock with one `TIME` on the probe connection (opened on first use).
+async fn probe(inner: &Inner) {
+    let limit = inner.settings.command_timeout;
+    let conn = inner
+        .probe
+        .get_or_try_init(|| async {
+            match tokio::time::timeout(limit, inner.client.get_multiplexed_async_connection()).await
+            {
+                Ok(Ok(conn)) => Ok(conn),
+                _ => Err(()),
+            }
+        })
+        .await;
+    let Ok(conn) = conn else { return };
+    let mut conn = conn.clone();
+    let sent = std::time::Instant::now();
+    let time = tokio::time::timeout(
+        limit,
+        redis::cmd("TIME").query_async::<(u64, u64)>(&mut conn),
+    )
+    .await;
+    if let Ok(Ok((secs, us))) = time {
+        let received = std::time::Instant::now();
+        inner.clock.sample(
+            sent,
+            received,
+            secs.saturating_mul(1_000_000).saturating_add(us),
+        );
+    }
+}
+
 /// Runs `fut` under a deadline, mapping both redis errors and the deadline to [`Error`].
 async fn bounded<T>(
     what: &str,
@@ -570,8 +648,10 @@ fn per_key_invocation<'a>(
 }
 
 /// Parses `{1, holder, fence}`, `{0, holder, pttl}` or `{2, envelope, age}`.
-fn parse_acquire(reply: &Value, what: &str) -> Result<FanoutReply> {
-    let items = array(reply, 3, what)?;
+fn parse_acquire(items: &[Value], what: &str) -> Result<FanoutReply> {
+    let [_, _, _] = items else {
+        return Err(malformed(what));
+    };
     let n = int(&items[2], what)?;
     Ok(match int(&items[0], what)? {
         1 => FanoutReply::Lock(AcquireReply::Acquired {
@@ -592,15 +672,15 @@ fn parse_acquire(reply: &Value, what: &str) -> Result<FanoutReply> {
     })
 }
 
-/// The envelope inside a stored result (`r1:<ok>:<linger ms>:` + envelope, as
+/// The envelope inside a stored result (`r2:<ok>:<completed µs>:` + envelope, as
 /// `complete.lua` writes it).
 fn stored_envelope(mut stored: Vec<u8>, what: &str) -> Result<Vec<u8>> {
     let header = stored
-        .strip_prefix(b"r1:")
+        .strip_prefix(b"r2:")
         .and_then(|rest| {
             let ok = rest.iter().position(|&b| b == b':')?;
-            let linger = rest[ok + 1..].iter().position(|&b| b == b':')?;
-            Some(3 + ok + 1 + linger + 1)
+            let done = rest[ok + 1..].iter().position(|&b| b == b':')?;
+            Some(3 + ok + 1 + done + 1)
         })
         .ok_or_else(|| malformed(what))?;
     stored.drain(..header);

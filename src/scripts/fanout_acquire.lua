@@ -1,28 +1,40 @@
 -- Start a fan-out run if none is in progress (or serve a result the caller may have).
 -- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] result key (see complete.lua)
--- ARGV[1] nonce, ARGV[2] owner label, ARGV[3] ttl in ms, ARGV[4] max cache age in ms (-1: none),
--- ARGV[5] how long ago (ms, at send time) the newest caller of this attempt called (0: none)
--- Returns {1, holder_value, fence}   acquired: the caller leads run `fence`
---         {0, holder_value, pttl_ms} busy: run in progress
---         {2, stored, age_ms}         a successful result no older than the max cache age
---         {3, stored, age_ms}         a result (success or failure) of a run that completed
---                                     after every caller of this attempt called: theirs
+-- ARGV[1] nonce, ARGV[2] owner label, ARGV[3] ttl in ms, ARGV[4] max cache age in µs (-1: none),
+-- ARGV[5] an upper bound on Redis's clock (µs) when the newest caller of this attempt called
+-- (0: unknown), ARGV[6] how long ago (µs, at send time) that caller called
+-- Every reply ends with Redis's clock (µs), so the client can bound it (backend/clock.rs).
+-- Returns {1, holder_value, fence, now}   acquired: the caller leads run `fence`
+--         {0, holder_value, pttl_ms, now} busy: run in progress
+--         {2, stored, age_us, now}         a successful result no older than the max cache age
+--         {3, stored, age_us, now}         a result (success or failure) of a run that
+--                                          completed after every caller of this attempt
+--                                          called: theirs
 local max_age = tonumber(ARGV[4])
-local called = tonumber(ARGV[5])
--- A stored result's age: complete.lua stored it with PX linger, so it is the linger
--- minus what is left. Returns the reply to serve, if any.
+local call_at = tonumber(ARGV[5])
+local called = tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- The reply serving a stored result (see complete.lua), if the caller may have it. Its
+-- completion time is on Redis's clock, to the microsecond.
 local function serve(stored)
-  local ok, linger = string.match(stored, '^r1:(%d):(%d+):')
+  local ok, secs, us = string.match(stored, '^r2:(%d):(%d+)(%d%d%d%d%d%d):')
   if not ok then
     return nil
   end
-  local age = tonumber(linger) - redis.call('PTTL', KEYS[3])
-  -- Produced after the call (PTTL rounds down: one more ms keeps this conservative).
-  if age + 1 < called then
-    return {3, stored, age}
+  local done = tonumber(secs) * 1000000 + tonumber(us)
+  local age = now - done
+  if age < 0 then
+    return nil -- Redis's clock stepped back: the age is unknown
+  end
+  -- Completed after the newest call: either the client's bound on Redis's clock at the
+  -- call says so, or the call is older than the result (the client measured `called`
+  -- when it sent this, so the call is at least that long before now).
+  if (call_at > 0 and done > call_at) or age < called then
+    return {3, stored, age, now}
   end
   if ok == '1' and age <= max_age then
-    return {2, stored, age}
+    return {2, stored, age, now}
   end
   return nil
 end
@@ -43,12 +55,12 @@ if current then
   -- A retry of an attempt that already succeeded (its reply was lost): same nonce.
   local fence, nonce = string.match(current, '^(%d+):([^:]*):')
   if nonce == ARGV[1] then
-    return {1, current, tonumber(fence)}
+    return {1, current, tonumber(fence), now}
   end
   -- A run in progress: follow it (it completes after every caller of this attempt called).
-  return {0, current, redis.call('PTTL', KEYS[1])}
+  return {0, current, redis.call('PTTL', KEYS[1]), now}
 end
-if not checked and called > 1 then
+if not checked and (call_at > 0 or called > 0) then
   local stored = redis.call('GET', KEYS[3])
   if stored then
     local reply = serve(stored)
@@ -60,4 +72,4 @@ end
 local fence = redis.call('INCR', KEYS[2])
 local value = string.format('%d:%s:%s', fence, ARGV[1], ARGV[2])
 redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-return {1, value, fence}
+return {1, value, fence, now}
