@@ -11,7 +11,9 @@
 //! - One listener task per herd owns the pub/sub connection. When it drops, the task
 //!   reconnects with backoff (50 ms doubling to 2 s), re-subscribes every channel that still
 //!   has local subscribers, and then sends every local subscriber a `Resync` notice, because
-//!   messages published while disconnected are gone (DESIGN invariant 6). The task holds
+//!   messages published while disconnected are gone (DESIGN invariant 6). A refused
+//!   re-subscribe (a channel permission revoked; Redis also closes the connection then)
+//!   backs off from 100 ms doubling to 5 s, with a `warn` each time. The task holds
 //!   only a `Weak` reference and ends when the herd is dropped.
 
 use std::collections::HashMap;
@@ -37,6 +39,10 @@ use crate::keys::{millis, JobKeys};
 const CHANNEL_CAPACITY: usize = 16;
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Backoff after the re-SUBSCRIBE of a fresh pub/sub connection failed (a revoked channel
+/// permission fails every time): 100 ms doubling to 5 s, with a `warn` each time.
+const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 
 /// Connection settings the backend needs from the herd's options.
 #[derive(Debug, Clone, Copy)]
@@ -791,6 +797,11 @@ impl Notifier {
                 }
                 true
             }
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                // The connect check found SUBSCRIBE allowed: the right was revoked since.
+                tracing::warn!(channel, error = %e, "subscribe refused; waiting for the holder's TTL instead");
+                false
+            }
             Ok(Err(e)) => {
                 tracing::debug!(channel, error = %e, "subscribe failed; relying on resync");
                 false
@@ -870,6 +881,7 @@ async fn listen(
     connect_timeout: Duration,
 ) {
     let mut backoff = RECONNECT_MIN;
+    let mut resubscribe_backoff = RESUBSCRIBE_MIN;
     let mut epoch = 0u64;
     loop {
         let pubsub = if let Some(p) = first.take() {
@@ -905,9 +917,30 @@ async fn listen(
                 let resubscribed =
                     tokio::time::timeout(shared.command_timeout, sink.subscribe(&names)).await;
                 if !matches!(resubscribed, Ok(Ok(()))) {
-                    tracing::debug!("pub/sub re-subscribe failed; reconnecting");
+                    // A refused SUBSCRIBE (a channel permission revoked) fails on every new
+                    // connection: back off instead of reconnecting in a tight loop. Waiters
+                    // meanwhile re-check when their holder's TTL runs out.
+                    let error = match resubscribed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {:?}", shared.command_timeout),
+                    };
+                    tracing::warn!(
+                        channels = names.len(),
+                        %error,
+                        retry_in = ?resubscribe_backoff,
+                        "pub/sub re-subscribe failed; waiters fall back to TTL re-checks until it succeeds"
+                    );
+                    drop(slot);
+                    drop(shared);
+                    drop((sink, stream));
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        () = tokio::time::sleep(resubscribe_backoff) => {}
+                    }
+                    resubscribe_backoff = (resubscribe_backoff * 2).min(RESUBSCRIBE_MAX);
                     continue;
                 }
+                resubscribe_backoff = RESUBSCRIBE_MIN;
                 let mut channels = shared.channels();
                 for name in &names {
                     if let Some(entry) = channels.get_mut(name) {
