@@ -6,6 +6,7 @@
 //! suite runs against both.
 
 pub(crate) mod memory;
+pub(crate) mod preflight;
 pub(crate) mod redis;
 
 use std::sync::Arc;

@@ -15,10 +15,13 @@
 //!   re-subscribe (a channel permission revoked; Redis also closes the connection then)
 //!   backs off from 100 ms doubling to 5 s, with a `warn` each time. The task holds
 //!   only a `Weak` reference and ends when the herd is dropped.
+//! - A lazy backend runs the connect checks (`preflight.rs`) before its first command;
+//!   concurrent first calls wait for that one check, and a refusal is repeated for 5 s
+//!   before the next call checks again.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -27,6 +30,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub, PubSubSink}
 use redis::{Client, Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
+use super::preflight::Preflight;
 use super::{
     AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
     SemReply, StatusReply, Subscription,
@@ -43,6 +47,9 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// permission fails every time): 100 ms doubling to 5 s, with a `warn` each time.
 const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+/// How long a lazy herd whose connect checks failed (eviction, permissions) answers every
+/// call with that failure before checking again.
+const RECHECK_AFTER: Duration = Duration::from_secs(5);
 
 /// Connection settings the backend needs from the herd's options.
 #[derive(Debug, Clone, Copy)]
@@ -63,6 +70,20 @@ struct Inner {
     /// `None` for a detached command-only backend (the watchdog's).
     notifier: Option<Notifier>,
     settings: ConnectSettings,
+    /// The connect checks a lazy backend runs before its first command. `None` when they
+    /// ran at connect (or, for a detached backend, are its parent's).
+    checks: Option<LazyChecks>,
+}
+
+/// The connect checks of a lazy herd: run once, by the first call, while later calls wait.
+struct LazyChecks {
+    preflight: Preflight,
+    /// Set once the checks passed; read without the lock on every call.
+    passed: AtomicBool,
+    /// The last refusal (eviction, permissions) and when it was found: repeated for
+    /// [`RECHECK_AFTER`] without asking Redis again. The lock also makes concurrent
+    /// first calls wait for one check instead of each running their own.
+    refused: tokio::sync::Mutex<Option<(tokio::time::Instant, Error)>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -107,31 +128,66 @@ impl Scripts {
 
 impl RedisBackend {
     /// Opens both connections and waits for them to be established, so a wrong address or
-    /// password is reported now.
-    pub(crate) async fn connect(url: &str, settings: ConnectSettings) -> Result<RedisBackend> {
+    /// password is reported now; then runs the connect checks (eviction policy,
+    /// permissions). Nothing keeps running when this fails.
+    pub(crate) async fn connect(
+        url: &str,
+        settings: ConnectSettings,
+        preflight: Preflight,
+    ) -> Result<RedisBackend> {
         let (client, config) = client_config(url, settings)?;
-        let conn = bounded(
+        let mut conn = bounded(
             "connect",
             settings.connect_timeout * 2,
             ConnectionManager::new_with_config(client.clone(), config),
         )
         .await?;
-        let pubsub = bounded(
+        let mut pubsub = bounded(
             "connect (pub/sub)",
             settings.connect_timeout,
             client.get_async_pubsub(),
         )
         .await?;
-        Ok(RedisBackend::assemble(client, conn, Some(pubsub), settings))
+        preflight
+            .run(
+                &client,
+                &mut conn,
+                Some(&mut pubsub),
+                settings.command_timeout,
+            )
+            .await?;
+        Ok(RedisBackend::assemble(
+            client,
+            conn,
+            Some(pubsub),
+            settings,
+            None,
+        ))
     }
 
-    /// Checks the URL only; both connections are made on first use. Needs a Tokio runtime
-    /// (the pub/sub listener task starts now).
-    pub(crate) fn connect_lazy(url: &str, settings: ConnectSettings) -> Result<RedisBackend> {
+    /// Checks the URL only; both connections are made on first use, and the connect checks
+    /// run before the first command. Needs a Tokio runtime (the pub/sub listener task
+    /// starts now).
+    pub(crate) fn connect_lazy(
+        url: &str,
+        settings: ConnectSettings,
+        preflight: Preflight,
+    ) -> Result<RedisBackend> {
         let (client, config) = client_config(url, settings)?;
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| Error::redis("connect", e))?;
-        Ok(RedisBackend::assemble(client, conn, None, settings))
+        let checks = LazyChecks {
+            preflight,
+            passed: AtomicBool::new(false),
+            refused: tokio::sync::Mutex::new(None),
+        };
+        Ok(RedisBackend::assemble(
+            client,
+            conn,
+            None,
+            settings,
+            Some(checks),
+        ))
     }
 
     fn assemble(
@@ -139,6 +195,7 @@ impl RedisBackend {
         conn: ConnectionManager,
         pubsub: Option<PubSub>,
         settings: ConnectSettings,
+        checks: Option<LazyChecks>,
     ) -> RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
@@ -147,7 +204,50 @@ impl RedisBackend {
                 conn,
                 scripts: Scripts::load(),
                 settings,
+                checks,
             }),
+        }
+    }
+
+    /// Runs a lazy herd's connect checks unless they passed already (one atomic load).
+    async fn ready(&self) -> Result<()> {
+        let Some(checks) = &self.inner.checks else {
+            return Ok(());
+        };
+        if checks.passed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut refused = checks.refused.lock().await;
+        if checks.passed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some((at, e)) = refused.as_ref() {
+            if at.elapsed() < RECHECK_AFTER {
+                return Err(e.clone());
+            }
+        }
+        let mut conn = self.inner.conn.clone();
+        let outcome = checks
+            .preflight
+            .run(
+                &self.inner.client,
+                &mut conn,
+                None,
+                self.inner.settings.command_timeout,
+            )
+            .await;
+        match outcome {
+            Ok(()) => {
+                checks.passed.store(true, Ordering::Release);
+                *refused = None;
+                Ok(())
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::Permission | ErrorKind::ServerConfig) => {
+                *refused = Some((tokio::time::Instant::now(), e.clone()));
+                Err(e)
+            }
+            // Unreachable, or bad credentials: the next call tries again.
+            Err(e) => Err(e),
         }
     }
 
@@ -164,12 +264,14 @@ impl RedisBackend {
                 scripts: Scripts::load(),
                 notifier: None,
                 settings: self.inner.settings,
+                checks: None,
             }),
         })
     }
 
     /// `WAIT replicas timeout`: how many replicas acknowledged this connection's writes.
     pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         let acked: i64 = bounded(
             "wait",
@@ -185,6 +287,7 @@ impl RedisBackend {
 
     /// Runs a script that must not be repeated (release, complete).
     async fn invoke(&self, what: &str, inv: &redis::ScriptInvocation<'_>) -> Result<Value> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         bounded(
             what,
@@ -203,6 +306,7 @@ impl RedisBackend {
         what: &str,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<Value> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         let limit = self.inner.settings.command_timeout;
         let first = tokio::time::timeout(limit, inv.invoke_async::<Value>(&mut conn)).await;
@@ -221,6 +325,7 @@ impl RedisBackend {
     }
 
     pub(crate) async fn ping(&self) -> Result<()> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         let pong: String = bounded(
             "ping",
@@ -509,6 +614,7 @@ impl RedisBackend {
     }
 
     pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {
+        self.ready().await?;
         match &self.inner.notifier {
             Some(notifier) => Ok(notifier.subscribe(&keys.channel).await),
             None => Err(Error::new(
