@@ -44,6 +44,15 @@ pub enum ErrorKind {
     /// Too few replicas acknowledged an acquisition (see
     /// [`LockOptions::replicas`](crate::LockOptions::replicas)); it was released.
     NotReplicated,
+    /// The Redis user may not do something herdlock needs: run one of its commands, or use
+    /// the keys or channels under the herd's prefix (ACL rules). From `connect`, the message
+    /// names everything missing and the `ACL SETUSER` rule that grants it; later (a right
+    /// revoked while running), the step that was refused changed nothing.
+    Permission,
+    /// The Redis server is configured in a way herdlock cannot run safely on: an eviction
+    /// policy other than `noeviction`, which could evict a held lock (see
+    /// [`Builder::allow_eviction`](crate::Builder::allow_eviction)).
+    ServerConfig,
 }
 
 /// The error type of every fallible herdlock call.
@@ -117,6 +126,7 @@ impl Error {
         let message = match kind {
             ErrorKind::Auth => format!("redis rejected the credentials during {what}"),
             ErrorKind::Connection => format!("redis connection failed during {what}"),
+            ErrorKind::Permission => format!("redis refused a permission during {what}"),
             _ => format!("redis returned an error during {what}"),
         };
         Error::with_source(kind, message, err)
@@ -169,6 +179,13 @@ fn redis_kind(err: &redis::RedisError) -> ErrorKind {
         || text.contains("invalid username-password")
     {
         return ErrorKind::Auth;
+    }
+    // An ACL refusal: `NOPERM` for a command sent directly; inside a script, Redis reports
+    // it as a script error ("The user executing the script can't ...").
+    if err.kind() == K::Server(redis::ServerErrorKind::NoPerm)
+        || text.contains("user executing the script can't")
+    {
+        return ErrorKind::Permission;
     }
     if err.is_io_error()
         || err.is_timeout()

@@ -5,6 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use crate::backend::memory::MemoryBackend;
+use crate::backend::preflight::Preflight;
 use crate::backend::redis::{ConnectSettings, RedisBackend};
 use crate::backend::Backend;
 use crate::coalesce::Flights;
@@ -77,6 +78,7 @@ pub struct Builder {
     lock_ttl: Duration,
     connect_timeout: Duration,
     command_timeout: Duration,
+    allow_eviction: bool,
 }
 
 impl Default for Builder {
@@ -87,6 +89,7 @@ impl Default for Builder {
             lock_ttl: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
+            allow_eviction: false,
         }
     }
 }
@@ -141,18 +144,42 @@ impl Builder {
         self
     }
 
-    /// Connects to Redis at `url` (`redis://[user:password@]host:port[/db]`) and checks
-    /// that both connections (commands and pub/sub) work.
+    /// Whether to run on a Redis that may evict keys (a `maxmemory-policy` other than
+    /// `noeviction`).
+    ///
+    /// Default: `false`, and [`connect`](Builder::connect) refuses such a server with
+    /// [`ServerConfig`](crate::ErrorKind::ServerConfig). Under memory pressure an evicting
+    /// Redis can delete a held lock (a second holder gets in while the first still sees
+    /// its guard as held) or a fence counter (fencing tokens start over). Set it only for
+    /// a Redis that never reaches its `maxmemory`, or where duplicate work is acceptable.
+    pub fn allow_eviction(mut self, allow: bool) -> Self {
+        self.allow_eviction = allow;
+        self
+    }
+
+    /// Connects to Redis at `url` (`redis://[user:password@]host:port[/db]`), checks that
+    /// both connections (commands and pub/sub) work, and checks the server and the user:
+    ///
+    /// - the server must not evict keys (`maxmemory-policy noeviction`, read from `INFO
+    ///   memory` or `CONFIG GET`; if the user may read neither, a `warn` is logged and the
+    ///   check skipped), unless [`allow_eviction`](Builder::allow_eviction) says otherwise;
+    /// - the user must be allowed every command herdlock runs, on the keys and channels
+    ///   under the prefix (`prefix:*`): checked with `ACL DRYRUN` when the user may run
+    ///   it, else with harmless real commands on a probe key and channel under the prefix.
+    ///   README, "Redis requirements", has the least-privilege `ACL SETUSER` rule.
     ///
     /// # Errors
     ///
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option or URL;
     /// [`Connection`](crate::ErrorKind::Connection) when Redis cannot be reached within
     /// the connect timeout; [`Auth`](crate::ErrorKind::Auth) when it rejects the
-    /// credentials.
+    /// credentials; [`ServerConfig`](crate::ErrorKind::ServerConfig) when it may evict
+    /// keys; [`Permission`](crate::ErrorKind::Permission) when the user may not do
+    /// something herdlock needs (the message names each missing right and the rule that
+    /// grants it). Nothing is left running after an error.
     pub async fn connect(self, url: &str) -> Result<Herd> {
         let settings = self.settings()?;
-        let backend = RedisBackend::connect(url, settings).await?;
+        let backend = RedisBackend::connect(url, settings, self.preflight()).await?;
         let backend = Backend::Redis(backend);
         backend.ping().await?;
         Ok(self.finish(backend))
@@ -160,7 +187,11 @@ impl Builder {
 
     /// Like [`connect`](Builder::connect), but connects on first use: this only checks
     /// the options and the URL. Connection and credential errors surface from the first
-    /// call that needs Redis.
+    /// call that needs Redis, and so do the server and permission checks of `connect`,
+    /// which that call runs first (concurrent first calls wait for one check). A refusal
+    /// ([`ServerConfig`](crate::ErrorKind::ServerConfig),
+    /// [`Permission`](crate::ErrorKind::Permission)) is repeated to every call for 5 s
+    /// before the next call checks again, so a misconfigured herd does not flood Redis.
     ///
     /// # Panics
     ///
@@ -171,7 +202,7 @@ impl Builder {
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option or URL.
     pub fn connect_lazy(self, url: &str) -> Result<Herd> {
         let settings = self.settings()?;
-        let backend = RedisBackend::connect_lazy(url, settings)?;
+        let backend = RedisBackend::connect_lazy(url, settings, self.preflight())?;
         Ok(self.finish(Backend::Redis(backend)))
     }
 
@@ -224,6 +255,13 @@ impl Builder {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
         })
+    }
+
+    fn preflight(&self) -> Preflight {
+        Preflight {
+            prefix: self.prefix.clone(),
+            allow_eviction: self.allow_eviction,
+        }
     }
 
     fn finish(self, backend: Backend) -> Herd {

@@ -88,6 +88,12 @@
 //!   succeeds before it runs out: [`LockGuard::lost`] resolves, `once` and fan-out leaders
 //!   cancel their work (unless told not to), and `extend`/`release` return
 //!   [`ErrorKind::LockLost`], leaving the new holder's lock untouched.
+//! - [`Builder::connect`] refuses a Redis that may evict keys (an evicted lock lets a
+//!   second holder in) with [`ErrorKind::ServerConfig`] unless
+//!   [`Builder::allow_eviction`] says otherwise, and a Redis user without a permission
+//!   herdlock needs with [`ErrorKind::Permission`], naming what is missing. A step refused
+//!   later (a permission revoked while running) changes nothing: every script publishes
+//!   its notices before its first write.
 //! - Contention is never an error: [`TryLock::Busy`] and [`Outcome::Busy`] carry the
 //!   current [`Holder`].
 //! - Pub/sub is a hint, not the truth: a waiter that misses a release notice re-checks

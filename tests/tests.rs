@@ -32,3 +32,5 @@ mod workers_sem;
 mod chaos;
 // The command line, as a real process.
 mod cli;
+// Connect checks: eviction refused, permissions checked, least privilege, nothing half done.
+mod permissions;

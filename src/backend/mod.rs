@@ -7,6 +7,7 @@
 
 mod clock;
 pub(crate) mod memory;
+pub(crate) mod preflight;
 pub(crate) mod redis;
 
 use std::sync::Arc;

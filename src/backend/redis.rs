@@ -11,12 +11,17 @@
 //! - One listener task per herd owns the pub/sub connection. When it drops, the task
 //!   reconnects with backoff (50 ms doubling to 2 s), re-subscribes every channel that still
 //!   has local subscribers, and then sends every local subscriber a `Resync` notice, because
-//!   messages published while disconnected are gone (DESIGN invariant 6). The task holds
+//!   messages published while disconnected are gone (DESIGN invariant 6). A refused
+//!   re-subscribe (a channel permission revoked; Redis also closes the connection then)
+//!   backs off from 100 ms doubling to 5 s, with a `warn` each time. The task holds
 //!   only a `Weak` reference and ends when the herd is dropped.
+//! - A lazy backend runs the connect checks (`preflight.rs`) before its first command;
+//!   concurrent first calls wait for that one check, and a refusal is repeated for 5 s
+//!   before the next call checks again.
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -26,6 +31,7 @@ use redis::{Client, Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
 use super::clock::RedisClock;
+use super::preflight::Preflight;
 use super::{
     AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
     SemReply, StatusReply, Subscription,
@@ -38,6 +44,13 @@ use crate::keys::{micros, millis, JobKeys};
 const CHANNEL_CAPACITY: usize = 16;
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Backoff after the re-SUBSCRIBE of a fresh pub/sub connection failed (a revoked channel
+/// permission fails every time): 100 ms doubling to 5 s, with a `warn` each time.
+const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
+const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
+/// How long a lazy herd whose connect checks failed (eviction, permissions) answers every
+/// call with that failure before checking again.
+const RECHECK_AFTER: Duration = Duration::from_secs(5);
 
 /// Connection settings the backend needs from the herd's options.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +78,20 @@ struct Inner {
     /// `None` for a detached command-only backend (the watchdog's).
     notifier: Option<Notifier>,
     settings: ConnectSettings,
+    /// The connect checks a lazy backend runs before its first command. `None` when they
+    /// ran at connect (or, for a detached backend, are its parent's).
+    checks: Option<LazyChecks>,
+}
+
+/// The connect checks of a lazy herd: run once, by the first call, while later calls wait.
+struct LazyChecks {
+    preflight: Preflight,
+    /// Set once the checks passed; read without the lock on every call.
+    passed: AtomicBool,
+    /// The last refusal (eviction, permissions) and when it was found: repeated for
+    /// [`RECHECK_AFTER`] without asking Redis again. The lock also makes concurrent
+    /// first calls wait for one check instead of each running their own.
+    refused: tokio::sync::Mutex<Option<(tokio::time::Instant, Error)>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -109,31 +136,66 @@ impl Scripts {
 
 impl RedisBackend {
     /// Opens both connections and waits for them to be established, so a wrong address or
-    /// password is reported now.
-    pub(crate) async fn connect(url: &str, settings: ConnectSettings) -> Result<RedisBackend> {
+    /// password is reported now; then runs the connect checks (eviction policy,
+    /// permissions). Nothing keeps running when this fails.
+    pub(crate) async fn connect(
+        url: &str,
+        settings: ConnectSettings,
+        preflight: Preflight,
+    ) -> Result<RedisBackend> {
         let (client, config) = client_config(url, settings)?;
-        let conn = bounded(
+        let mut conn = bounded(
             "connect",
             settings.connect_timeout * 2,
             ConnectionManager::new_with_config(client.clone(), config),
         )
         .await?;
-        let pubsub = bounded(
+        let mut pubsub = bounded(
             "connect (pub/sub)",
             settings.connect_timeout,
             client.get_async_pubsub(),
         )
         .await?;
-        Ok(RedisBackend::assemble(client, conn, Some(pubsub), settings))
+        preflight
+            .run(
+                &client,
+                &mut conn,
+                Some(&mut pubsub),
+                settings.command_timeout,
+            )
+            .await?;
+        Ok(RedisBackend::assemble(
+            client,
+            conn,
+            Some(pubsub),
+            settings,
+            None,
+        ))
     }
 
-    /// Checks the URL only; both connections are made on first use. Needs a Tokio runtime
-    /// (the pub/sub listener task starts now).
-    pub(crate) fn connect_lazy(url: &str, settings: ConnectSettings) -> Result<RedisBackend> {
+    /// Checks the URL only; both connections are made on first use, and the connect checks
+    /// run before the first command. Needs a Tokio runtime (the pub/sub listener task
+    /// starts now).
+    pub(crate) fn connect_lazy(
+        url: &str,
+        settings: ConnectSettings,
+        preflight: Preflight,
+    ) -> Result<RedisBackend> {
         let (client, config) = client_config(url, settings)?;
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| Error::redis("connect", e))?;
-        Ok(RedisBackend::assemble(client, conn, None, settings))
+        let checks = LazyChecks {
+            preflight,
+            passed: AtomicBool::new(false),
+            refused: tokio::sync::Mutex::new(None),
+        };
+        Ok(RedisBackend::assemble(
+            client,
+            conn,
+            None,
+            settings,
+            Some(checks),
+        ))
     }
 
     fn assemble(
@@ -141,6 +203,7 @@ impl RedisBackend {
         conn: ConnectionManager,
         pubsub: Option<PubSub>,
         settings: ConnectSettings,
+        checks: Option<LazyChecks>,
     ) -> RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
@@ -152,7 +215,50 @@ impl RedisBackend {
                 conn,
                 scripts: Scripts::load(),
                 settings,
+                checks,
             }),
+        }
+    }
+
+    /// Runs a lazy herd's connect checks unless they passed already (one atomic load).
+    async fn ready(&self) -> Result<()> {
+        let Some(checks) = &self.inner.checks else {
+            return Ok(());
+        };
+        if checks.passed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut refused = checks.refused.lock().await;
+        if checks.passed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if let Some((at, e)) = refused.as_ref() {
+            if at.elapsed() < RECHECK_AFTER {
+                return Err(e.clone());
+            }
+        }
+        let mut conn = self.inner.conn.clone();
+        let outcome = checks
+            .preflight
+            .run(
+                &self.inner.client,
+                &mut conn,
+                None,
+                self.inner.settings.command_timeout,
+            )
+            .await;
+        match outcome {
+            Ok(()) => {
+                checks.passed.store(true, Ordering::Release);
+                *refused = None;
+                Ok(())
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::Permission | ErrorKind::ServerConfig) => {
+                *refused = Some((tokio::time::Instant::now(), e.clone()));
+                Err(e)
+            }
+            // Unreachable, or bad credentials: the next call tries again.
+            Err(e) => Err(e),
         }
     }
 
@@ -172,12 +278,14 @@ impl RedisBackend {
                 scripts: Scripts::load(),
                 notifier: None,
                 settings: self.inner.settings,
+                checks: None,
             }),
         })
     }
 
     /// `WAIT replicas timeout`: how many replicas acknowledged this connection's writes.
     pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         let acked: i64 = bounded(
             "wait",
@@ -193,6 +301,7 @@ impl RedisBackend {
 
     /// Runs a script that must not be repeated (release, complete).
     async fn invoke(&self, what: &str, inv: &redis::ScriptInvocation<'_>) -> Result<Value> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         bounded(
             what,
@@ -211,6 +320,7 @@ impl RedisBackend {
         what: &str,
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<Value> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         let limit = self.inner.settings.command_timeout;
         let first = tokio::time::timeout(limit, inv.invoke_async::<Value>(&mut conn)).await;
@@ -229,6 +339,7 @@ impl RedisBackend {
     }
 
     pub(crate) async fn ping(&self) -> Result<()> {
+        self.ready().await?;
         let mut conn = self.inner.conn.clone();
         let pong: String = bounded(
             "ping",
@@ -550,6 +661,7 @@ impl RedisBackend {
     }
 
     pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {
+        self.ready().await?;
         match &self.inner.notifier {
             Some(notifier) => Ok(notifier.subscribe(&keys.channel).await),
             None => Err(Error::new(
@@ -871,6 +983,11 @@ impl Notifier {
                 }
                 true
             }
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                // The connect check found SUBSCRIBE allowed: the right was revoked since.
+                tracing::warn!(channel, error = %e, "subscribe refused; waiting for the holder's TTL instead");
+                false
+            }
             Ok(Err(e)) => {
                 tracing::debug!(channel, error = %e, "subscribe failed; relying on resync");
                 false
@@ -950,6 +1067,7 @@ async fn listen(
     connect_timeout: Duration,
 ) {
     let mut backoff = RECONNECT_MIN;
+    let mut resubscribe_backoff = RESUBSCRIBE_MIN;
     let mut epoch = 0u64;
     loop {
         let pubsub = if let Some(p) = first.take() {
@@ -985,9 +1103,30 @@ async fn listen(
                 let resubscribed =
                     tokio::time::timeout(shared.command_timeout, sink.subscribe(&names)).await;
                 if !matches!(resubscribed, Ok(Ok(()))) {
-                    tracing::debug!("pub/sub re-subscribe failed; reconnecting");
+                    // A refused SUBSCRIBE (a channel permission revoked) fails on every new
+                    // connection: back off instead of reconnecting in a tight loop. Waiters
+                    // meanwhile re-check when their holder's TTL runs out.
+                    let error = match resubscribed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {:?}", shared.command_timeout),
+                    };
+                    tracing::warn!(
+                        channels = names.len(),
+                        %error,
+                        retry_in = ?resubscribe_backoff,
+                        "pub/sub re-subscribe failed; waiters fall back to TTL re-checks until it succeeds"
+                    );
+                    drop(slot);
+                    drop(shared);
+                    drop((sink, stream));
+                    tokio::select! {
+                        _ = &mut shutdown => return,
+                        () = tokio::time::sleep(resubscribe_backoff) => {}
+                    }
+                    resubscribe_backoff = (resubscribe_backoff * 2).min(RESUBSCRIBE_MAX);
                     continue;
                 }
+                resubscribe_backoff = RESUBSCRIBE_MIN;
                 let mut channels = shared.channels();
                 for name in &names {
                     if let Some(entry) = channels.get_mut(name) {

@@ -8,7 +8,9 @@
 //!
 //! Exit codes: the command's own code when it ran; 75 (`EX_TEMPFAIL`) when the lock was
 //! busy (`once`) or the wait timed out (`lock`); 69 (`EX_UNAVAILABLE`) when Redis could not
-//! be reached; 64 (`EX_USAGE`) for bad arguments.
+//! be reached; 77 (`EX_NOPERM`) when the Redis user lacks a permission herdlock needs; 78
+//! (`EX_CONFIG`) when the server may evict keys (see `--allow-eviction`); 64 (`EX_USAGE`)
+//! for bad arguments.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,6 +31,10 @@ struct Cli {
     /// Owner label stamped on locks (default: `<hostname>.<pid>`).
     #[arg(long)]
     owner: Option<String>,
+    /// Run even if Redis may evict keys (a maxmemory-policy other than noeviction), which
+    /// can evict a held lock.
+    #[arg(long)]
+    allow_eviction: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +79,8 @@ enum Command {
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_TEMPFAIL: u8 = 75;
+const EX_NOPERM: u8 = 77;
+const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -90,7 +98,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let mut builder = Herd::builder().prefix(cli.prefix);
+    let mut builder = Herd::builder()
+        .prefix(cli.prefix)
+        .allow_eviction(cli.allow_eviction);
     if let Some(owner) = cli.owner {
         builder = builder.owner(owner);
     }
@@ -192,6 +202,10 @@ fn fail(e: &herdlock::Error) -> ExitCode {
         ExitCode::from(EX_TEMPFAIL)
     } else if e.is_invalid_input() {
         ExitCode::from(EX_USAGE)
+    } else if e.kind() == herdlock::ErrorKind::Permission {
+        ExitCode::from(EX_NOPERM)
+    } else if e.kind() == herdlock::ErrorKind::ServerConfig {
+        ExitCode::from(EX_CONFIG)
     } else {
         ExitCode::from(EX_UNAVAILABLE)
     }

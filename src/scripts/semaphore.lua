@@ -13,6 +13,12 @@
 --   extend   1 extended | 0 not held (expired or never)
 --   leave    1 (a waiter gives up: its queue place, and a permit its cancelled attempt took)
 --   status   {in_use, queued, member_1, remaining_ms_1, ...}
+--
+-- Scripts do not roll back, so a step publishes its notices before it changes anything
+-- (a refused PUBLISH, a revoked channel permission, then leaves the step undone), and no
+-- write can be refused: the housekeeping below is the first write, and Redis checks
+-- `maxmemory` only at a script's first write. That housekeeping only drops what has
+-- already expired, which every step does first anyway.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local op, member = ARGV[1], ARGV[2]
@@ -41,12 +47,19 @@ local function soonest()
   return -1
 end
 
--- Tell the waiters at the head of the queue, as many as there are free permits, to re-check.
-local function wake_heads()
-  local free = permits - redis.call('ZCARD', KEYS[1])
-  if free > 0 then
-    for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, free - 1)) do
+-- Tell the waiters at the head of the queue, as many as there will be free permits, to
+-- re-check. Called before the step's writes: `change` is how many holders the step will
+-- add (1) or remove (-1), and `leaving` a member it will take out of the queue.
+local function wake_heads(change, leaving)
+  local free = permits - redis.call('ZCARD', KEYS[1]) - change
+  if free <= 0 then
+    return
+  end
+  -- One more than needed, in case `leaving` is among them.
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[2], 0, free)) do
+    if free > 0 and m ~= leaving then
       redis.call('PUBLISH', channel, 'wake:' .. m)
+      free = free - 1
     end
   end
 end
@@ -74,28 +87,27 @@ if op == 'try' or op == 'queue' then
     end
     return {0, in_use, soonest()}
   end
+  -- A new member's ticket is the highest yet (INCR), so its place is the end of the queue.
+  if (rank or redis.call('ZCARD', KEYS[2])) < free then
+    wake_heads(1, member)
+    return admit()
+  end
   if not rank then
     local ticket = redis.call('INCR', KEYS[4])
     redis.call('ZADD', KEYS[2], ticket, member)
-    rank = redis.call('ZRANK', KEYS[2], member)
   end
   redis.call('ZADD', KEYS[3], now + qttl, member)
   keep(KEYS[2], qttl)
   keep(KEYS[3], qttl)
   keep(KEYS[4], qttl)
-  if rank < free then
-    local reply = admit()
-    wake_heads()
-    return reply
-  end
   return {0, in_use, soonest()}
 elseif op == 'release' then
-  local removed = redis.call('ZREM', KEYS[1], member)
-  if removed == 1 then
-    redis.call('PUBLISH', channel, 'released')
-    wake_heads()
+  if not redis.call('ZSCORE', KEYS[1], member) then
+    return 0
   end
-  return removed
+  redis.call('PUBLISH', channel, 'released')
+  wake_heads(-1, nil)
+  return redis.call('ZREM', KEYS[1], member)
 elseif op == 'extend' then
   if not redis.call('ZSCORE', KEYS[1], member) then
     return 0
@@ -104,17 +116,19 @@ elseif op == 'extend' then
   keep(KEYS[1], lease)
   return 1
 elseif op == 'leave' then
-  local queued = redis.call('ZREM', KEYS[2], member)
-  redis.call('ZREM', KEYS[3], member)
+  local queued = redis.call('ZSCORE', KEYS[2], member)
   -- An attempt cancelled while its step was in flight may have been admitted with nobody
   -- to own the permit: give it back (each attempt has its own member).
-  local held = redis.call('ZREM', KEYS[1], member)
-  if held == 1 then
+  local held = redis.call('ZSCORE', KEYS[1], member)
+  if held then
     redis.call('PUBLISH', channel, 'released')
   end
-  if queued == 1 or held == 1 then
-    wake_heads()
+  if queued or held then
+    wake_heads(held and -1 or 0, member)
   end
+  redis.call('ZREM', KEYS[2], member)
+  redis.call('ZREM', KEYS[3], member)
+  redis.call('ZREM', KEYS[1], member)
   return 1
 elseif op == 'status' then
   local out = {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}

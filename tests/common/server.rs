@@ -134,6 +134,33 @@ impl RedisServer {
         )
     }
 
+    /// The server's URL for the ACL user `user` with `password`:
+    /// `redis://USER:PASSWORD@127.0.0.1:PORT/`, both percent-encoded.
+    pub(crate) fn url_for_user(&self, user: &str, password: &str) -> String {
+        format!(
+            "redis://{}:{}@127.0.0.1:{}/",
+            percent_encode(user),
+            percent_encode(password),
+            self.port
+        )
+    }
+
+    /// Creates (or replaces) the ACL user `user` with `password` and exactly `rules` (after a
+    /// `reset`, so nothing else: add `on` and the rights to grant), and returns its URL. For
+    /// permission tests; the user lives until the server stops.
+    ///
+    /// # Panics
+    ///
+    /// If the server rejects a rule.
+    pub(crate) fn acl_user(&self, user: &str, password: &str, rules: &[&str]) -> String {
+        let pass = format!(">{password}");
+        let mut args = vec!["ACL", "SETUSER", user, "reset", pass.as_str()];
+        args.extend_from_slice(rules);
+        let reply = self.cmd(&args);
+        assert_eq!(reply, "OK", "ACL SETUSER {user} {rules:?}: {reply}");
+        self.url_for_user(user, password)
+    }
+
     /// The server's password, if it has one.
     pub(crate) fn password(&self) -> Option<&str> {
         self.password.as_deref()
@@ -233,6 +260,22 @@ impl RedisServer {
                     .ok()
             })
             .sum()
+    }
+
+    /// How many connections the server has accepted so far (`INFO stats`,
+    /// `total_connections_received`), not counting the `redis-cli` connection that asks.
+    ///
+    /// # Panics
+    ///
+    /// Like [`RedisServer::cmd`].
+    pub(crate) fn connections_received(&self) -> u64 {
+        let total = self
+            .cmd(&["INFO", "stats"])
+            .lines()
+            .find_map(|line| line.trim_end().strip_prefix("total_connections_received:"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("INFO stats has total_connections_received");
+        total - 1
     }
 
     /// How many clients are subscribed to `channel` (`PUBSUB NUMSUB`).
