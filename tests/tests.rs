@@ -32,3 +32,5 @@ mod workers_sem;
 mod chaos;
 // The command line, as a real process.
 mod cli;
+// Partitions (a frozen TCP proxy) and stalls: the holder is told before anyone else acquires.
+mod partitions;
