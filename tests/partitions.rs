@@ -101,13 +101,21 @@ fn ms(d: Duration) -> u128 {
 
 /// The figures of one partition run, printed for the README.
 fn report(what: &str, ttl: Duration, frozen_at: Instant, lost_at: Instant, acquired_at: Instant) {
+    let margin = if lost_at <= acquired_at {
+        format!("told {:.1} ms before", millis(acquired_at - lost_at))
+    } else {
+        format!("told {:.1} ms AFTER", millis(lost_at - acquired_at))
+    };
     println!(
-        "partition [{what}, ttl {ttl:?}]: holder told it lost the lock {} ms after the freeze, \
-         the other contender acquired {} ms after the freeze: told {} ms before",
-        ms(lost_at - frozen_at),
-        ms(acquired_at - frozen_at),
-        ms(acquired_at.saturating_duration_since(lost_at)),
+        "partition [{what}, ttl {ttl:?}]: holder told it lost the lock {:.1} ms after the freeze, \
+         the other contender acquired {:.1} ms after the freeze: {margin}",
+        millis(lost_at - frozen_at),
+        millis(acquired_at - frozen_at),
     );
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 /// Test 1, `try_lock` guard: the frozen holder's `lost()` resolves (and `is_lost()` says so)

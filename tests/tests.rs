@@ -34,3 +34,5 @@ mod chaos;
 mod cli;
 // Partitions (a frozen TCP proxy) and stalls: the holder is told before anyone else acquires.
 mod partitions;
+// Releases retried through a killed or cut connection.
+mod release_retries;

@@ -286,7 +286,7 @@ impl Drop for Open<'_> {
 async fn serve(client: TcpStream, upstream: SocketAddr, control: Arc<Control>) {
     let _open = Open::new(&control);
     let mut cuts = control.cuts.subscribe();
-    cuts.mark_unchanged();
+    let generation = *cuts.borrow_and_update();
     let server = tokio::select! {
         _ = cuts.changed() => return,
         server = TcpStream::connect(upstream) => server,
@@ -299,8 +299,8 @@ async fn serve(client: TcpStream, upstream: SocketAddr, control: Arc<Control>) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let both = futures::future::join(
-        pump(client_read, server_write, Direction::ToServer, &control),
-        pump(server_read, client_write, Direction::ToClient, &control),
+        pump(client_read, server_write, Direction::ToServer, &control, generation),
+        pump(server_read, client_write, Direction::ToClient, &control, generation),
     );
     tokio::select! {
         _ = both => {}
@@ -310,13 +310,17 @@ async fn serve(client: TcpStream, upstream: SocketAddr, control: Arc<Control>) {
 }
 
 /// Copies `from` to `to`, waiting out freezes of `direction` between reading and writing.
-/// Dropping `to` at the end (EOF, an error, or a cut) shuts its write side down.
+/// Dropping `to` at the end (EOF, an error, or a cut) shuts its write side down. Nothing
+/// is written once the connection's `generation` has been cut, even if a thaw wakes this
+/// pump before the connection task has seen the cut (`cut(); thaw();` drops what was held).
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     direction: Direction,
     control: &Control,
+    generation: u64,
 ) -> io::Result<()> {
+    let cuts = control.cuts.subscribe();
     let mut frozen = control.frozen.subscribe();
     let mut buffer = vec![0u8; BUFFER];
     loop {
@@ -327,6 +331,9 @@ async fn pump(
         let _held = Held::new(control, direction, n as u64);
         if frozen.wait_for(|f| !f.blocks(direction)).await.is_err() {
             return Err(io::Error::other("the proxy stopped"));
+        }
+        if *cuts.borrow() != generation {
+            return Err(io::Error::other("the connection was cut"));
         }
         to.write_all(&buffer[..n]).await?;
     }
