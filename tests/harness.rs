@@ -261,9 +261,7 @@ async fn proxy_forwards_freezes_thaws_and_cuts() {
                 .await
         }
     });
-    proxy
-        .wait_held(Direction::ToServer, 1, STEP_TIMEOUT)
-        .await;
+    proxy.wait_held(Direction::ToServer, 1, STEP_TIMEOUT).await;
     assert_eq!(server.cmd(&["EXISTS", &key]), "0", "nothing got through");
     assert!(!set.is_finished());
     assert_eq!(proxy.connections(), 1);
@@ -278,11 +276,14 @@ async fn proxy_forwards_freezes_thaws_and_cuts() {
     proxy.freeze_replies();
     let del = tokio::spawn({
         let (mut conn, key) = (conn.clone(), key.clone());
-        async move { redis::cmd("DEL").arg(&key).query_async::<i64>(&mut conn).await }
+        async move {
+            redis::cmd("DEL")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await
+        }
     });
-    proxy
-        .wait_held(Direction::ToClient, 1, STEP_TIMEOUT)
-        .await;
+    proxy.wait_held(Direction::ToClient, 1, STEP_TIMEOUT).await;
     assert_eq!(server.cmd(&["EXISTS", &key]), "0", "the DEL was applied");
     assert!(!del.is_finished());
 
@@ -297,7 +298,10 @@ async fn proxy_forwards_freezes_thaws_and_cuts() {
     proxy.thaw();
     let deadline = std::time::Instant::now() + STEP_TIMEOUT;
     while proxy.connections() != 0 {
-        assert!(std::time::Instant::now() < deadline, "the cut closed nothing");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cut closed nothing"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(proxy.held(Direction::ToClient), 0);

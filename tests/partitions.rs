@@ -5,7 +5,6 @@
 //! Every instant is an [`Instant`] taken in this process, so the orderings asserted here
 //! are exact; each test prints its figures (`cargo test -- --nocapture partitions`).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,15 +66,18 @@ async fn wait_renewed(conn: &mut MultiplexedConnection, key: &str, ttl: Duration
     }
 }
 
+/// An instant recorded by one task and read by another.
+type Stamped = Arc<Mutex<Option<Instant>>>;
+
 /// Records the instant it is dropped, unless disarmed: put one in a job or closure to learn
 /// when it was cancelled.
 struct Stamp {
-    at: Arc<Mutex<Option<Instant>>>,
+    at: Stamped,
     armed: bool,
 }
 
 impl Stamp {
-    fn new(at: &Arc<Mutex<Option<Instant>>>) -> Stamp {
+    fn new(at: &Stamped) -> Stamp {
         Stamp {
             at: Arc::clone(at),
             armed: true,
@@ -91,7 +93,7 @@ impl Drop for Stamp {
     }
 }
 
-fn read(at: &Arc<Mutex<Option<Instant>>>) -> Option<Instant> {
+fn read(at: &Stamped) -> Option<Instant> {
     *at.lock().expect("stamp")
 }
 
@@ -176,7 +178,10 @@ async fn frozen_guard(ttl: Duration) {
     let guard = Arc::into_inner(guard).expect("the tasks are done");
     let e = guard.release().await.expect_err("lost");
     assert_eq!(e.kind(), ErrorKind::LockLost, "{e:?}");
-    taken.release().await.expect("the new holder still holds it");
+    taken
+        .release()
+        .await
+        .expect("the new holder still holds it");
 }
 
 /// Test 1, `once`: the frozen holder's closure is cancelled, and `once` returns
@@ -189,7 +194,7 @@ async fn frozen_once(ttl: Duration) {
     let other = herd(&prefix, "other", &server.url(), ttl).await;
     let mut conn = raw(server).await;
     let options = LockOptions::new().ttl(ttl);
-    let cancelled = Arc::new(Mutex::new(None));
+    let cancelled: Stamped = Arc::default();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let once = tokio::spawn({
         let (cancelled, options) = (Arc::clone(&cancelled), options.clone());
@@ -244,7 +249,10 @@ async fn frozen_once(ttl: Duration) {
         ms(returned_at - acquired_at)
     );
     proxy.thaw();
-    taken.release().await.expect("the new holder still holds it");
+    taken
+        .release()
+        .await
+        .expect("the new holder still holds it");
 }
 
 /// Test 1, fan-out leader: the frozen leader's job is cancelled and it publishes nothing;
@@ -262,42 +270,13 @@ async fn frozen_fanout_leader(ttl: Duration) {
         .ttl(ttl)
         .timeout(ttl * 3 + STEP_TIMEOUT);
 
-    // Everything published on the job's channel, seen from outside.
-    let published = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
-    let mut pubsub = redis::Client::open(server.url())
-        .expect("url")
-        .get_async_pubsub()
-        .await
-        .expect("pub/sub");
-    pubsub
-        .subscribe(format!("{prefix}:{{{job}}}"))
-        .await
-        .expect("subscribe");
-    let listener = tokio::spawn({
-        let published = Arc::clone(&published);
-        async move {
-            use futures::StreamExt;
-            let mut messages = pubsub.into_on_message();
-            while let Some(msg) = messages.next().await {
-                published
-                    .lock()
-                    .expect("published")
-                    .push(msg.get_payload_bytes().to_vec());
-            }
-        }
-    });
-
-    let cancelled = Arc::new(Mutex::new(None));
-    let finished = Arc::new(AtomicBool::new(false));
+    let published = Published::start(server, &format!("{prefix}:{{{job}}}")).await;
+    let cancelled: Stamped = Arc::default();
     let release_stale = Arc::new(tokio::sync::Notify::new());
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let leader = tokio::spawn({
         let (holder, options) = (holder.clone(), options.clone());
-        let (cancelled, finished, release_stale) = (
-            Arc::clone(&cancelled),
-            Arc::clone(&finished),
-            Arc::clone(&release_stale),
-        );
+        let (cancelled, release_stale) = (Arc::clone(&cancelled), Arc::clone(&release_stale));
         async move {
             let result = holder
                 .fanout_with(job, &options, move || async move {
@@ -305,7 +284,6 @@ async fn frozen_fanout_leader(ttl: Duration) {
                     let _ = started_tx.send(());
                     release_stale.notified().await;
                     stamp.armed = false;
-                    finished.store(true, Ordering::SeqCst);
                     Ok::<_, JobError>("stale".to_owned())
                 })
                 .await;
@@ -318,18 +296,12 @@ async fn frozen_fanout_leader(ttl: Duration) {
     wait_renewed(&mut conn, &lock_key(&prefix, job), ttl).await;
 
     // The contender follows the run in progress, and takes over when it is gone.
-    let took_over = Arc::new(Mutex::new(None));
+    let took_over: Stamped = Arc::default();
+    let cancelled_when_taken: Stamped = Arc::default();
     let contender = tokio::spawn({
         let (other, options) = (other.clone(), options.clone());
-        let (cancelled, took_over) = (Arc::clone(&cancelled), Arc::clone(&took_over));
-        async move {
-            other
-                .fanout_with(job, &options, move || async move {
-                    *took_over.lock().expect("took over") = Some((Instant::now(), read(&cancelled)));
-                    Ok::<_, JobError>("fresh".to_owned())
-                })
-                .await
-        }
+        let job_fn = fresh_job(&cancelled, &took_over, &cancelled_when_taken);
+        async move { other.fanout_with(job, &options, job_fn).await }
     });
     let deadline = Instant::now() + STEP_TIMEOUT;
     while other.stats().following == 0 {
@@ -343,9 +315,17 @@ async fn frozen_fanout_leader(ttl: Duration) {
         .await
         .expect("task")
         .expect("the contender gets a result");
-    assert_eq!(fanned.value, "fresh", "a stale result reached the contender");
-    assert_eq!(fanned.role, Role::Leader, "the contender ran the job itself");
-    let (acquired_at, cancelled_when_acquired) = read_took_over(&took_over);
+    assert_eq!(
+        fanned.value, "fresh",
+        "a stale result reached the contender"
+    );
+    assert_eq!(
+        fanned.role,
+        Role::Leader,
+        "the contender ran the job itself"
+    );
+    let acquired_at = read(&took_over).expect("the contender's job ran");
+    let cancelled_when_acquired = read(&cancelled_when_taken);
     let (result, returned_at) = within(STEP_TIMEOUT, "the frozen leader", leader)
         .await
         .expect("task");
@@ -367,41 +347,106 @@ async fn frozen_fanout_leader(ttl: Duration) {
     // Thawed: the old leader's job is gone for good and nothing it held back gets out.
     proxy.thaw();
     release_stale.notify_waiters();
-    holder.lock_status(job).await.expect("the holder's path works again");
-    assert!(!finished.load(Ordering::SeqCst), "the cancelled job ran on");
+    holder
+        .lock_status(job)
+        .await
+        .expect("the holder's path works again");
     assert_eq!(holder.stats().in_flight, 0);
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    loop {
-        let messages = published.lock().expect("published").clone();
-        assert!(
-            messages
-                .iter()
-                .all(|m| !m.windows(5).any(|w| w == b"stale")),
-            "the old leader published a result"
-        );
-        if messages
-            .iter()
-            .any(|m| m.windows(5).any(|w| w == b"fresh"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the new run's result was never published");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    published.wait_for(b"fresh", b"stale").await;
     let stored: Vec<u8> = redis::cmd("GET")
         .arg(format!("{prefix}:{{{job}}}:result"))
         .query_async(&mut conn)
         .await
         .expect("GET");
-    assert!(stored.windows(5).any(|w| w == b"fresh"), "stored: {stored:?}");
-    listener.abort();
+    assert!(
+        stored.windows(5).any(|w| w == b"fresh"),
+        "stored: {stored:?}"
+    );
 }
 
-fn read_took_over(took_over: &Arc<Mutex<Option<(Instant, Option<Instant>)>>>) -> (Instant, Option<Instant>) {
-    took_over
-        .lock()
-        .expect("took over")
-        .expect("the contender's job ran")
+/// The contender's job: notes when it started (just after its run acquired the lock) and
+/// whether the frozen leader's job had been cancelled by then.
+fn fresh_job(
+    cancelled: &Stamped,
+    took_over: &Stamped,
+    cancelled_when_taken: &Stamped,
+) -> impl FnOnce() -> futures::future::BoxFuture<'static, Result<String, JobError>> + Send + 'static
+{
+    let (cancelled, took_over, cancelled_when_taken) = (
+        Arc::clone(cancelled),
+        Arc::clone(took_over),
+        Arc::clone(cancelled_when_taken),
+    );
+    move || {
+        Box::pin(async move {
+            *took_over.lock().expect("took over") = Some(Instant::now());
+            *cancelled_when_taken.lock().expect("cancelled") = read(&cancelled);
+            Ok("fresh".to_owned())
+        })
+    }
+}
+
+/// Records everything published on one channel, seen from outside (a direct connection).
+struct Published {
+    messages: Arc<Mutex<Vec<Vec<u8>>>>,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl Published {
+    /// Subscribes (confirmed when this returns) and starts recording.
+    async fn start(server: &RedisServer, channel: &str) -> Published {
+        let mut pubsub = redis::Client::open(server.url())
+            .expect("url")
+            .get_async_pubsub()
+            .await
+            .expect("pub/sub");
+        pubsub.subscribe(channel).await.expect("subscribe");
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let listener = tokio::spawn({
+            let messages = Arc::clone(&messages);
+            async move {
+                use futures::StreamExt;
+                let mut stream = pubsub.into_on_message();
+                while let Some(msg) = stream.next().await {
+                    messages
+                        .lock()
+                        .expect("published")
+                        .push(msg.get_payload_bytes().to_vec());
+                }
+            }
+        });
+        Published { messages, listener }
+    }
+
+    /// Waits until a message containing `wanted` was published, failing if one containing
+    /// `never` ever was.
+    async fn wait_for(&self, wanted: &[u8], never: &[u8]) {
+        let contains = |m: &Vec<u8>, part: &[u8]| m.windows(part.len()).any(|w| w == part);
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let messages = self.messages.lock().expect("published").clone();
+            assert!(
+                !messages.iter().any(|m| contains(m, never)),
+                "a message with {:?} was published",
+                String::from_utf8_lossy(never)
+            );
+            if messages.iter().any(|m| contains(m, wanted)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no message with {:?} was published",
+                String::from_utf8_lossy(wanted)
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,17 +161,22 @@ async fn all_free(conn: &mut MultiplexedConnection, prefix: &str, kind: Kind) ->
 async fn killed_connection(kind: Kind) {
     let server = RedisServer::start();
     let prefix = server::unique_prefix(&format!("release_killed_{kind:?}"));
-    let herd = herd(&prefix, "holder", &server.url()).await;
+    let holder = herd(&prefix, "holder", &server.url()).await;
     let mut conn = raw(&server).await;
-    let held = take(&herd, kind, Duration::from_secs(30)).await;
+    let held = take(&holder, kind, Duration::from_secs(30)).await;
     assert!(!all_free(&mut conn, &prefix, kind).await);
     let connections_before = total_connections(&mut conn).await;
     let killed = server.cmd(&["CLIENT", "KILL", "TYPE", "normal"]);
     assert_ne!(killed, "0", "no connection was killed");
     let mut conn = raw(&server).await;
+    let started = std::time::Instant::now();
     let released = within(STEP_TIMEOUT, "release", release(held))
         .await
         .expect("the release succeeds on a retry");
+    println!(
+        "release [{kind:?}] through a killed connection: {:.1} ms",
+        started.elapsed().as_secs_f64() * 1000.0
+    );
     assert_eq!(released, Released::Ok);
     assert!(
         all_free(&mut conn, &prefix, kind).await,
@@ -199,15 +204,16 @@ async fn request_cut(kind: Kind) {
     let server = server::shared();
     let prefix = server::unique_prefix(&format!("release_request_cut_{kind:?}"));
     let proxy = Proxy::start(server);
-    let herd = herd(&prefix, "holder", &proxy.url()).await;
+    let holder = herd(&prefix, "holder", &proxy.url()).await;
     let mut conn = raw(server).await;
-    let held = warm_then_take(&herd, kind, Duration::from_secs(30)).await;
+    let held = warm_then_take(&holder, kind, Duration::from_secs(30)).await;
     proxy.freeze();
     let releasing = tokio::spawn(release(held));
-    proxy
-        .wait_held(Direction::ToServer, 1, STEP_TIMEOUT)
-        .await;
-    assert!(!all_free(&mut conn, &prefix, kind).await, "nothing got through");
+    proxy.wait_held(Direction::ToServer, 1, STEP_TIMEOUT).await;
+    assert!(
+        !all_free(&mut conn, &prefix, kind).await,
+        "nothing got through"
+    );
     proxy.cut();
     proxy.thaw();
     let released = within(STEP_TIMEOUT, "release", releasing)
@@ -215,7 +221,10 @@ async fn request_cut(kind: Kind) {
         .expect("task")
         .expect("the release succeeds on a retry");
     assert_eq!(released, Released::Ok);
-    assert!(all_free(&mut conn, &prefix, kind).await, "the lock was left held");
+    assert!(
+        all_free(&mut conn, &prefix, kind).await,
+        "the lock was left held"
+    );
 }
 
 /// Redis applies the release, its reply is held by the proxy, then the connection is cut:
@@ -224,22 +233,27 @@ async fn reply_cut(kind: Kind) {
     let server = server::shared();
     let prefix = server::unique_prefix(&format!("release_reply_cut_{kind:?}"));
     let proxy = Proxy::start(server);
-    let herd = herd(&prefix, "holder", &proxy.url()).await;
+    let holder = herd(&prefix, "holder", &proxy.url()).await;
     let mut conn = raw(server).await;
-    let held = warm_then_take(&herd, kind, Duration::from_secs(30)).await;
+    let held = warm_then_take(&holder, kind, Duration::from_secs(30)).await;
     proxy.freeze_replies();
     let releasing = tokio::spawn(release(held));
-    proxy
-        .wait_held(Direction::ToClient, 1, STEP_TIMEOUT)
-        .await;
-    assert!(all_free(&mut conn, &prefix, kind).await, "the release was applied");
+    proxy.wait_held(Direction::ToClient, 1, STEP_TIMEOUT).await;
+    assert!(
+        all_free(&mut conn, &prefix, kind).await,
+        "the release was applied"
+    );
     proxy.cut();
     proxy.thaw();
     let released = within(STEP_TIMEOUT, "release", releasing)
         .await
         .expect("task")
         .expect("the retry reports the release");
-    assert_eq!(released, Released::Ok, "a second release of a released lock is a success");
+    assert_eq!(
+        released,
+        Released::Ok,
+        "a second release of a released lock is a success"
+    );
 }
 
 /// The release request is held while the lock expires and another holder takes it; the
@@ -256,13 +270,16 @@ async fn retry_finds_another_holder(kind: Kind) {
     let held = warm_then_take(&holder, kind, ttl).await;
     proxy.freeze();
     let releasing = tokio::spawn(release(held));
-    proxy
-        .wait_held(Direction::ToServer, 1, STEP_TIMEOUT)
-        .await;
+    proxy.wait_held(Direction::ToServer, 1, STEP_TIMEOUT).await;
     // The other holder waits for the lease to run out (no polling: its own waiter).
     let taken = match kind {
         Kind::Lock => Held::Lock(other.lock("k", STEP_TIMEOUT).await.expect("lock")),
-        Kind::Multi => Held::Multi(other.multi(&["k", "k2"], STEP_TIMEOUT).await.expect("multi")),
+        Kind::Multi => Held::Multi(
+            other
+                .multi(&["k", "k2"], STEP_TIMEOUT)
+                .await
+                .expect("multi"),
+        ),
         Kind::Permit => Held::Permit(
             other
                 .semaphore("k", 1)

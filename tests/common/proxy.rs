@@ -202,7 +202,8 @@ impl Proxy {
         self.control.accepted.load(Ordering::SeqCst)
     }
 
-    /// Bytes read in `direction` but not yet forwarded (held by a freeze, or in transit).
+    /// Bytes read in `direction` and not yet passed on: held by a freeze (or, for an
+    /// instant, on their way through).
     pub(crate) fn held(&self, direction: Direction) -> u64 {
         self.control.held[direction.index()].load(Ordering::SeqCst)
     }
@@ -299,8 +300,20 @@ async fn serve(client: TcpStream, upstream: SocketAddr, control: Arc<Control>) {
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
     let both = futures::future::join(
-        pump(client_read, server_write, Direction::ToServer, &control, generation),
-        pump(server_read, client_write, Direction::ToClient, &control, generation),
+        pump(
+            client_read,
+            server_write,
+            Direction::ToServer,
+            &control,
+            generation,
+        ),
+        pump(
+            server_read,
+            client_write,
+            Direction::ToClient,
+            &control,
+            generation,
+        ),
     );
     tokio::select! {
         _ = both => {}
@@ -328,18 +341,22 @@ async fn pump(
         if n == 0 {
             return Ok(());
         }
-        let _held = Held::new(control, direction, n as u64);
+        let held = Held::new(control, direction, n as u64);
         if frozen.wait_for(|f| !f.blocks(direction)).await.is_err() {
             return Err(io::Error::other("the proxy stopped"));
         }
         if *cuts.borrow() != generation {
             return Err(io::Error::other("the connection was cut"));
         }
+        // No longer held once it is on its way: the other side may see it before this
+        // task runs again, and a test waiting for held bytes must not count it then.
+        drop(held);
         to.write_all(&buffer[..n]).await?;
     }
 }
 
-/// Counts bytes read but not yet written, until dropped (written, or the pump was cut).
+/// Counts bytes read but not yet passed on, until dropped (on their way, or the pump was
+/// cut).
 struct Held<'a> {
     control: &'a Control,
     direction: Direction,
