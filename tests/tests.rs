@@ -36,3 +36,5 @@ mod cli;
 mod partitions;
 // Releases retried through a killed or cut connection.
 mod release_retries;
+// Results that cannot make the round trip through their codec (both backends).
+mod round_trip;
