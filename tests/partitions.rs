@@ -235,8 +235,8 @@ async fn frozen_once(ttl: Duration) {
     let cancelled_at = read(&cancelled).expect("the closure was cancelled");
     report("once", ttl, frozen_at, cancelled_at, acquired_at);
     println!(
-        "partition [once, ttl {ttl:?}]: once returned LockLost {} ms after its closure was cancelled",
-        ms(returned_at - cancelled_at)
+        "partition [once, ttl {ttl:?}]: once returned LockLost {:.1} ms after its closure was cancelled",
+        millis(returned_at - cancelled_at)
     );
     assert!(
         cancelled_when_acquired.is_some(),
@@ -539,11 +539,11 @@ async fn stalled_redis_loss_by_the_local_deadline() {
         .expect("redis-cli");
     assert!(output.status.success(), "DEBUG SLEEP: {output:?}");
     println!(
-        "stall [DEBUG SLEEP {}, ttl {ttl:?}]: holder told it lost the lock {} ms after the stall \
-         began (at the latest), Redis woke up after {} ms",
+        "stall [DEBUG SLEEP {}, ttl {ttl:?}]: holder told it lost the lock {:.1} ms after the \
+         stall began (at the latest), Redis woke up after {:.1} ms",
         sleep.as_secs(),
-        ms(lost_at.saturating_duration_since(stalled_from)),
-        ms(woke_at - stalled_from)
+        millis(lost_at.saturating_duration_since(stalled_from)),
+        millis(woke_at - stalled_from)
     );
     assert!(
         lost_at < woke_at,
