@@ -255,29 +255,27 @@ impl<E: std::error::Error> From<E> for JobError {
 
 /// Encodes a job's outcome into a body (never fails: encoding problems become a
 /// `Rejected` body that every waiter receives as an error).
-pub(crate) fn body_of<T: Serialize>(
+///
+/// A result is accepted only if every caller will get it back as it is: it must serialize,
+/// fit `max_size`, hold no non-finite float when the codec is JSON (`serde_json` writes NaN
+/// and infinities as `null`, so an `Option<f64>` would arrive as `None` and an `f64` not at
+/// all), and its bytes must decode back into `T` (a bincode payload of a type that needs a
+/// self-describing format would not). The leader checks this before anything is stored or
+/// published, so a result that cannot round-trip reaches the leader's callers and every
+/// follower as the same [`Codec`](ErrorKind::Codec) error, and is never stored as a success.
+pub(crate) fn body_of<T: Serialize + DeserializeOwned>(
     result: Result<T, JobError>,
     codec: Codec,
     max_size: usize,
 ) -> Body {
     match result {
-        Ok(value) => match codec.encode(&value) {
-            Ok(payload) if payload.len() <= max_size => Body {
+        Ok(value) => match encode_result(&value, codec, max_size) {
+            Ok(payload) => Body {
                 status: Status::Ok,
                 codec,
                 payload,
             },
-            Ok(payload) => failure(
-                Status::Rejected,
-                &format!(
-                    "the job's result is {} bytes, more than the limit of {max_size}",
-                    payload.len()
-                ),
-            ),
-            Err(e) => failure(
-                Status::Rejected,
-                &format!("the job's result could not be serialized: {e}"),
-            ),
+            Err(why) => failure(Status::Rejected, &why),
         },
         Err(job_error) => {
             let payload = serde_json::to_vec(&job_error).unwrap_or_else(|_| {
@@ -297,6 +295,284 @@ pub(crate) fn body_of<T: Serialize>(
                 codec: Codec::Json,
                 payload,
             }
+        }
+    }
+}
+
+/// Encodes a successful result, or says why every caller could not get it back as it is.
+fn encode_result<T: Serialize + DeserializeOwned>(
+    value: &T,
+    codec: Codec,
+    max_size: usize,
+) -> Result<Vec<u8>, String> {
+    if codec == Codec::Json {
+        finite::check(value).map_err(|e| {
+            format!(
+                "the job's result holds a non-finite float ({e}), which JSON cannot carry \
+                 (it would arrive as null); use the bincode codec or a finite value"
+            )
+        })?;
+    }
+    let payload = codec
+        .encode(value)
+        .map_err(|e| format!("the job's result could not be serialized: {e}"))?;
+    if payload.len() > max_size {
+        return Err(format!(
+            "the job's result is {} bytes, more than the limit of {max_size}",
+            payload.len()
+        ));
+    }
+    codec.decode::<T>(&payload).map_err(|e| {
+        format!("the job's result does not decode back into its own type with {codec:?}: {e}")
+    })?;
+    Ok(payload)
+}
+
+/// Finds non-finite floats in a value, by serializing it into nothing.
+mod finite {
+    use std::fmt;
+
+    use serde::ser::{self, Serialize};
+
+    /// Checks every `f32` and `f64` in `value`; the error names the first non-finite one.
+    pub(super) fn check<T: Serialize + ?Sized>(value: &T) -> Result<(), NonFinite> {
+        value.serialize(Probe)
+    }
+
+    /// A non-finite float (or an error the value's own `Serialize` raised).
+    #[derive(Debug)]
+    pub(super) struct NonFinite(String);
+
+    impl fmt::Display for NonFinite {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for NonFinite {}
+
+    impl ser::Error for NonFinite {
+        fn custom<M: fmt::Display>(message: M) -> Self {
+            NonFinite(message.to_string())
+        }
+    }
+
+    fn float(v: f64) -> Result<(), NonFinite> {
+        if v.is_finite() {
+            Ok(())
+        } else {
+            Err(NonFinite(v.to_string()))
+        }
+    }
+
+    /// A serializer that produces nothing and fails on a non-finite float.
+    #[derive(Clone, Copy)]
+    struct Probe;
+
+    type Done = Result<(), NonFinite>;
+
+    impl ser::Serializer for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        type SerializeSeq = Probe;
+        type SerializeTuple = Probe;
+        type SerializeTupleStruct = Probe;
+        type SerializeTupleVariant = Probe;
+        type SerializeMap = Probe;
+        type SerializeStruct = Probe;
+        type SerializeStructVariant = Probe;
+
+        fn serialize_bool(self, _: bool) -> Done {
+            Ok(())
+        }
+        fn serialize_i8(self, _: i8) -> Done {
+            Ok(())
+        }
+        fn serialize_i16(self, _: i16) -> Done {
+            Ok(())
+        }
+        fn serialize_i32(self, _: i32) -> Done {
+            Ok(())
+        }
+        fn serialize_i64(self, _: i64) -> Done {
+            Ok(())
+        }
+        fn serialize_i128(self, _: i128) -> Done {
+            Ok(())
+        }
+        fn serialize_u8(self, _: u8) -> Done {
+            Ok(())
+        }
+        fn serialize_u16(self, _: u16) -> Done {
+            Ok(())
+        }
+        fn serialize_u32(self, _: u32) -> Done {
+            Ok(())
+        }
+        fn serialize_u64(self, _: u64) -> Done {
+            Ok(())
+        }
+        fn serialize_u128(self, _: u128) -> Done {
+            Ok(())
+        }
+        fn serialize_f32(self, v: f32) -> Done {
+            float(f64::from(v))
+        }
+        fn serialize_f64(self, v: f64) -> Done {
+            float(v)
+        }
+        fn serialize_char(self, _: char) -> Done {
+            Ok(())
+        }
+        fn serialize_str(self, _: &str) -> Done {
+            Ok(())
+        }
+        fn serialize_bytes(self, _: &[u8]) -> Done {
+            Ok(())
+        }
+        fn serialize_none(self) -> Done {
+            Ok(())
+        }
+        fn serialize_some<T: Serialize + ?Sized>(self, value: &T) -> Done {
+            value.serialize(self)
+        }
+        fn serialize_unit(self) -> Done {
+            Ok(())
+        }
+        fn serialize_unit_struct(self, _: &'static str) -> Done {
+            Ok(())
+        }
+        fn serialize_unit_variant(self, _: &'static str, _: u32, _: &'static str) -> Done {
+            Ok(())
+        }
+        fn serialize_newtype_struct<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            value: &T,
+        ) -> Done {
+            value.serialize(self)
+        }
+        fn serialize_newtype_variant<T: Serialize + ?Sized>(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            value: &T,
+        ) -> Done {
+            value.serialize(self)
+        }
+        fn serialize_seq(self, _: Option<usize>) -> Result<Probe, NonFinite> {
+            Ok(self)
+        }
+        fn serialize_tuple(self, _: usize) -> Result<Probe, NonFinite> {
+            Ok(self)
+        }
+        fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Probe, NonFinite> {
+            Ok(self)
+        }
+        fn serialize_tuple_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Probe, NonFinite> {
+            Ok(self)
+        }
+        fn serialize_map(self, _: Option<usize>) -> Result<Probe, NonFinite> {
+            Ok(self)
+        }
+        fn serialize_struct(self, _: &'static str, _: usize) -> Result<Probe, NonFinite> {
+            Ok(self)
+        }
+        fn serialize_struct_variant(
+            self,
+            _: &'static str,
+            _: u32,
+            _: &'static str,
+            _: usize,
+        ) -> Result<Probe, NonFinite> {
+            Ok(self)
+        }
+    }
+
+    impl ser::SerializeSeq for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Done {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTuple for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Done {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleStruct for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Done {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeTupleVariant for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Done {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeMap for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Done {
+            key.serialize(Probe)
+        }
+        fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Done {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStruct for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Done {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Done {
+            Ok(())
+        }
+    }
+
+    impl ser::SerializeStructVariant for Probe {
+        type Ok = ();
+        type Error = NonFinite;
+        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Done {
+            value.serialize(Probe)
+        }
+        fn end(self) -> Done {
+            Ok(())
         }
     }
 }
@@ -397,6 +673,79 @@ mod unit {
             b"HLE1\x00\x07\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00",
         ] {
             assert!(Envelope::decode(bytes).is_err(), "{bytes:?}");
+        }
+    }
+
+    #[derive(Debug, Serialize, Deserialize)]
+    struct Stats {
+        mean: Option<f64>,
+        samples: Vec<f32>,
+    }
+
+    /// A type that needs a self-describing format: bincode encodes it, cannot decode it.
+    #[derive(Debug, Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Loose {
+        Number(u32),
+        Text(String),
+    }
+
+    #[test]
+    fn results_that_cannot_round_trip_are_rejected() {
+        let rejected = |body: Body| {
+            assert_eq!(body.status, Status::Rejected);
+            let env =
+                Arc::new(Envelope::decode(&Envelope::encode(1, "t", &body)).expect("decodes"));
+            let err = open::<serde_json::Value>("j", &env).expect_err("rejected");
+            assert_eq!(err.kind(), ErrorKind::Codec);
+            err.to_string()
+        };
+        let max = 1 << 20;
+        let e = rejected(body_of(Ok::<_, JobError>(f64::NAN), Codec::Json, max));
+        assert!(e.contains("non-finite") && e.contains("NaN"), "{e}");
+        rejected(body_of(Ok::<_, JobError>(f64::INFINITY), Codec::Json, max));
+        // Would silently arrive as `None` / fail to decode without the check.
+        let nan_inside = || Stats {
+            mean: Some(f64::NAN),
+            samples: vec![1.0, f32::NEG_INFINITY],
+        };
+        rejected(body_of(Ok::<_, JobError>(nan_inside()), Codec::Json, max));
+        rejected(body_of(
+            Ok::<_, JobError>(vec![Some(0.5), Some(f64::NAN)]),
+            Codec::Json,
+            max,
+        ));
+        let mut keyed = std::collections::BTreeMap::new();
+        keyed.insert("k".to_owned(), (1u8, f32::NAN));
+        rejected(body_of(Ok::<_, JobError>(keyed), Codec::Json, max));
+        // bincode carries NaN faithfully, but not a type that needs a self-describing format.
+        let body = body_of(Ok::<_, JobError>(nan_inside()), Codec::Bincode, max);
+        assert_eq!(body.status, Status::Ok);
+        let e = rejected(body_of(
+            Ok::<_, JobError>(Loose::Number(3)),
+            Codec::Bincode,
+            max,
+        ));
+        assert!(e.contains("decode back"), "{e}");
+        // Finite values and self-describing JSON pass.
+        for body in [
+            body_of(
+                Ok::<_, JobError>(Stats {
+                    mean: Some(0.25),
+                    samples: vec![1.0, -2.5, f32::MAX],
+                }),
+                Codec::Json,
+                max,
+            ),
+            body_of(Ok::<_, JobError>(Loose::Text("x".into())), Codec::Json, max),
+            body_of(Ok::<_, JobError>(f64::MIN_POSITIVE), Codec::Json, max),
+        ] {
+            assert_eq!(
+                body.status,
+                Status::Ok,
+                "{:?}",
+                String::from_utf8_lossy(&body.payload)
+            );
         }
     }
 

@@ -249,10 +249,13 @@ impl Herd {
     /// others); [`JobFailed`](ErrorKind::JobFailed) with the job's message (and
     /// [`Error::job_error`]) when the job returned an error; [`JobPanicked`](ErrorKind::JobPanicked);
     /// [`Codec`](ErrorKind::Codec) when the result could not be serialized, was too large,
-    /// or could not be decoded as `T`; [`Abandoned`](ErrorKind::Abandoned) when the runtime
-    /// shut down; [`InvalidInput`](ErrorKind::InvalidInput) for a bad job id, or when the
-    /// job id is in flight in this process for another result type `T` (one job id names
-    /// one job with one result type); connection errors.
+    /// cannot make the round trip through the codec unchanged (a NaN or an infinity with
+    /// JSON: the leader checks before publishing, so every caller gets the same error and
+    /// nothing is stored as a success), or could not be decoded as `T`;
+    /// [`Abandoned`](ErrorKind::Abandoned) when the runtime shut down;
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad job id, or when the job id is in
+    /// flight in this process for another result type `T` (one job id names one job with one
+    /// result type); connection errors.
     ///
     /// A caller never starts a new run when a run of its job id completed after it called:
     /// it gets that run's result (or error), wherever the run took place, with no extra
@@ -481,10 +484,15 @@ impl<T> fmt::Debug for Completer<T> {
     }
 }
 
-impl<T: Serialize> Completer<T> {
+impl<T: Serialize + DeserializeOwned> Completer<T> {
     /// Completes the run with `result`, which every follower receives (serialized with the
     /// codec of the push options). Returns `true` if this call completed the run, `false`
     /// if it had already been completed (a no-op) or was given up.
+    ///
+    /// A value that cannot make the round trip through the codec unchanged (a NaN or an
+    /// infinity with JSON, which would arrive as `null`; a payload that does not decode back
+    /// into `T`) completes the run with a [`Codec`](ErrorKind::Codec) error for every caller
+    /// instead; nothing is stored as a success.
     pub fn complete(&self, result: std::result::Result<T, JobError>) -> bool {
         let sender = self
             .done

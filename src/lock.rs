@@ -380,11 +380,17 @@ impl LockGuard {
     /// Releases the lock (or, with a [grace period](LockOptions::grace), shortens it to the
     /// grace) and wakes the waiters.
     ///
+    /// A connection error is retried within the herd's
+    /// [command timeout](crate::Builder::command_timeout): the release compares the holder,
+    /// so repeating it is safe. A retry that finds the lock free reports success (the
+    /// attempt that failed may have released it); one that finds another holder reports
+    /// [`LockLost`](ErrorKind::LockLost).
+    ///
     /// # Errors
     ///
     /// [`LockLost`](ErrorKind::LockLost) if the lock had already expired or been taken
-    /// over, in which case the current holder's lock is untouched; connection errors (the
-    /// lock then expires with its TTL).
+    /// over, in which case the current holder's lock is untouched; connection errors that
+    /// outlast the command timeout (the lock then expires with its TTL).
     ///
     /// # Cancel safety
     ///
@@ -418,12 +424,24 @@ impl Drop for LockGuard {
     }
 }
 
+/// Releases the lock `token` holds, retrying through connection errors within the command
+/// timeout (the release compares the holder, so a repeat is harmless). A retry that finds
+/// the lock free succeeds: the attempt that failed may well have released it. One that
+/// finds another holder reports `LockLost`.
 async fn release(backend: &Backend, keys: &JobKeys, token: &str, grace: Duration) -> Result<()> {
-    if backend.release(keys, token, grace).await? {
+    let reply = backend
+        .retry_release("release", || backend.release(keys, token, grace))
+        .await?;
+    if reply.value || (reply.retried && is_free(backend, keys).await?) {
         Ok(())
     } else {
         Err(lost(&keys.key))
     }
+}
+
+/// Whether nobody holds the lock of `keys` (after a retried release found nothing to do).
+pub(crate) async fn is_free(backend: &Backend, keys: &JobKeys) -> Result<bool> {
+    Ok(backend.status(keys).await?.holder.is_none())
 }
 
 fn lost(key: &str) -> Error {
@@ -734,8 +752,10 @@ impl Herd {
                 std::panic::resume_unwind(panic)
             }
             None => {
-                // The work was dropped (cancelled) when the lock was lost.
-                let _ = guard.release_now().await;
+                // The work was dropped (cancelled) when the lock was lost. Tell the caller
+                // now: the release (a no-op unless the lease ran out locally but not yet on
+                // Redis) goes on in the background, as the path to Redis may be what failed.
+                spawn_cleanup("release of a lost lock", guard.release_now());
                 Err(E::from(lost(key)))
             }
         }

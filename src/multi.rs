@@ -17,11 +17,11 @@ use futures::future::select_all;
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::backend::{parse_holder, MultiReply, Subscription};
+use crate::backend::{parse_holder, Backend, MultiReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
-use crate::lock::{FencingToken, Holder, LockOptions, Resolved};
+use crate::lock::{self, FencingToken, Holder, LockOptions, Resolved};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
 
 /// The most keys one multi-key lock may hold.
@@ -165,9 +165,15 @@ impl MultiGuard {
     /// Releases every lock still held and reports each key's outcome. A key that had
     /// already expired is reported as [`KeyRelease::Lost`], not as an error.
     ///
+    /// A connection error is retried within the herd's
+    /// [command timeout](crate::Builder::command_timeout), as for
+    /// [`LockGuard::release`](crate::LockGuard::release): after a retry, a key found free
+    /// is [`Released`](KeyRelease::Released), one held by another [`Lost`](KeyRelease::Lost).
+    ///
     /// # Errors
     ///
-    /// Connection errors only (the locks then expire with their TTL).
+    /// Connection errors that outlast the command timeout (the locks then expire with their
+    /// TTL).
     ///
     /// # Cancel safety
     ///
@@ -175,25 +181,32 @@ impl MultiGuard {
     pub async fn release(mut self) -> Result<Vec<(String, KeyRelease)>> {
         self.released = true;
         self.lease = None; // stop renewing first
-        let outcomes = self
-            .herd
-            .backend()
-            .multi_release(&self.keys, &self.tokens)
-            .await?;
-        Ok(self
-            .keys
-            .iter()
-            .zip(outcomes)
-            .map(|(k, released)| {
-                let outcome = if released {
-                    KeyRelease::Released
-                } else {
-                    KeyRelease::Lost
-                };
-                (k.key.clone(), outcome)
-            })
-            .collect())
+        release_all(self.herd.backend(), &self.keys, &self.tokens).await
     }
+}
+
+/// Releases every key still held with its token, retrying through connection errors within
+/// the command timeout (as [`LockGuard::release`](crate::LockGuard::release)): after a retry,
+/// a key found free counts as released, one held by another as lost.
+async fn release_all(
+    backend: &Backend,
+    keys: &[JobKeys],
+    tokens: &[String],
+) -> Result<Vec<(String, KeyRelease)>> {
+    let reply = backend
+        .retry_release("multi release", || backend.multi_release(keys, tokens))
+        .await?;
+    let mut outcomes = Vec::with_capacity(keys.len());
+    for (k, released) in keys.iter().zip(reply.value) {
+        let released = released || (reply.retried && lock::is_free(backend, k).await?);
+        let outcome = if released {
+            KeyRelease::Released
+        } else {
+            KeyRelease::Lost
+        };
+        outcomes.push((k.key.clone(), outcome));
+    }
+    Ok(outcomes)
 }
 
 impl Drop for MultiGuard {
@@ -206,7 +219,7 @@ impl Drop for MultiGuard {
         let keys = std::mem::take(&mut self.keys);
         let tokens = std::mem::take(&mut self.tokens);
         spawn_cleanup("release of a dropped multi-lock", async move {
-            backend.multi_release(&keys, &tokens).await
+            release_all(&backend, &keys, &tokens).await
         });
     }
 }

@@ -235,6 +235,18 @@ impl Semaphore {
             .await
     }
 
+    /// Releases `member`'s permit, retrying through connection errors within the command
+    /// timeout. `false`: the permit was not held (its lease had run out). After a retry,
+    /// a permit found gone counts as released: only its holder can remove its member.
+    async fn release_member(&self, member: &str) -> Result<bool> {
+        let reply = self
+            .herd
+            .backend()
+            .retry_release("semaphore release", || self.step(SemOp::Release, member))
+            .await?;
+        Ok(reply.value == SemReply::Done(true) || reply.retried)
+    }
+
     fn member(&self) -> String {
         format!("{}:{}", nonce(), self.herd.owner())
     }
@@ -555,10 +567,15 @@ impl Permit {
 
     /// Gives the permit back and wakes a waiter.
     ///
+    /// A connection error is retried within the herd's
+    /// [command timeout](crate::Builder::command_timeout) (a permit is released by its own
+    /// member name, so repeating the release is safe); a retry that finds the permit gone
+    /// reports success, as the attempt that failed may have released it.
+    ///
     /// # Errors
     ///
     /// [`LockLost`](ErrorKind::LockLost) if the lease had already run out; connection
-    /// errors (the permit then expires with its lease).
+    /// errors that outlast the command timeout (the permit then expires with its lease).
     ///
     /// # Cancel safety
     ///
@@ -566,9 +583,10 @@ impl Permit {
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
         self.lease = None; // stop renewing first
-        match self.semaphore.step(SemOp::Release, &self.member).await? {
-            SemReply::Done(true) => Ok(()),
-            _ => Err(self.lost_error()),
+        if self.semaphore.release_member(&self.member).await? {
+            Ok(())
+        } else {
+            Err(self.lost_error())
         }
     }
 
@@ -592,7 +610,7 @@ impl Drop for Permit {
         let sem = self.semaphore.clone();
         let member = std::mem::take(&mut self.member);
         spawn_cleanup("release of a dropped permit", async move {
-            sem.step(SemOp::Release, &member).await
+            sem.release_member(&member).await
         });
     }
 }

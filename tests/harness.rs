@@ -223,3 +223,87 @@ fn worker_entry() {
         other => panic!("unknown worker role {other:?}"),
     }
 }
+
+/// The proxy forwards both ways; a freeze holds bytes without closing anything, a thaw
+/// delivers them, a reply-only freeze lets a command apply while its reply waits, and a cut
+/// closes every connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_forwards_freezes_thaws_and_cuts() {
+    use crate::common::proxy::{Direction, Proxy};
+    use std::time::Duration;
+
+    let server = shared();
+    let key = format!("{}:proxied", unique_prefix("proxy_self_test"));
+    let proxy = Proxy::start(server);
+    assert_ne!(proxy.port(), server.port());
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+    let mut conn = redis::Client::open(proxy.url())
+        .expect("the proxy URL parses")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connects through the proxy");
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    assert_eq!(proxy.connections(), 1);
+
+    // Frozen: the request is held, nothing reaches the server, the socket stays open.
+    proxy.freeze();
+    let set = tokio::spawn({
+        let (mut conn, key) = (conn.clone(), key.clone());
+        async move {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg("v")
+                .query_async::<String>(&mut conn)
+                .await
+        }
+    });
+    proxy.wait_held(Direction::ToServer, 1, STEP_TIMEOUT).await;
+    assert_eq!(server.cmd(&["EXISTS", &key]), "0", "nothing got through");
+    assert!(!set.is_finished());
+    assert_eq!(proxy.connections(), 1);
+    proxy.thaw();
+    let reply = tokio::time::timeout(STEP_TIMEOUT, set)
+        .await
+        .expect("delivered after the thaw")
+        .expect("task");
+    assert_eq!(reply.expect("SET"), "OK");
+
+    // Replies frozen: the command is applied, its reply is held.
+    proxy.freeze_replies();
+    let del = tokio::spawn({
+        let (mut conn, key) = (conn.clone(), key.clone());
+        async move {
+            redis::cmd("DEL")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await
+        }
+    });
+    proxy.wait_held(Direction::ToClient, 1, STEP_TIMEOUT).await;
+    assert_eq!(server.cmd(&["EXISTS", &key]), "0", "the DEL was applied");
+    assert!(!del.is_finished());
+
+    // Cut: the held reply is dropped and the connection closes.
+    proxy.cut();
+    let reply = tokio::time::timeout(STEP_TIMEOUT, del)
+        .await
+        .expect("the cut ends the call")
+        .expect("task");
+    let e = reply.expect_err("the connection was cut");
+    assert!(e.is_io_error() || e.is_connection_dropped(), "{e:?}");
+    proxy.thaw();
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while proxy.connections() != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cut closed nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(proxy.held(Direction::ToClient), 0);
+    assert_eq!(proxy.accepted(), 1);
+}

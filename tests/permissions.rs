@@ -782,16 +782,15 @@ async fn a_full_server_refuses_a_completion_before_it_publishes() {
     server.cmd(&["SET", "{j}:lock", holder, "PX", "60000"]);
     server.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
 
-    let stored = "r1:1:5000:envelope";
     let complete = redis::Script::new(include_str!("../src/scripts/complete.lua"));
     let refused = complete
         .key("{j}:lock")
         .key("{j}:result")
         .arg(holder)
-        .arg(stored)
+        .arg("envelope")
         .arg(5000)
         .arg("ch")
-        .arg("r1:1:5000:".len() + 1)
+        .arg(1)
         .invoke_async::<i64>(&mut conn)
         .await
         .expect_err("complete on a full server");

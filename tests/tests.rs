@@ -34,3 +34,9 @@ mod chaos;
 mod cli;
 // Connect checks: eviction refused, permissions checked, least privilege, nothing half done.
 mod permissions;
+// Partitions (a frozen TCP proxy) and stalls: the holder is told before anyone else acquires.
+mod partitions;
+// Releases retried through a killed or cut connection.
+mod release_retries;
+// Results that cannot make the round trip through their codec (both backends).
+mod round_trip;

@@ -80,26 +80,53 @@ pub(crate) async fn lease_fanout() {
     }
 }
 
-/// Ledger scripts: every protected write checks the holder's fencing token.
+/// Ledger scripts: every protected write checks the holder's fencing token, and the ledger
+/// notices a holder overtaken by the next one while it was still inside.
+///
+/// An overtaken holder is a violation unless it had been *told* it lost the lock before the
+/// next holder entered: herdlock promises to tell a holder no later than its lease can have
+/// run out, not that the holder reacts in no time, so a holder that was told in time and
+/// left a moment later is a *late exit* (counted, not a violation). Both instants are the
+/// same host's wall clock (the holder's `SystemTime`, Redis's `TIME`): the test runs every
+/// process on one machine.
 const LEDGER_ENTER: &str = r"
--- KEYS[1] last fence, KEYS[2] the holder currently inside; ARGV[1] fence
+-- KEYS[1] last fence, KEYS[2] the holder currently inside, KEYS[3] the slot of that holder
+-- ARGV[1] fence, ARGV[2] the slot (worker index) of this holder
 local last = tonumber(redis.call('GET', KEYS[1]) or '0')
 local fence = tonumber(ARGV[1])
 if fence <= last then
   redis.call('INCR', KEYS[1] .. ':stale')
   return 0
 end
+local inside = redis.call('GET', KEYS[2])
+if inside then
+  -- Whoever is inside is overtaken now (Redis time, microseconds).
+  local t = redis.call('TIME')
+  local now = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
+  redis.call('SET', KEYS[1] .. ':overtaken:' .. inside, now, 'NX', 'EX', 600)
+end
 redis.call('SET', KEYS[1], fence)
 redis.call('SET', KEYS[2], fence)
+redis.call('SET', KEYS[3], ARGV[2])
 return 1
 ";
 const LEDGER_EXIT: &str = r"
--- KEYS[1] last fence, KEYS[2] inside, KEYS[3] violations; ARGV[1] fence
--- Someone else entered while this holder was inside: two holders overlapped.
+-- KEYS[1] last fence, KEYS[2] inside, KEYS[3] violations, KEYS[4] late exits,
+-- KEYS[5] the slot of the holder inside; ARGV[1] fence, ARGV[2] when this holder was told it lost the lock (wall clock,
+-- microseconds; 0: it was not told)
 if tonumber(redis.call('GET', KEYS[1]) or '0') ~= tonumber(ARGV[1]) then
-  redis.call('INCR', KEYS[3])
+  -- Someone else entered while this holder was inside.
+  local overtaken = tonumber(redis.call('GET', KEYS[1] .. ':overtaken:' .. ARGV[1]) or '0')
+  local told = tonumber(ARGV[2])
+  if told > 0 and overtaken > 0 and told <= overtaken then
+    redis.call('INCR', KEYS[4])
+  else
+    redis.call('INCR', KEYS[3])
+  end
 end
-redis.call('DEL', KEYS[2])
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+  redis.call('DEL', KEYS[2], KEYS[5])
+end
 return 1
 ";
 const SEM_ENTER: &str = r"
@@ -118,6 +145,8 @@ return 1
 /// The chaos worker: `OPS` mixed operations (once + ledger, fan-out + freshness check,
 /// semaphore + occupancy check), each with its own deadline; prints a summary line.
 pub(crate) async fn chaos() {
+    // The herd's path to Redis (`URL`) goes through a proxy the parent may freeze; the
+    // ledger (`LEDGER_URL`), which stands for the resource the locks protect, stays reachable.
     let herd = Herd::builder()
         .prefix(worker_param("PREFIX"))
         .owner(worker_param("OWNER"))
@@ -128,7 +157,7 @@ pub(crate) async fn chaos() {
         .await
         .expect("worker connects");
     let prefix = worker_param("PREFIX");
-    let client = redis::Client::open(worker_param("URL")).expect("url");
+    let client = redis::Client::open(worker_param("LEDGER_URL")).expect("url");
     let mut conn = redis::aio::ConnectionManager::new(client)
         .await
         .expect("raw connection");
@@ -182,6 +211,13 @@ pub(crate) async fn chaos() {
 
 type Scripts<'a> = (&'a redis::Script, &'a redis::Script, &'a redis::Script);
 
+/// Microseconds since the Unix epoch on this host's clock (Redis `TIME` uses the same).
+fn wall_clock_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// One chaos operation. For fan-out, returns whether the result was stale.
 async fn run_op(
     herd: &Herd,
@@ -198,20 +234,34 @@ async fn run_op(
             let fence = guard.fence().get();
             let last = format!("{prefix}:ledger:last");
             let inside = format!("{prefix}:ledger:inside");
-            let violations = format!("{prefix}:ledger:violations");
             let entered: redis::RedisResult<i64> = enter
                 .key(&last)
                 .key(&inside)
+                .key(format!("{prefix}:ledger:inside:slot"))
                 .arg(fence)
+                .arg(worker_param("SLOT"))
                 .invoke_async(conn)
                 .await;
             if entered == Ok(1) {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                // Work that checks in with the lock service (through the herd's path, which
+                // a partition freezes), raced against loss: told, the holder leaves at once.
+                let told = tokio::select! {
+                    () = guard.lost() => wall_clock_micros(),
+                    () = async {
+                        for _ in 0..3 {
+                            let _ = guard.heartbeat().await;
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    } => 0,
+                };
                 let _: redis::RedisResult<i64> = exit
                     .key(&last)
                     .key(&inside)
-                    .key(&violations)
+                    .key(format!("{prefix}:ledger:violations"))
+                    .key(format!("{prefix}:ledger:late"))
+                    .key(format!("{prefix}:ledger:inside:slot"))
                     .arg(fence)
+                    .arg(told)
                     .invoke_async(conn)
                     .await;
             }

@@ -10,13 +10,21 @@ pub(crate) mod memory;
 pub(crate) mod preflight;
 pub(crate) mod redis;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::broadcast;
+use tokio::time::Instant;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::keys::JobKeys;
+
+/// The first pause before a release is retried; it doubles up to [`RETRY_MAX`]. The
+/// connection manager reconnects on the error that triggers the retry, so the retry usually
+/// finds a fresh connection at once.
+const RETRY_MIN: Duration = Duration::from_millis(5);
+const RETRY_MAX: Duration = Duration::from_millis(200);
 
 /// The engine behind a [`Herd`](crate::Herd).
 #[derive(Debug, Clone)]
@@ -370,6 +378,56 @@ impl Backend {
         }
     }
 
+    /// How long one command may take: the budget of a retried release. Zero for the
+    /// in-memory engine, whose steps cannot fail.
+    pub(crate) fn command_timeout(&self) -> Duration {
+        match self {
+            Backend::Redis(b) => b.command_timeout(),
+            Backend::Memory(_) => Duration::ZERO,
+        }
+    }
+
+    /// Runs `step`, a release (which compares the holder, so repeating it is harmless),
+    /// retrying after connection errors until the command timeout has passed since the
+    /// first attempt. Returns the step's reply and whether it came from a retry: a retry
+    /// that finds nothing to release cannot tell "released by the attempt that failed"
+    /// from "expired", and the caller decides (see `lock::release`).
+    pub(crate) async fn retry_release<T, F, Fut>(
+        &self,
+        what: &str,
+        mut step: F,
+    ) -> Result<Retried<T>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let budget = self.command_timeout();
+        let deadline = Instant::now() + budget;
+        let mut pause = RETRY_MIN;
+        let mut retried = false;
+        loop {
+            let outcome = match tokio::time::timeout_at(deadline, step()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(Error::new(
+                    ErrorKind::Connection,
+                    format!("redis did not answer {what} within {budget:?} (retried)"),
+                )),
+            };
+            match outcome {
+                Err(e)
+                    if e.kind() == ErrorKind::Connection && Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(what, error = %e, "release failed on a connection error; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                    retried = true;
+                }
+                Err(e) => return Err(e),
+                Ok(value) => return Ok(Retried { value, retried }),
+            }
+        }
+    }
+
     /// Checks the backend answers (used by the eager constructor).
     pub(crate) async fn ping(&self) -> Result<()> {
         match self {
@@ -377,6 +435,14 @@ impl Backend {
             Backend::Memory(_) => Ok(()),
         }
     }
+}
+
+/// The reply of a step run by [`Backend::retry_release`].
+#[derive(Debug)]
+pub(crate) struct Retried<T> {
+    pub(crate) value: T,
+    /// Whether an earlier attempt failed on a connection error (and may have been applied).
+    pub(crate) retried: bool,
 }
 
 /// Parses a stored holder value `fence:nonce:owner`.

@@ -299,7 +299,14 @@ impl RedisBackend {
         Ok(u32::try_from(acked).unwrap_or(0))
     }
 
-    /// Runs a script that must not be repeated (release, complete).
+    /// How long one command may take.
+    pub(crate) fn command_timeout(&self) -> Duration {
+        self.inner.settings.command_timeout
+    }
+
+    /// Runs a script once, without retrying on a dropped connection (release, complete):
+    /// whether it may be repeated is the caller's decision (releases are retried by
+    /// `Backend::retry_release`, which knows how to read a repeated release's reply).
     async fn invoke(&self, what: &str, inv: &redis::ScriptInvocation<'_>) -> Result<Value> {
         self.ready().await?;
         let mut conn = self.inner.conn.clone();

@@ -1,10 +1,12 @@
-//! The test harness: a real `redis-server` ([`server`]) and worker processes ([`procs`]).
+//! The test harness: a real `redis-server` ([`server`]), worker processes ([`procs`]) and a
+//! freezable TCP proxy for partitions ([`proxy`]).
 //!
 //! Every test module uses some of these helpers and none uses all, so unused ones are not
 //! warnings here.
 #![allow(dead_code)]
 
 pub(crate) mod procs;
+pub(crate) mod proxy;
 pub(crate) mod server;
 
 use std::time::Duration;
