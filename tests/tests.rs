@@ -32,3 +32,5 @@ mod workers_sem;
 mod chaos;
 // The command line, as a real process.
 mod cli;
+// Waiting: the in-memory clock, deadlines during an acquire step, the shared wait helper.
+mod wait;
