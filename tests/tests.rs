@@ -34,3 +34,5 @@ mod chaos;
 mod cli;
 // Waiting: the in-memory clock, deadlines during an acquire step, the shared wait helper.
 mod wait;
+// Data loss (FLUSHALL) during a fan-out run, across processes.
+mod data_loss;
