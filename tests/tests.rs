@@ -36,3 +36,5 @@ mod cli;
 mod wait;
 // Data loss (FLUSHALL) during a fan-out run, across processes.
 mod data_loss;
+// Property test: random operation sequences with clock advances agree on both backends.
+mod props;
