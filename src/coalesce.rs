@@ -42,9 +42,7 @@ use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::backend::{
-    parse_holder, AcquireReply, Backend, FanoutReply, ResultAges, Subscription,
-};
+use crate::backend::{parse_holder, AcquireReply, Backend, FanoutReply, ResultAges, Subscription};
 use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
