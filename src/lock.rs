@@ -509,9 +509,9 @@ impl Herd {
         // Finished even if this call is cut off (deadline, cancellation) in flight: a win
         // nobody takes is released in the background.
         let (backend, nonce, ttl) = (self.backend().clone(), nonce(), options.ttl);
-        let owner = self.clone();
+        let herd = self.clone();
         let step = async move {
-            let reply = backend.acquire(&keys, &nonce, owner.owner(), ttl).await;
+            let reply = backend.acquire(&keys, &nonce, herd.owner(), ttl).await;
             (reply, backend, keys, nonce)
         };
         let (reply, _, keys, _) = Finished::new(

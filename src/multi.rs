@@ -430,10 +430,10 @@ impl Herd {
         // Finished even if this call is cut off (deadline, cancellation) in flight: a win
         // nobody takes is released in the background.
         let (backend, nonce, ttl) = (self.backend().clone(), nonce(), options.ttl);
-        let owner = self.clone();
+        let node = self.clone();
         let step = async move {
             let reply = backend
-                .multi_acquire(&keys, &nonce, owner.owner(), ttl)
+                .multi_acquire(&keys, &nonce, node.owner(), ttl)
                 .await;
             (reply, backend, keys, nonce)
         };
