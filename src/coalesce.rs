@@ -21,9 +21,14 @@
 //!    or not answering), the follower checks first. A notice is accepted directly
 //!    only if it is a well-formed envelope of exactly generation `g` with the run's holder
 //!    token; anything else, and the holder's lease running out, triggers a *check* (one
-//!    script): a stored result of generation `>= g` is taken; a lock still held means wait
-//!    again; a free lock with no such result means the leader died or gave up, so go back
-//!    to 1 and contend (one of the waiters becomes the next leader).
+//!    script): a stored result of generation `>= g` is taken; a lock still held by run `g`
+//!    means wait again; a lock held by another run means follow that one instead (a newer
+//!    generation: `g` ended without a result; a lower or equal one with another token:
+//!    Redis lost data and the fence counter started again, so `g` will never come); a free
+//!    lock with no such result means the leader died or gave up (or Redis lost the run
+//!    with its data), so go back to 1 and contend (one of the waiters becomes the next
+//!    leader, unless the acquire serves a result of a run that completed after the newest
+//!    caller called). Waiting uses the one wait helper (`wait.rs`).
 
 use std::any::TypeId;
 use std::collections::HashMap;
@@ -37,19 +42,13 @@ use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::backend::{
-    parse_holder, AcquireReply, Backend, FanoutReply, Notice, ResultAges, Subscription,
-};
+use crate::backend::{parse_holder, AcquireReply, Backend, FanoutReply, ResultAges, Subscription};
 use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::JobKeys;
+use crate::wait::{self, Hint, Until, Woken};
 use crate::watchdog::{LeaseTerms, Renewal};
-
-/// When a lock reports no TTL, re-check this often.
-const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
-/// Added to a lease's remaining TTL before re-checking, so the re-check finds it expired.
-const RECHECK_MARGIN: Duration = Duration::from_millis(2);
 
 /// A job, type-erased: it runs and encodes its own result.
 pub(crate) type JobFn = Box<dyn FnOnce() -> BoxFuture<'static, Body> + Send>;
@@ -574,8 +573,14 @@ struct Run {
     pttl_ms: i64,
 }
 
-/// Waits for `run` (or a later one) to finish. If `sub` was confirmed before `run` was
-/// seen in progress, the first wait needs no check of Redis.
+/// Waits for `run` (or the run that replaced it) to finish. If `sub` was confirmed before
+/// `run` was seen in progress, the first wait needs no check of Redis.
+///
+/// A check that finds another holder than the one waited for follows that holder's run
+/// instead: a newer generation means the awaited run ended without a stored result; a
+/// lower (or equal) one means Redis lost data (FLUSHALL, a restart without persistence, a
+/// failover that lost writes) and the fence counter started again, so the awaited
+/// generation will never come.
 async fn follow(
     backend: &Backend,
     keys: &JobKeys,
@@ -606,46 +611,44 @@ async fn follow(
                     Ok(env) if env.generation >= generation => {
                         return Followed::Done(Ok(Arc::new(env)));
                     }
-                    Ok(_) => {} // an earlier run's result: never accepted
+                    // An earlier run's result, or, after data loss, a later run's under a
+                    // lower generation: the acquire after `Vacant` serves the latter.
+                    Ok(_) => {}
                     Err(e) => return Followed::Done(Err(e)),
                 }
             }
             let Some(holder) = check.holder else {
                 return Followed::Vacant;
             };
-            if let Ok((g, _)) = parse_holder(&holder) {
-                if g > generation {
-                    // Run `generation` ended without a stored result and a newer run started.
+            if holder != token {
+                if let Ok((g, _)) = parse_holder(&holder) {
+                    // Another run holds the lock now (see above): follow it.
+                    tracing::debug!(job = %keys.key, from = generation, to = g, "following the run that replaced the awaited one");
                     generation = g;
                     token = holder;
                 }
             }
-            if check.pttl_ms >= 0 {
-                pttl_ms = check.pttl_ms;
-            }
+            pttl_ms = check.pttl_ms;
         }
         checked = false;
-        let recheck = u64::try_from(pttl_ms).map_or(FALLBACK_RECHECK, Duration::from_millis);
-        let wake_at = Instant::now() + recheck + RECHECK_MARGIN;
-        loop {
+        let until = Until::lease(wait::remaining(pttl_ms));
+        let woken = loop {
+            let hint = |bytes: &[u8]| match Envelope::decode(bytes) {
+                Ok(env) if env.generation == generation && env.token == token => Hint::Done(env),
+                // Anything else is only a hint: re-check the state.
+                _ => Hint::Recheck,
+            };
             tokio::select! {
-                notice = sub.recv() => {
-                    if let Notice::Message(bytes) = notice {
-                        if let Ok(env) = Envelope::decode(&bytes) {
-                            if env.generation == generation && env.token == token {
-                                return Followed::Done(Ok(Arc::new(env)));
-                            }
-                        }
-                    }
-                    break; // anything else is only a hint: re-check the state
-                }
-                () = tokio::time::sleep_until(wake_at) => break,
+                woken = wait::wait(std::slice::from_mut(&mut sub), until, hint) => break woken,
                 () = slot.closed() => {
                     if flights.retire(&keys.key, slot) {
                         return Followed::NoCallers;
                     }
                 }
             }
+        };
+        if let Woken::Done(env) = woken {
+            return Followed::Done(Ok(Arc::new(env)));
         }
     }
 }

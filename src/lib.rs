@@ -97,8 +97,8 @@
 //! - Contention is never an error: [`TryLock::Busy`] and [`Outcome::Busy`] carry the
 //!   current [`Holder`].
 //! - Pub/sub is a hint, not the truth: a waiter that misses a release notice re-checks
-//!   when the holder's TTL runs out, and after the pub/sub connection reconnects every
-//!   local waiter re-checks at once.
+//!   when the holder's TTL runs out (and at least every 30 s), and after the pub/sub
+//!   connection reconnects every local waiter re-checks at once.
 //!
 //! # Backends
 //!
@@ -110,9 +110,10 @@
 //!
 //! # Cancel safety
 //!
-//! Every public future documents its cancel safety. In short: cancelling a wait leaves
-//! nothing behind; cancelling an acquire or release step may leave the lock taken until its
-//! TTL runs out.
+//! Every public future documents its cancel safety. In short: cancelling a wait, or an
+//! acquire step of a lock or multi-lock, leaves nothing behind (a step already sent is
+//! finished in the background and what it took is released; a wait's deadline does the
+//! same); cancelling a release step may leave the lock taken until its TTL runs out.
 
 #![doc(test(attr(deny(warnings))))]
 
@@ -126,6 +127,7 @@ mod keys;
 mod lock;
 mod multi;
 mod semaphore;
+mod wait;
 mod watchdog;
 
 pub use codec::{Codec, JobError};

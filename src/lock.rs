@@ -1,6 +1,7 @@
 //! Distributed locks: [`Herd::try_lock`], [`Herd::lock`], the closure form [`Herd::once`],
 //! and [`LockGuard`].
 
+use std::convert::Infallible;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
@@ -8,14 +9,12 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::backend::{parse_holder, AcquireReply, Backend};
+use crate::backend::{holder_nonce, parse_holder, AcquireReply, Backend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
+use crate::wait::{self, Finished, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
-
-/// When a busy lock reports no TTL (it should always have one), re-check this often.
-const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
 
 /// A fencing token: strictly increasing per key across every acquisition by any process.
 ///
@@ -444,6 +443,27 @@ pub(crate) async fn is_free(backend: &Backend, keys: &JobKeys) -> Result<bool> {
     Ok(backend.status(keys).await?.holder.is_none())
 }
 
+/// Undoes an acquire step whose caller is gone: releases the lock if the step took it. A
+/// step that failed (a timeout, a dropped connection) may still have won on the server, so
+/// the lock is released if it carries the step's nonce.
+async fn undo_acquire(
+    backend: &Backend,
+    keys: &JobKeys,
+    nonce: &str,
+    reply: Result<AcquireReply>,
+) -> Result<()> {
+    let token = match reply {
+        Ok(AcquireReply::Acquired { token, .. }) => token,
+        Ok(AcquireReply::Busy { .. }) => return Ok(()),
+        Err(_) => match backend.status(keys).await?.holder {
+            Some(holder) if holder_nonce(&holder) == Some(nonce) => holder,
+            _ => return Ok(()),
+        },
+    };
+    tracing::debug!(key = %keys.key, "releasing a lock taken by an acquire step cut off in flight");
+    release(backend, keys, &token, Duration::ZERO).await
+}
+
 fn lost(key: &str) -> Error {
     Error::new(
         ErrorKind::LockLost,
@@ -479,8 +499,9 @@ impl Herd {
     ///
     /// # Cancel safety
     ///
-    /// If cancelled after the request was sent, the lock may have been taken; it then
-    /// expires with its TTL.
+    /// Cancelling leaves nothing behind: an acquire step already sent is finished in the
+    /// background and a lock it took is released (outside a Tokio runtime, where nothing
+    /// can run, its TTL is the backstop).
     pub async fn try_lock(&self, key: &str) -> Result<TryLock> {
         self.try_lock_with(key, &LockOptions::default()).await
     }
@@ -503,11 +524,23 @@ impl Herd {
 
     async fn attempt(&self, keys: JobKeys, options: &Resolved) -> Result<TryLock> {
         let sent = std::time::Instant::now();
-        let reply = self
-            .backend()
-            .acquire(&keys, &nonce(), self.owner(), options.ttl)
-            .await?;
-        let (token, fence) = match reply {
+        // Finished even if this call is cut off (deadline, cancellation) in flight: a win
+        // nobody takes is released in the background.
+        let (backend, nonce, ttl) = (self.backend().clone(), nonce(), options.ttl);
+        let herd = self.clone();
+        let step = async move {
+            let reply = backend.acquire(&keys, &nonce, herd.owner(), ttl).await;
+            (reply, backend, keys, nonce)
+        };
+        let (reply, _, keys, _) = Finished::new(
+            "undoing an acquire step cut off in flight",
+            step,
+            |(reply, backend, keys, nonce)| async move {
+                undo_acquire(&backend, &keys, &nonce, reply).await
+            },
+        )
+        .await;
+        let (token, fence) = match reply? {
             AcquireReply::Acquired { token, fence } => (token, fence),
             AcquireReply::Busy { holder, pttl_ms } => {
                 return Ok(TryLock::Busy(Holder::parse(&holder, pttl_ms)?));
@@ -590,8 +623,9 @@ impl Herd {
     ///
     /// # Cancel safety
     ///
-    /// Cancelling while waiting leaves nothing behind. Cancelling during the acquire step
-    /// itself may leave the lock taken until its TTL runs out.
+    /// Cancelling leaves nothing behind, and neither does the deadline: an acquire step in
+    /// flight when either strikes is finished in the background, and a lock it took is
+    /// released.
     pub async fn lock(&self, key: &str, wait: Duration) -> Result<LockGuard> {
         self.lock_with(key, wait, &LockOptions::default()).await
     }
@@ -624,35 +658,25 @@ impl Herd {
         };
         let wait_loop = async {
             // Fast path: no subscription round trip when the lock is free.
-            let holder = match self.attempt(keys.clone(), &resolved).await? {
-                TryLock::Acquired(guard) => return Ok(guard),
-                TryLock::Busy(holder) => holder,
-            };
-            let mut remaining = holder.remaining;
+            if let TryLock::Acquired(guard) = self.attempt(keys.clone(), &resolved).await? {
+                return Ok(guard);
+            }
             // Subscribe (confirmed), then re-check: a release after this point is seen.
             let mut sub = self.backend().subscribe(&keys).await?;
             loop {
-                match self.attempt(keys.clone(), &resolved).await? {
+                let holder = match self.attempt(keys.clone(), &resolved).await? {
                     TryLock::Acquired(guard) => return Ok(guard),
-                    TryLock::Busy(holder) => {
-                        if holder.remaining.is_some() {
-                            remaining = holder.remaining;
-                        }
-                    }
-                }
-                // Bounded fallback: re-check when the holder's TTL would have run out.
-                let recheck = remaining
-                    .unwrap_or(FALLBACK_RECHECK)
-                    .max(Duration::from_millis(1));
-                let wake_at = (Instant::now() + recheck).min(deadline);
-                tokio::select! {
-                    _ = sub.recv() => {}
-                    () = tokio::time::sleep_until(wake_at) => {}
-                }
-                if Instant::now() >= deadline {
+                    TryLock::Busy(holder) => holder,
+                };
+                let until = Until::lease(holder.remaining).deadline(deadline);
+                // Every notice (a release, a resync) is a reason to try again.
+                let woken = wait::wait(std::slice::from_mut(&mut sub), until, |_| {
+                    Hint::<Infallible>::Recheck
+                })
+                .await;
+                if let Woken::Deadline = woken {
                     return Err(timed_out());
                 }
-                remaining = None;
             }
         };
         match tokio::time::timeout_at(deadline, wait_loop).await {

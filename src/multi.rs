@@ -10,18 +10,18 @@
 //! own, `account:{bank-1}:alice` and `account:{bank-1}:bob`, and herdlock places all of their
 //! Redis keys in that tag's slot (see the key layout in the crate docs).
 
+use std::convert::Infallible;
 use std::fmt;
 use std::time::Duration;
 
-use futures::future::select_all;
-use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::backend::{parse_holder, Backend, MultiReply, Subscription};
+use crate::backend::{holder_nonce, parse_holder, Backend, MultiReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::lock::{self, FencingToken, Holder, LockOptions, Resolved};
+use crate::wait::{self, Finished, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
 
 /// The most keys one multi-key lock may hold.
@@ -224,6 +224,41 @@ impl Drop for MultiGuard {
     }
 }
 
+/// Undoes a multi-lock acquire step whose caller is gone: releases the keys if the step took
+/// them. A step that failed (a timeout, a dropped connection) may still have won on the
+/// server, so every key carrying the step's nonce is released.
+async fn undo_multi_acquire(
+    backend: &Backend,
+    keys: &[JobKeys],
+    nonce: &str,
+    reply: Result<MultiReply>,
+) -> Result<()> {
+    let (keys, tokens): (Vec<JobKeys>, Vec<String>) = match reply {
+        Ok(MultiReply::Acquired(tokens)) => (keys.to_vec(), tokens),
+        Ok(MultiReply::Busy(_)) => return Ok(()),
+        Err(_) => {
+            let mut ours = (Vec::new(), Vec::new());
+            for k in keys {
+                if let Some(holder) = backend.status(k).await?.holder {
+                    if holder_nonce(&holder) == Some(nonce) {
+                        ours.0.push(k.clone());
+                        ours.1.push(holder);
+                    }
+                }
+            }
+            ours
+        }
+    };
+    if keys.is_empty() {
+        return Ok(());
+    }
+    tracing::debug!(
+        keys = keys.len(),
+        "releasing a multi-lock taken by an acquire step cut off in flight"
+    );
+    backend.multi_release(&keys, &tokens).await.map(drop)
+}
+
 fn quoted(names: &[&str]) -> String {
     names
         .iter()
@@ -266,8 +301,9 @@ impl Herd {
     ///
     /// # Cancel safety
     ///
-    /// If cancelled after the request was sent, the locks may have been taken; they then
-    /// expire with their TTL.
+    /// Cancelling leaves nothing behind: an acquire step already sent is finished in the
+    /// background and the locks it took are released (outside a Tokio runtime, where
+    /// nothing can run, their TTL is the backstop).
     pub async fn try_multi(&self, keys: &[&str]) -> Result<TryMulti> {
         self.try_multi_with(keys, &LockOptions::default()).await
     }
@@ -304,8 +340,9 @@ impl Herd {
     ///
     /// # Cancel safety
     ///
-    /// Cancelling while waiting leaves nothing behind. Cancelling during an acquire step
-    /// itself may leave the locks taken until their TTL runs out.
+    /// Cancelling leaves nothing behind, and neither does the deadline: an acquire step in
+    /// flight when either strikes is finished in the background, and the locks it took are
+    /// released.
     pub async fn multi(&self, keys: &[&str], wait: Duration) -> Result<MultiGuard> {
         self.multi_with(keys, wait, &LockOptions::default()).await
     }
@@ -331,11 +368,12 @@ impl Herd {
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
         let mut last_held: Vec<String> = Vec::new();
+        // `Ok(None)`: the deadline passed while waiting.
         let wait_loop = async {
             let mut subs: Vec<Subscription> = Vec::new();
             loop {
                 let earliest = match self.multi_attempt(keys.clone(), &options).await? {
-                    TryMulti::Acquired(guard) => return Ok(guard),
+                    TryMulti::Acquired(guard) => return Ok(Some(guard)),
                     TryMulti::Busy(held) => {
                         last_held = held.iter().map(|h| h.key.clone()).collect();
                         held.iter().filter_map(|h| h.holder.remaining).min()
@@ -348,33 +386,36 @@ impl Herd {
                     }
                     continue;
                 }
-                let recheck = earliest
-                    .unwrap_or(Duration::from_secs(1))
-                    .max(Duration::from_millis(1));
-                let wake_at = (Instant::now() + recheck).min(deadline);
-                let any_notice = select_all(subs.iter_mut().map(|s| s.recv().boxed()));
-                tokio::select! {
-                    _ = any_notice => {}
-                    () = tokio::time::sleep_until(wake_at) => {}
+                // A notice on any key (a release, a resync) is a reason to try again.
+                let until = Until::lease(earliest).deadline(deadline);
+                if let Woken::Deadline =
+                    wait::wait(&mut subs, until, |_| Hint::<Infallible>::Recheck).await
+                {
+                    return Ok(None);
                 }
             }
         };
         match tokio::time::timeout_at(deadline, wait_loop).await {
-            Ok(result) => result,
-            Err(_) if last_held.is_empty() => Err(Error::new(
+            Ok(Ok(Some(guard))) => return Ok(guard),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(None)) | Err(_) => {}
+        }
+        if last_held.is_empty() {
+            Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
                     "timed out after {wait:?} waiting for multi-lock on {} (no reply from the backend within the wait)",
                     quoted(requested)
                 ),
-            )),
-            Err(_) => Err(Error::new(
+            ))
+        } else {
+            Err(Error::new(
                 ErrorKind::Timeout,
                 format!(
                     "timed out after {wait:?} waiting for multi-lock; still held: {}",
                     quoted(&last_held.iter().map(String::as_str).collect::<Vec<_>>())
                 ),
-            )),
+            ))
         }
     }
 
@@ -399,10 +440,25 @@ impl Herd {
 
     async fn multi_attempt(&self, keys: Vec<JobKeys>, options: &Resolved) -> Result<TryMulti> {
         let sent = std::time::Instant::now();
-        let reply = self
-            .backend()
-            .multi_acquire(&keys, &nonce(), self.owner(), options.ttl)
-            .await?;
+        // Finished even if this call is cut off (deadline, cancellation) in flight: a win
+        // nobody takes is released in the background.
+        let (backend, nonce, ttl) = (self.backend().clone(), nonce(), options.ttl);
+        let node = self.clone();
+        let step = async move {
+            let reply = backend
+                .multi_acquire(&keys, &nonce, node.owner(), ttl)
+                .await;
+            (reply, backend, keys, nonce)
+        };
+        let (reply, _, keys, _) = Finished::new(
+            "undoing a multi-lock acquire step cut off in flight",
+            step,
+            |(reply, backend, keys, nonce)| async move {
+                undo_multi_acquire(&backend, &keys, &nonce, reply).await
+            },
+        )
+        .await;
+        let reply = reply?;
         match reply {
             MultiReply::Acquired(tokens) => {
                 let fences = tokens

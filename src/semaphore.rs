@@ -30,16 +30,18 @@
 //! same N except while changing it.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::{Notice, SemArgs, SemOp, SemReply};
+use crate::backend::{SemArgs, SemOp, SemReply};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
+use crate::wait::{self, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
 
 /// The largest accepted number of permits.
@@ -345,24 +347,22 @@ impl Semaphore {
                     SemReply::Busy { soonest_ms, .. } => soonest_ms,
                     other => return Err(unexpected(&other)),
                 };
-                let mut recheck = u64::try_from(soonest)
-                    .map_or(Duration::from_secs(1), |ms| Duration::from_millis(ms + 2));
+                let mut until = Until::lease(wait::remaining(soonest)).deadline(deadline);
                 if self.fair {
-                    recheck = recheck.min(QUEUE_TTL / 3);
+                    // A fair waiter refreshes its place in the queue while it waits.
+                    until = until.cap(QUEUE_TTL / 3);
                 }
-                let wake_at = (Instant::now() + recheck).min(deadline);
                 // A fair waiter re-checks only when named (or on a resync or its timer).
-                loop {
-                    tokio::select! {
-                        notice = sub.recv() => {
-                            let ignore = self.fair
-                                && matches!(&notice, Notice::Message(b) if **b != *wake.as_bytes());
-                            if !ignore {
-                                break;
-                            }
-                        }
-                        () = tokio::time::sleep_until(wake_at) => break,
+                let woken = wait::wait(std::slice::from_mut(&mut sub), until, |message| {
+                    if self.fair && message != wake.as_bytes() {
+                        Hint::<Infallible>::Ignore
+                    } else {
+                        Hint::Recheck
                     }
+                })
+                .await;
+                if let Woken::Deadline = woken {
+                    return Err(timed_out());
                 }
             }
         };

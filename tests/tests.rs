@@ -40,3 +40,9 @@ mod partitions;
 mod release_retries;
 // Results that cannot make the round trip through their codec (both backends).
 mod round_trip;
+// Waiting: the in-memory clock, deadlines during an acquire step, the shared wait helper.
+mod wait;
+// Data loss (FLUSHALL) during a fan-out run, across processes.
+mod data_loss;
+// Property test: random operation sequences with clock advances agree on both backends.
+mod props;

@@ -38,6 +38,7 @@ fn worker_entry() {
             "lease_waiter" => crate::workers_lease::lease_waiter().await,
             "lease_fanout" => crate::workers_lease::lease_fanout().await,
             "chaos" => crate::workers_lease::chaos().await,
+            "flush_follower" => crate::data_loss::flush_follower().await,
             other => panic!("unknown worker role {other}"),
         }
     });

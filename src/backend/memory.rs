@@ -103,8 +103,8 @@ struct Entry {
 }
 
 impl State {
-    fn get(&mut self, key: &str) -> Option<&mut Entry> {
-        let now = Instant::now();
+    /// The live entry under `key` at `now` (an expired one is dropped first).
+    fn get(&mut self, key: &str, now: Instant) -> Option<&mut Entry> {
         if self
             .values
             .get(key)
@@ -115,23 +115,15 @@ impl State {
         self.values.get_mut(key)
     }
 
-    fn pttl(&mut self, key: &str) -> i64 {
-        let now = Instant::now();
-        match self.get(key) {
-            None => -2,
-            Some(Entry { expires: None, .. }) => -1,
-            Some(Entry {
-                expires: Some(t), ..
-            }) => i64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(i64::MAX),
-        }
+    /// The live entry's value and remaining TTL at `now` (`PTTL`: -1 no expiry), read
+    /// together so that they can never disagree.
+    fn get_with_pttl(&mut self, key: &str, now: Instant) -> Option<(String, i64)> {
+        self.get(key, now)
+            .map(|e| (e.value.clone(), pttl(e.expires, now)))
     }
 
-    fn result(&mut self, key: &str) -> Option<&Stored> {
-        if self
-            .results
-            .get(key)
-            .is_some_and(|r| r.expires <= Instant::now())
-        {
+    fn result(&mut self, key: &str, now: Instant) -> Option<&Stored> {
+        if self.results.get(key).is_some_and(|r| r.expires <= now) {
             self.results.remove(key);
         }
         self.results.get(key)
@@ -145,6 +137,39 @@ impl State {
             }
         }
     }
+
+    /// The acquire step at `now` (the caller holds the state lock: one atomic step).
+    fn acquire(
+        &mut self,
+        now: Instant,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> AcquireReply {
+        if let Some((holder, pttl_ms)) = self.get_with_pttl(&keys.lock, now) {
+            return AcquireReply::Busy { holder, pttl_ms };
+        }
+        let counter = self.counters.entry(keys.fence.clone()).or_insert(0);
+        *counter += 1;
+        let fence = *counter;
+        let token = format!("{fence}:{nonce}:{owner}");
+        self.values.insert(
+            keys.lock.clone(),
+            Entry {
+                value: token.clone(),
+                expires: Some(now + ttl),
+            },
+        );
+        AcquireReply::Acquired { token, fence }
+    }
+}
+
+/// `PTTL` of an entry at `now`: -1 without expiry, else the whole milliseconds left.
+fn pttl(expires: Option<Instant>, now: Instant) -> i64 {
+    expires.map_or(-1, |t| {
+        i64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(i64::MAX)
+    })
 }
 
 impl MemoryBackend {
@@ -163,36 +188,8 @@ impl MemoryBackend {
         owner: &str,
         ttl: Duration,
     ) -> AcquireReply {
-        Self::acquire_in(&mut self.lock(), keys, nonce, owner, ttl)
-    }
-
-    fn acquire_in(
-        st: &mut State,
-        keys: &JobKeys,
-        nonce: &str,
-        owner: &str,
-        ttl: Duration,
-    ) -> AcquireReply {
-        if st.get(&keys.lock).is_some() {
-            let pttl_ms = st.pttl(&keys.lock);
-            let holder = st
-                .get(&keys.lock)
-                .map(|e| e.value.clone())
-                .unwrap_or_default();
-            return AcquireReply::Busy { holder, pttl_ms };
-        }
-        let counter = st.counters.entry(keys.fence.clone()).or_insert(0);
-        *counter += 1;
-        let fence = *counter;
-        let token = format!("{fence}:{nonce}:{owner}");
-        st.values.insert(
-            keys.lock.clone(),
-            Entry {
-                value: token.clone(),
-                expires: Some(Instant::now() + ttl),
-            },
-        );
-        AcquireReply::Acquired { token, fence }
+        let mut st = self.lock();
+        st.acquire(Instant::now(), keys, nonce, owner, ttl)
     }
 
     pub(crate) fn multi_acquire(
@@ -203,18 +200,19 @@ impl MemoryBackend {
         ttl: Duration,
     ) -> MultiReply {
         let mut st = self.lock();
-        let mut busy = Vec::new();
-        for (i, k) in keys.iter().enumerate() {
-            if let Some(entry) = st.get(&k.lock) {
-                let holder = entry.value.clone();
-                let pttl = st.pttl(&k.lock);
-                busy.push((i, holder, pttl));
-            }
-        }
+        let now = Instant::now();
+        let busy: Vec<(usize, String, i64)> = keys
+            .iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                st.get_with_pttl(&k.lock, now)
+                    .map(|(holder, pttl_ms)| (i, holder, pttl_ms))
+            })
+            .collect();
         if !busy.is_empty() {
             return MultiReply::Busy(busy);
         }
-        let expires = Some(Instant::now() + ttl);
+        let expires = Some(now + ttl);
         let values = keys
             .iter()
             .map(|k| {
@@ -241,18 +239,19 @@ impl MemoryBackend {
         ttl: Duration,
     ) -> Vec<usize> {
         let mut st = self.lock();
+        let now = Instant::now();
         let lost: Vec<usize> = keys
             .iter()
             .zip(tokens)
             .enumerate()
-            .filter(|(_, (k, t))| st.get(&k.lock).is_none_or(|e| &e.value != *t))
+            .filter(|(_, (k, t))| st.get(&k.lock, now).is_none_or(|e| &e.value != *t))
             .map(|(i, _)| i)
             .collect();
         for (k, t) in keys.iter().zip(tokens) {
-            if let Some(entry) = st.get(&k.lock) {
+            if let Some(entry) = st.get(&k.lock, now) {
                 if &entry.value == t {
                     if lost.is_empty() {
-                        entry.expires = Some(Instant::now() + ttl);
+                        entry.expires = Some(now + ttl);
                     } else {
                         st.values.remove(&k.lock);
                         st.publish(&k.channel, b"released");
@@ -376,11 +375,12 @@ impl MemoryBackend {
         ages: ResultAges,
     ) -> FanoutReply {
         let mut st = self.lock();
+        let now = Instant::now();
         // As fanout_acquire.lua: a cached result first (even while a run is in progress),
         // then a run in progress, then a result produced after the newest call.
         let serve = |st: &mut State| {
-            let stored = st.result(&keys.result())?;
-            let age = stored.at.elapsed();
+            let stored = st.result(&keys.result(), now)?;
+            let age = now.saturating_duration_since(stored.at);
             if stored.at > ages.newest_call {
                 return Some(FanoutReply::Fresh {
                     envelope: stored.envelope.clone(),
@@ -397,20 +397,23 @@ impl MemoryBackend {
                 return reply;
             }
         }
-        if st.get(&keys.lock).is_none() {
+        if st.get(&keys.lock, now).is_none() {
             if let Some(reply) = serve(&mut st) {
                 return reply;
             }
         }
         // One critical section: a result stored just before the acquire is served above.
-        FanoutReply::Lock(Self::acquire_in(&mut st, keys, nonce, owner, ttl))
+        FanoutReply::Lock(st.acquire(now, keys, nonce, owner, ttl))
     }
 
     pub(crate) fn fanout_check(&self, keys: &JobKeys) -> CheckReply {
         let mut st = self.lock();
-        let pttl_ms = st.pttl(&keys.lock);
-        let holder = st.get(&keys.lock).map(|e| e.value.clone());
-        let envelope = st.result(&keys.result()).map(|r| r.envelope.clone());
+        let now = Instant::now();
+        let (holder, pttl_ms) = match st.get_with_pttl(&keys.lock, now) {
+            Some((holder, pttl_ms)) => (Some(holder), pttl_ms),
+            None => (None, -2),
+        };
+        let envelope = st.result(&keys.result(), now).map(|r| r.envelope.clone());
         CheckReply {
             holder,
             pttl_ms,
@@ -427,10 +430,10 @@ impl MemoryBackend {
         linger: Duration,
     ) -> bool {
         let mut st = self.lock();
-        if st.get(&keys.lock).is_none_or(|e| e.value != token) {
+        let now = Instant::now();
+        if st.get(&keys.lock, now).is_none_or(|e| e.value != token) {
             return false;
         }
-        let now = Instant::now();
         st.results.insert(
             keys.result(),
             Stored {
@@ -447,13 +450,14 @@ impl MemoryBackend {
 
     pub(crate) fn release(&self, keys: &JobKeys, token: &str, grace: Duration) -> bool {
         let mut st = self.lock();
-        match st.get(&keys.lock) {
+        let now = Instant::now();
+        match st.get(&keys.lock, now) {
             Some(entry) if entry.value == token => {
                 if grace.is_zero() {
                     st.values.remove(&keys.lock);
                     st.publish(&keys.channel, b"released");
                 } else {
-                    entry.expires = Some(Instant::now() + grace);
+                    entry.expires = Some(now + grace);
                 }
                 true
             }
@@ -463,9 +467,10 @@ impl MemoryBackend {
 
     pub(crate) fn extend(&self, keys: &JobKeys, token: &str, ttl: Duration) -> bool {
         let mut st = self.lock();
-        match st.get(&keys.lock) {
+        let now = Instant::now();
+        match st.get(&keys.lock, now) {
             Some(entry) if entry.value == token => {
-                entry.expires = Some(Instant::now() + ttl);
+                entry.expires = Some(now + ttl);
                 true
             }
             _ => false,
@@ -474,8 +479,11 @@ impl MemoryBackend {
 
     pub(crate) fn status(&self, keys: &JobKeys) -> StatusReply {
         let mut st = self.lock();
-        let pttl_ms = st.pttl(&keys.lock);
-        let holder = st.get(&keys.lock).map(|e| e.value.clone());
+        let now = Instant::now();
+        let (holder, pttl_ms) = match st.get_with_pttl(&keys.lock, now) {
+            Some((holder, pttl_ms)) => (Some(holder), pttl_ms),
+            None => (None, -2),
+        };
         let last_fence = st.counters.get(&keys.fence).copied().unwrap_or(0);
         StatusReply {
             holder,

@@ -459,3 +459,11 @@ pub(crate) fn parse_holder(value: &str) -> Result<(u64, &str)> {
         )),
     }
 }
+
+/// The nonce of a stored holder value `fence:nonce:owner`, if it is well formed.
+pub(crate) fn holder_nonce(value: &str) -> Option<&str> {
+    let mut parts = value.splitn(3, ':');
+    let _fence = parts.next()?;
+    let nonce = parts.next()?;
+    parts.next().map(|_| nonce)
+}
