@@ -42,7 +42,9 @@ use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::backend::{parse_holder, AcquireReply, Backend, FanoutReply, ResultAges, Subscription};
+use crate::backend::{
+    holder_token, parse_holder, AcquireReply, Backend, FanoutReply, ResultAges, Subscription,
+};
 use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
@@ -356,13 +358,14 @@ async fn drive(
             Ok(FanoutReply::Lock(AcquireReply::Busy { holder, pttl_ms })) => (holder, pttl_ms),
         };
         tell_follower(&mut mode);
-        let generation = match parse_holder(&holder) {
-            Ok((generation, _)) => generation,
-            Err(e) => return fail(e),
+        let (generation, token) = match (parse_holder(&holder), holder_token(&holder)) {
+            (Ok((generation, _)), Some(token)) => (generation, token.to_owned()),
+            (Err(e), _) => return fail(e),
+            (Ok(_), None) => return fail(Error::new(ErrorKind::Redis, "malformed holder value")),
         };
         let run = Run {
             generation,
-            token: holder,
+            token,
             pttl_ms,
         };
         match follow(backend, keys, slot, &herd.inner.flights, sub, run).await {
@@ -620,12 +623,12 @@ async fn follow(
             let Some(holder) = check.holder else {
                 return Followed::Vacant;
             };
-            if holder != token {
-                if let Ok((g, _)) = parse_holder(&holder) {
+            if holder_token(&holder) != Some(token.as_str()) {
+                if let (Ok((g, _)), Some(t)) = (parse_holder(&holder), holder_token(&holder)) {
                     // Another run holds the lock now (see above): follow it.
                     tracing::debug!(job = %keys.key, from = generation, to = g, "following the run that replaced the awaited one");
                     generation = g;
-                    token = holder;
+                    t.clone_into(&mut token);
                 }
             }
             pttl_ms = check.pttl_ms;

@@ -314,6 +314,17 @@ impl Herd {
         self.inner.lock_ttl
     }
 
+    /// For the in-memory backend: how many entries (locks, results, semaphores) it holds
+    /// once everything expired is dropped; `None` for Redis (use `DBSIZE`). Tests use it to
+    /// show that the footprint stays bounded.
+    #[doc(hidden)]
+    pub fn memory_entries(&self) -> Option<usize> {
+        match self.backend() {
+            crate::backend::Backend::Memory(m) => Some(m.entries()),
+            crate::backend::Backend::Redis(_) => None,
+        }
+    }
+
     /// A snapshot of this herd's local activity, for metrics and debugging.
     pub fn stats(&self) -> HerdStats {
         HerdStats {

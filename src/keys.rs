@@ -43,8 +43,6 @@ pub(crate) struct JobKeys {
     pub(crate) key: String,
     /// `prefix:{key}:lock`: the holder token, with a PX TTL.
     pub(crate) lock: String,
-    /// `prefix:{key}:fence`: INCR'd on every acquisition.
-    pub(crate) fence: String,
     /// `prefix:{key}`: the pub/sub channel for release and completion notices.
     pub(crate) channel: String,
 }
@@ -58,7 +56,6 @@ impl JobKeys {
         JobKeys {
             key: key.to_owned(),
             lock: format!("{base}:lock"),
-            fence: format!("{base}:fence"),
             channel: base,
         }
     }
@@ -72,8 +69,8 @@ fn hash_tag(key: &str) -> Option<&str> {
 }
 
 impl JobKeys {
-    // The names below are built on demand: a lock needs only `lock`, `fence` and
-    // `channel`, and building every name up front cost an allocation each per call.
+    // The names below are built on demand: a lock needs only `lock` and `channel`, and
+    // building every name up front cost an allocation each per call.
 
     /// `prefix:{key}:result`: the last fan-out result (`r2:<ok>:<completed µs>:` + envelope),
     /// with a short linger.
@@ -212,7 +209,6 @@ mod unit {
     fn key_layout_shares_one_hash_tag() {
         let k = JobKeys::new("herdlock", "job:1");
         assert_eq!(k.lock, "herdlock:{job:1}:lock");
-        assert_eq!(k.fence, "herdlock:{job:1}:fence");
         assert_eq!(k.channel, "herdlock:{job:1}");
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::time::Instant;
 
-use crate::backend::{holder_nonce, parse_holder, AcquireReply, Backend};
+use crate::backend::{holder_nonce, holder_token, parse_holder, AcquireReply, Backend};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
@@ -70,8 +70,8 @@ impl Holder {
 pub struct LockStatus {
     /// The current holder, if the lock is held.
     pub holder: Option<Holder>,
-    /// The last fencing token handed out for this key (0: never acquired, or the fence
-    /// counter was lost with a Redis restart without persistence).
+    /// The current holder's fencing token (0 when nobody holds the key). Tokens are Redis
+    /// `TIME` in microseconds at acquisition, so no counter outlives a name's state.
     pub last_fence: u64,
 }
 
@@ -456,7 +456,10 @@ async fn undo_acquire(
         Ok(AcquireReply::Acquired { token, .. }) => token,
         Ok(AcquireReply::Busy { .. }) => return Ok(()),
         Err(_) => match backend.status(keys).await?.holder {
-            Some(holder) if holder_nonce(&holder) == Some(nonce) => holder,
+            Some(holder) if holder_nonce(&holder) == Some(nonce) => match holder_token(&holder) {
+                Some(token) => token.to_owned(),
+                None => return Ok(()),
+            },
             _ => return Ok(()),
         },
     };
@@ -519,17 +522,21 @@ impl Herd {
     pub async fn try_lock_with(&self, key: &str, options: &LockOptions) -> Result<TryLock> {
         let keys = self.job_keys(key)?;
         let resolved = options.resolve(self)?;
-        self.attempt(keys, &resolved).await
+        self.attempt(keys, &resolved, false).await
     }
 
-    async fn attempt(&self, keys: JobKeys, options: &Resolved) -> Result<TryLock> {
+    /// One acquire step. `waiting`: the caller will wait if the lock is busy (it is
+    /// subscribed), so the holder's value is marked and its release publishes a notice.
+    async fn attempt(&self, keys: JobKeys, options: &Resolved, waiting: bool) -> Result<TryLock> {
         let sent = std::time::Instant::now();
         // Finished even if this call is cut off (deadline, cancellation) in flight: a win
         // nobody takes is released in the background.
         let (backend, nonce, ttl) = (self.backend().clone(), nonce(), options.ttl);
         let herd = self.clone();
         let step = async move {
-            let reply = backend.acquire(&keys, &nonce, herd.owner(), ttl).await;
+            let reply = backend
+                .acquire(&keys, &nonce, herd.owner(), ttl, waiting)
+                .await;
             (reply, backend, keys, nonce)
         };
         let (reply, _, keys, _) = Finished::new(
@@ -658,13 +665,13 @@ impl Herd {
         };
         let wait_loop = async {
             // Fast path: no subscription round trip when the lock is free.
-            if let TryLock::Acquired(guard) = self.attempt(keys.clone(), &resolved).await? {
+            if let TryLock::Acquired(guard) = self.attempt(keys.clone(), &resolved, false).await? {
                 return Ok(guard);
             }
             // Subscribe (confirmed), then re-check: a release after this point is seen.
             let mut sub = self.backend().subscribe(&keys).await?;
             loop {
-                let holder = match self.attempt(keys.clone(), &resolved).await? {
+                let holder = match self.attempt(keys.clone(), &resolved, true).await? {
                     TryLock::Acquired(guard) => return Ok(guard),
                     TryLock::Busy(holder) => holder,
                 };
@@ -801,9 +808,7 @@ impl Herd {
             Some(value) => Some(Holder::parse(&value, reply.pttl_ms)?),
             None => None,
         };
-        Ok(LockStatus {
-            holder,
-            last_fence: reply.last_fence,
-        })
+        let last_fence = holder.as_ref().map_or(0, |h| h.fence.0);
+        Ok(LockStatus { holder, last_fence })
     }
 }

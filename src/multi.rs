@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::backend::{holder_nonce, parse_holder, Backend, MultiReply, Subscription};
+use crate::backend::{holder_nonce, holder_token, token_fence, Backend, MultiReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
@@ -241,8 +241,10 @@ async fn undo_multi_acquire(
             for k in keys {
                 if let Some(holder) = backend.status(k).await?.holder {
                     if holder_nonce(&holder) == Some(nonce) {
-                        ours.0.push(k.clone());
-                        ours.1.push(holder);
+                        if let Some(token) = holder_token(&holder) {
+                            ours.0.push(k.clone());
+                            ours.1.push(token.to_owned());
+                        }
                     }
                 }
             }
@@ -323,7 +325,7 @@ impl Herd {
     pub async fn try_multi_with(&self, keys: &[&str], options: &LockOptions) -> Result<TryMulti> {
         let keys = self.multi_keys(keys)?;
         let options = options.resolve(self)?;
-        self.multi_attempt(keys, &options).await
+        self.multi_attempt(keys, &options, false).await
     }
 
     /// Takes every lock in `keys`, waiting up to `wait` until all are free at once.
@@ -372,7 +374,7 @@ impl Herd {
         let wait_loop = async {
             let mut subs: Vec<Subscription> = Vec::new();
             loop {
-                let earliest = match self.multi_attempt(keys.clone(), &options).await? {
+                let earliest = match self.multi_attempt(keys.clone(), &options, true).await? {
                     TryMulti::Acquired(guard) => return Ok(Some(guard)),
                     TryMulti::Busy(held) => {
                         last_held = held.iter().map(|h| h.key.clone()).collect();
@@ -438,7 +440,14 @@ impl Herd {
         unique.into_iter().map(|k| self.job_keys(k)).collect()
     }
 
-    async fn multi_attempt(&self, keys: Vec<JobKeys>, options: &Resolved) -> Result<TryMulti> {
+    /// One acquire step over every key; `waiting`: the caller waits when some are busy, so
+    /// their holder values are marked and their releases publish notices.
+    async fn multi_attempt(
+        &self,
+        keys: Vec<JobKeys>,
+        options: &Resolved,
+        waiting: bool,
+    ) -> Result<TryMulti> {
         let sent = std::time::Instant::now();
         // Finished even if this call is cut off (deadline, cancellation) in flight: a win
         // nobody takes is released in the background.
@@ -446,7 +455,7 @@ impl Herd {
         let node = self.clone();
         let step = async move {
             let reply = backend
-                .multi_acquire(&keys, &nonce, node.owner(), ttl)
+                .multi_acquire(&keys, &nonce, node.owner(), ttl, waiting)
                 .await;
             (reply, backend, keys, nonce)
         };
@@ -463,7 +472,7 @@ impl Herd {
             MultiReply::Acquired(tokens) => {
                 let fences = tokens
                     .iter()
-                    .map(|t| parse_holder(t).map(|(f, _)| FencingToken::new(f)))
+                    .map(|t| token_fence(t).map(FencingToken::new))
                     .collect::<Result<Vec<_>>>()?;
                 // Watched until its local deadline; with auto-extend it is renewed.
                 let lease = Some(self.inner.watchdog.register(

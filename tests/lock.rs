@@ -309,11 +309,17 @@ async fn fencing_tokens_increase(fx: Fx) {
             .expect("lock");
         assert!(guard.fence().get() > last);
         last = guard.fence().get();
+        // The status names the holder's token while it holds the lock.
+        assert_eq!(
+            herd.lock_status("fenced").await.expect("status").last_fence,
+            last
+        );
         guard.release().await.expect("release");
     }
+    // Free again: no token is kept once a name's state is gone.
     assert_eq!(
         herd.lock_status("fenced").await.expect("status").last_fence,
-        last
+        0
     );
 }
 

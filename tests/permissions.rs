@@ -652,6 +652,18 @@ async fn a_revoked_channel_right_backs_off_instead_of_storming() {
 // Nothing half done
 // ---------------------------------------------------------------------------------------
 
+/// Waiters that give up mark these held locks as waited for (acquire.lua), so releasing
+/// them must publish a notice (a release nobody waits for publishes nothing).
+async fn mark_waited(herd: &Herd, keys: &[&str]) {
+    for key in keys {
+        let e = herd
+            .lock(key, Duration::from_millis(100))
+            .await
+            .expect_err("held");
+        assert!(e.is_timeout(), "{e}");
+    }
+}
+
 /// Issue 9: PUBLISH revoked after connect (the check cannot be skipped, so the right is
 /// taken away later). Release, multi-release, a multi-extend that releases, a permit
 /// release and a fan-out completion each fail (the completion's failure reaches only the
@@ -694,6 +706,7 @@ async fn a_refused_publish_leaves_nothing_half_done() {
         .expect("try")
         .acquired()
         .expect("free");
+    mark_waited(&herd, &["l", "m1", "m2", "e2"]).await;
     let (revoked_tx, revoked_rx) = tokio::sync::oneshot::channel::<()>();
     let fanout = tokio::spawn({
         let herd = herd.clone();
@@ -778,7 +791,9 @@ async fn a_full_server_refuses_a_completion_before_it_publishes() {
         .expect("connection");
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub");
     pubsub.subscribe("ch").await.expect("subscribe");
-    let holder = "1:nonce:owner";
+    // Marked as waited for (acquire.lua), so that the release publishes a notice.
+    let holder = "1:nonce:60000:1:owner";
+    let token = "1:nonce";
     server.cmd(&["SET", "{j}:lock", holder, "PX", "60000"]);
     server.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
 
@@ -786,7 +801,7 @@ async fn a_full_server_refuses_a_completion_before_it_publishes() {
     let refused = complete
         .key("{j}:lock")
         .key("{j}:result")
-        .arg(holder)
+        .arg(token)
         .arg("envelope")
         .arg(5000)
         .arg("ch")
@@ -814,7 +829,7 @@ async fn a_full_server_refuses_a_completion_before_it_publishes() {
     let release = redis::Script::new(include_str!("../src/scripts/release.lua"));
     let released: i64 = release
         .key("{j}:lock")
-        .arg(holder)
+        .arg(token)
         .arg(0)
         .arg("ch")
         .invoke_async(&mut conn)

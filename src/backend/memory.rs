@@ -29,7 +29,10 @@ pub(crate) struct MemoryBackend {
 struct State {
     /// Invariant: an entry whose deadline has passed is treated as absent by every step.
     values: HashMap<String, Entry>,
-    counters: HashMap<String, u64>,
+    /// The last fence handed out (fences are wall-clock µs, kept strictly increasing).
+    last_fence: u64,
+    /// Steps since the last sweep of expired entries.
+    steps: u32,
     results: HashMap<String, Stored>,
     semaphores: HashMap<String, Sem>,
     channels: HashMap<String, broadcast::Sender<Notice>>,
@@ -47,6 +50,12 @@ struct Sem {
 }
 
 impl Sem {
+    /// Nothing held and nobody queued: the semaphore can be forgotten (its ticket counter
+    /// too, as `semt` expires on Redis).
+    fn is_empty(&self) -> bool {
+        self.holders.is_empty() && self.queued.is_empty()
+    }
+
     fn expire(&mut self, now: Instant) {
         self.holders.retain(|_, until| *until > now);
         let dead: Vec<String> = self
@@ -147,22 +156,72 @@ impl State {
         owner: &str,
         ttl: Duration,
     ) -> AcquireReply {
+        self.sweep_now_and_then(now);
         if let Some((holder, pttl_ms)) = self.get_with_pttl(&keys.lock, now) {
             return AcquireReply::Busy { holder, pttl_ms };
         }
-        let counter = self.counters.entry(keys.fence.clone()).or_insert(0);
-        *counter += 1;
-        let fence = *counter;
-        let token = format!("{fence}:{nonce}:{owner}");
+        let fence = self.next_fence();
+        let (token, value) = holder_value(fence, nonce, ttl, owner);
         self.values.insert(
             keys.lock.clone(),
             Entry {
-                value: token.clone(),
+                value,
                 expires: Some(now + ttl),
             },
         );
         AcquireReply::Acquired { token, fence }
     }
+
+    /// A fence as on Redis (µs of the wall clock), strictly greater than every earlier one.
+    fn next_fence(&mut self) -> u64 {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        self.last_fence = wall.max(self.last_fence + 1);
+        self.last_fence
+    }
+
+    /// Every 1,024 steps, drops whatever has expired (as Redis's active expiry does), so
+    /// that the map holds nothing once every TTL has run out.
+    fn sweep_now_and_then(&mut self, now: Instant) {
+        self.steps += 1;
+        if self.steps < 1_024 {
+            return;
+        }
+        self.steps = 0;
+        self.sweep(now);
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        self.values.retain(|_, e| e.expires.is_none_or(|t| t > now));
+        self.results.retain(|_, r| r.expires > now);
+        for sem in self.semaphores.values_mut() {
+            sem.expire(now);
+        }
+        self.semaphores.retain(|_, sem| !sem.is_empty());
+        self.channels.retain(|_, tx| tx.receiver_count() > 0);
+    }
+
+    /// How many entries of any kind the engine holds (expired ones swept first).
+    fn len(&mut self, now: Instant) -> usize {
+        self.sweep(now);
+        self.values.len() + self.results.len() + self.semaphores.len()
+    }
+}
+
+/// A holder value as the Redis scripts write it, `<fence>:<nonce>:<ttl ms>:0:<owner>`, and
+/// its token `<fence>:<nonce>`.
+fn holder_value(fence: u64, nonce: &str, ttl: Duration, owner: &str) -> (String, String) {
+    let token = format!("{fence}:{nonce}");
+    let value = format!("{token}:{}:0:{owner}", crate::keys::millis(ttl));
+    (token, value)
+}
+
+/// Whether a stored holder value belongs to `token`.
+fn held_by(value: &str, token: &str) -> bool {
+    value
+        .strip_prefix(token)
+        .is_some_and(|rest| rest.starts_with(':'))
 }
 
 /// `PTTL` of an entry at `now`: -1 without expiry, else the whole milliseconds left.
@@ -187,6 +246,7 @@ impl MemoryBackend {
         nonce: &str,
         owner: &str,
         ttl: Duration,
+        _waiting: bool,
     ) -> AcquireReply {
         let mut st = self.lock();
         st.acquire(Instant::now(), keys, nonce, owner, ttl)
@@ -198,9 +258,11 @@ impl MemoryBackend {
         nonce: &str,
         owner: &str,
         ttl: Duration,
+        _waiting: bool,
     ) -> MultiReply {
         let mut st = self.lock();
         let now = Instant::now();
+        st.sweep_now_and_then(now);
         let busy: Vec<(usize, String, i64)> = keys
             .iter()
             .enumerate()
@@ -213,23 +275,18 @@ impl MemoryBackend {
             return MultiReply::Busy(busy);
         }
         let expires = Some(now + ttl);
-        let values = keys
-            .iter()
-            .map(|k| {
-                let counter = st.counters.entry(k.fence.clone()).or_insert(0);
-                *counter += 1;
-                let value = format!("{counter}:{nonce}:{owner}");
-                st.values.insert(
-                    k.lock.clone(),
-                    Entry {
-                        value: value.clone(),
-                        expires,
-                    },
-                );
-                value
-            })
-            .collect();
-        MultiReply::Acquired(values)
+        let fence = st.next_fence();
+        let (token, value) = holder_value(fence, nonce, ttl, owner);
+        for k in keys {
+            st.values.insert(
+                k.lock.clone(),
+                Entry {
+                    value: value.clone(),
+                    expires,
+                },
+            );
+        }
+        MultiReply::Acquired(vec![token; keys.len()])
     }
 
     pub(crate) fn multi_extend(
@@ -244,12 +301,12 @@ impl MemoryBackend {
             .iter()
             .zip(tokens)
             .enumerate()
-            .filter(|(_, (k, t))| st.get(&k.lock, now).is_none_or(|e| &e.value != *t))
+            .filter(|(_, (k, t))| st.get(&k.lock, now).is_none_or(|e| !held_by(&e.value, t)))
             .map(|(i, _)| i)
             .collect();
         for (k, t) in keys.iter().zip(tokens) {
             if let Some(entry) = st.get(&k.lock, now) {
-                if &entry.value == t {
+                if held_by(&entry.value, t) {
                     if lost.is_empty() {
                         entry.expires = Some(now + ttl);
                     } else {
@@ -431,7 +488,10 @@ impl MemoryBackend {
     ) -> bool {
         let mut st = self.lock();
         let now = Instant::now();
-        if st.get(&keys.lock, now).is_none_or(|e| e.value != token) {
+        if st
+            .get(&keys.lock, now)
+            .is_none_or(|e| !held_by(&e.value, token))
+        {
             return false;
         }
         st.results.insert(
@@ -452,7 +512,7 @@ impl MemoryBackend {
         let mut st = self.lock();
         let now = Instant::now();
         match st.get(&keys.lock, now) {
-            Some(entry) if entry.value == token => {
+            Some(entry) if held_by(&entry.value, token) => {
                 if grace.is_zero() {
                     st.values.remove(&keys.lock);
                     st.publish(&keys.channel, b"released");
@@ -469,7 +529,7 @@ impl MemoryBackend {
         let mut st = self.lock();
         let now = Instant::now();
         match st.get(&keys.lock, now) {
-            Some(entry) if entry.value == token => {
+            Some(entry) if held_by(&entry.value, token) => {
                 entry.expires = Some(now + ttl);
                 true
             }
@@ -484,12 +544,13 @@ impl MemoryBackend {
             Some((holder, pttl_ms)) => (Some(holder), pttl_ms),
             None => (None, -2),
         };
-        let last_fence = st.counters.get(&keys.fence).copied().unwrap_or(0);
-        StatusReply {
-            holder,
-            pttl_ms,
-            last_fence,
-        }
+        StatusReply { holder, pttl_ms }
+    }
+
+    /// How many entries (locks, results, semaphores) the engine holds once everything
+    /// expired has been dropped: 0 after every TTL, linger and queue TTL has run out.
+    pub(crate) fn entries(&self) -> usize {
+        self.lock().len(Instant::now())
     }
 
     pub(crate) fn subscribe(&self, keys: &JobKeys) -> Subscription {

@@ -139,7 +139,6 @@ pub(crate) enum SemReply {
 pub(crate) struct StatusReply {
     pub(crate) holder: Option<String>,
     pub(crate) pttl_ms: i64,
-    pub(crate) last_fence: u64,
 }
 
 /// Something arrived for a subscribed key.
@@ -205,18 +204,20 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Backend {
-    /// Atomically: if the lock is free, bump the fence and store `fence:nonce:owner` with a
-    /// TTL; otherwise report the current holder.
+    /// Atomically: if the lock is free, store a holder value with a fresh fence (Redis
+    /// `TIME` in µs) and a TTL, and return its token; otherwise report the current holder
+    /// (marking its value as waited for when `waiting`, so its release wakes the waiters).
     pub(crate) async fn acquire(
         &self,
         keys: &JobKeys,
         nonce: &str,
         owner: &str,
         ttl: Duration,
+        waiting: bool,
     ) -> Result<AcquireReply> {
         match self {
-            Backend::Redis(b) => b.acquire(keys, nonce, owner, ttl).await,
-            Backend::Memory(b) => Ok(b.acquire(keys, nonce, owner, ttl)),
+            Backend::Redis(b) => b.acquire(keys, nonce, owner, ttl, waiting).await,
+            Backend::Memory(b) => Ok(b.acquire(keys, nonce, owner, ttl, waiting)),
         }
     }
 
@@ -319,10 +320,11 @@ impl Backend {
         nonce: &str,
         owner: &str,
         ttl: Duration,
+        waiting: bool,
     ) -> Result<MultiReply> {
         match self {
-            Backend::Redis(b) => b.multi_acquire(keys, nonce, owner, ttl).await,
-            Backend::Memory(b) => Ok(b.multi_acquire(keys, nonce, owner, ttl)),
+            Backend::Redis(b) => b.multi_acquire(keys, nonce, owner, ttl, waiting).await,
+            Backend::Memory(b) => Ok(b.multi_acquire(keys, nonce, owner, ttl, waiting)),
         }
     }
 
@@ -445,25 +447,60 @@ pub(crate) struct Retried<T> {
     pub(crate) retried: bool,
 }
 
-/// Parses a stored holder value `fence:nonce:owner`.
-pub(crate) fn parse_holder(value: &str) -> Result<(u64, &str)> {
-    let mut parts = value.splitn(3, ':');
-    let fence = parts.next().and_then(|f| f.parse::<u64>().ok());
-    let _nonce = parts.next();
-    let owner = parts.next();
-    match (fence, owner) {
-        (Some(fence), Some(owner)) => Ok((fence, owner)),
-        _ => Err(Error::new(
-            crate::ErrorKind::Redis,
-            "malformed holder value stored under a lock key",
-        )),
-    }
+/// The fields of a stored holder value `<fence>:<nonce>:<ttl ms>:<waited 0|1>:<owner>`.
+struct HolderFields<'a> {
+    fence: u64,
+    nonce: &'a str,
+    /// `<fence>:<nonce>`: what the holder compares with (release, extend, complete).
+    token: &'a str,
+    owner: &'a str,
 }
 
-/// The nonce of a stored holder value `fence:nonce:owner`, if it is well formed.
-pub(crate) fn holder_nonce(value: &str) -> Option<&str> {
-    let mut parts = value.splitn(3, ':');
-    let _fence = parts.next()?;
+fn holder_fields(value: &str) -> Option<HolderFields<'_>> {
+    let mut parts = value.splitn(5, ':');
+    let fence_text = parts.next()?;
+    let fence = fence_text.parse::<u64>().ok()?;
     let nonce = parts.next()?;
-    parts.next().map(|_| nonce)
+    let _ttl = parts.next()?.parse::<u64>().ok()?;
+    let _waited = parts.next().filter(|w| *w == "0" || *w == "1")?;
+    let owner = parts.next()?;
+    Some(HolderFields {
+        fence,
+        nonce,
+        token: &value[..fence_text.len() + 1 + nonce.len()],
+        owner,
+    })
+}
+
+fn malformed_holder() -> Error {
+    Error::new(
+        crate::ErrorKind::Redis,
+        "malformed holder value stored under a lock key (written by another version of \
+         herdlock, or not by herdlock)",
+    )
+}
+
+/// Parses a stored holder value: its fence and owner label.
+pub(crate) fn parse_holder(value: &str) -> Result<(u64, &str)> {
+    holder_fields(value)
+        .map(|f| (f.fence, f.owner))
+        .ok_or_else(malformed_holder)
+}
+
+/// The token (`<fence>:<nonce>`) of a stored holder value, if it is well formed.
+pub(crate) fn holder_token(value: &str) -> Option<&str> {
+    holder_fields(value).map(|f| f.token)
+}
+
+/// The nonce of a stored holder value, if it is well formed.
+pub(crate) fn holder_nonce(value: &str) -> Option<&str> {
+    holder_fields(value).map(|f| f.nonce)
+}
+
+/// The fence of a holder token `<fence>:<nonce>` (what an acquisition returns).
+pub(crate) fn token_fence(token: &str) -> Result<u64> {
+    token
+        .split_once(':')
+        .and_then(|(fence, _)| fence.parse::<u64>().ok())
+        .ok_or_else(malformed_holder)
 }

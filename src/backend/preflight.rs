@@ -80,6 +80,7 @@ const NEEDED: &[(&str, &[Arg])] = &[
         &[Text("SET"), Key, Text("0"), Text("PX"), Text("5000")],
     ),
     ("del", &[Text("DEL"), Key]),
+    ("getdel", &[Text("GETDEL"), Key]),
     ("incr", &[Text("INCR"), Key]),
     ("pexpire", &[Text("PEXPIRE"), Key, Text("5000")]),
     ("pttl", &[Text("PTTL"), Key]),

@@ -367,13 +367,14 @@ impl RedisBackend {
         nonce: &str,
         owner: &str,
         ttl: Duration,
+        waiting: bool,
     ) -> Result<AcquireReply> {
         let mut inv = self.inner.scripts.acquire.prepare_invoke();
         inv.key(&keys.lock)
-            .key(&keys.fence)
             .arg(nonce)
             .arg(owner)
-            .arg(millis(ttl));
+            .arg(millis(ttl))
+            .arg(u8::from(waiting));
         let reply = self.invoke_idempotent("acquire", &inv).await?;
         match parse_acquire(array(&reply, 3, "acquire")?, "acquire")? {
             FanoutReply::Lock(reply) => Ok(reply),
@@ -419,7 +420,6 @@ impl RedisBackend {
             .unwrap_or(0);
         let mut inv = self.inner.scripts.fanout_acquire.prepare_invoke();
         inv.key(&keys.lock)
-            .key(&keys.fence)
             .key(keys.result())
             .arg(nonce)
             .arg(owner)
@@ -506,17 +506,14 @@ impl RedisBackend {
 
     pub(crate) async fn status(&self, keys: &JobKeys) -> Result<StatusReply> {
         let mut inv = self.inner.scripts.status.prepare_invoke();
-        inv.key(&keys.lock).key(&keys.fence);
+        inv.key(&keys.lock);
         let reply = self.invoke_idempotent("status", &inv).await?;
-        let items = array(&reply, 3, "status")?;
+        let items = array(&reply, 2, "status")?;
         let holder = string(&items[0], "status")?;
         let pttl_ms = int(&items[1], "status")?;
-        let last_fence =
-            u64::try_from(int(&items[2], "status")?).map_err(|_| malformed("status"))?;
         Ok(StatusReply {
             holder: (!holder.is_empty()).then_some(holder),
             pttl_ms,
-            last_fence,
         })
     }
 
@@ -526,13 +523,17 @@ impl RedisBackend {
         nonce: &str,
         owner: &str,
         ttl: Duration,
+        waiting: bool,
     ) -> Result<MultiReply> {
         let what = "multi acquire";
         let mut inv = self.inner.scripts.multi_acquire.prepare_invoke();
         for k in keys {
-            inv.key(&k.lock).key(&k.fence);
+            inv.key(&k.lock);
         }
-        inv.arg(nonce).arg(owner).arg(millis(ttl));
+        inv.arg(nonce)
+            .arg(owner)
+            .arg(millis(ttl))
+            .arg(u8::from(waiting));
         let reply = self.invoke_idempotent(what, &inv).await?;
         let items = array(&reply, 2, what)?;
         let Value::Array(list) = &items[1] else {

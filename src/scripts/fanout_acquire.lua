@@ -1,10 +1,12 @@
 -- Start a fan-out run if none is in progress (or serve a result the caller may have).
--- KEYS[1] lock key, KEYS[2] fence counter, KEYS[3] result key (see complete.lua)
+-- KEYS[1] lock key, KEYS[2] result key (see complete.lua)
 -- ARGV[1] nonce, ARGV[2] owner label, ARGV[3] ttl in ms, ARGV[4] max cache age in µs (-1: none),
 -- ARGV[5] an upper bound on Redis's clock (µs) when the newest caller of this attempt called
 -- (0: unknown), ARGV[6] how long ago (µs, at send time) that caller called
 -- Every reply ends with Redis's clock (µs), so the client can bound it (backend/clock.rs).
--- Returns {1, holder_value, fence, now}   acquired: the caller leads run `fence`
+-- Holder values, tokens and fences as in acquire.lua; a caller that finds a run in progress
+-- follows it, so it marks the holder value as waited for.
+-- Returns {1, token, fence, now}          acquired: the caller leads run `fence`
 --         {0, holder_value, pttl_ms, now} busy: run in progress
 --         {2, stored, age_us, now}         a successful result no older than the max cache age
 --         {3, stored, age_us, now}         a result (success or failure) of a run that
@@ -42,7 +44,7 @@ local checked = false
 if max_age >= 0 then
   -- A fresh enough cached result is served even while a new run is in progress.
   checked = true
-  local stored = redis.call('GET', KEYS[3])
+  local stored = redis.call('GET', KEYS[2])
   if stored then
     local reply = serve(stored)
     if reply then
@@ -53,15 +55,19 @@ end
 local current = redis.call('GET', KEYS[1])
 if current then
   -- A retry of an attempt that already succeeded (its reply was lost): same nonce.
-  local fence, nonce = string.match(current, '^(%d+):([^:]*):')
+  local f, nonce, ttl, waited, owner = string.match(current, '^(%d+):([^:]*):(%d+):([01]):(.*)$')
   if nonce == ARGV[1] then
-    return {1, current, tonumber(fence), now}
+    return {1, f .. ':' .. nonce, tonumber(f), now}
   end
   -- A run in progress: follow it (it completes after every caller of this attempt called).
+  if f and waited == '0' then
+    current = f .. ':' .. nonce .. ':' .. ttl .. ':1:' .. owner
+    redis.call('SET', KEYS[1], current, 'KEEPTTL')
+  end
   return {0, current, redis.call('PTTL', KEYS[1]), now}
 end
 if not checked and (call_at > 0 or called > 0) then
-  local stored = redis.call('GET', KEYS[3])
+  local stored = redis.call('GET', KEYS[2])
   if stored then
     local reply = serve(stored)
     if reply then
@@ -69,7 +75,7 @@ if not checked and (call_at > 0 or called > 0) then
     end
   end
 end
-local fence = redis.call('INCR', KEYS[2])
-local value = string.format('%d:%s:%s', fence, ARGV[1], ARGV[2])
-redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-return {1, value, fence, now}
+local fence = t[1] .. string.format('%06d', tonumber(t[2]))
+local token = fence .. ':' .. ARGV[1]
+redis.call('SET', KEYS[1], token .. ':' .. ARGV[3] .. ':0:' .. ARGV[2], 'PX', ARGV[3])
+return {1, token, tonumber(fence), now}

@@ -27,6 +27,7 @@ local set = try('SET', KEYS[1], '0', 'PX', 5000)
 local expire = try('PEXPIRE', KEYS[1], 5000)
 if set then
   try('INCR', KEYS[1])
+  try('GETDEL', KEYS[1])
 end
 if expire and try('ZADD', KEYS[2], 0, 'probe') then
   try('PEXPIRE', KEYS[2], 5000)

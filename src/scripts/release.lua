@@ -1,18 +1,38 @@
 -- Release a lock if the caller still holds it.
 -- KEYS[1] lock key
--- ARGV[1] holder value, ARGV[2] grace in ms (0: delete now), ARGV[3] notice channel
+-- ARGV[1] holder token '<fence>:<nonce>', ARGV[2] grace in ms (0: delete now), ARGV[3] notice channel
 -- Returns 1 when released (or put into its grace period), 0 when not the holder.
--- Scripts do not roll back: the notice goes out before the delete, so a refused PUBLISH
--- (a revoked channel permission) leaves the lock held, and nothing after it can fail.
--- Nobody sees the notice before the script ends, so the order is invisible otherwise.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
-end
+--
+-- Commands on the uncontended path: GETDEL. The value is taken and deleted in one command;
+-- if it was someone else's, it is put back with its TTL in full (never a shorter life than
+-- it had: its holder's own deadline is within one TTL of its last renewal). A notice is
+-- published only when a waiter marked the value (acquire.lua). Scripts do not roll back:
+-- if that PUBLISH is refused (a revoked channel permission), the lock is put back as it
+-- was and the error returned, so nothing is half done.
+local prefix = ARGV[1] .. ':'
 local grace = tonumber(ARGV[2])
 if grace > 0 then
+  local v = redis.call('GET', KEYS[1])
+  if not v or string.sub(v, 1, #prefix) ~= prefix then
+    return 0
+  end
   redis.call('PEXPIRE', KEYS[1], grace)
-else
-  redis.call('PUBLISH', ARGV[3], 'released')
-  redis.call('DEL', KEYS[1])
+  return 1
+end
+local v = redis.call('GETDEL', KEYS[1])
+if not v then
+  return 0
+end
+local ttl, waited = string.match(v, '^%d+:[^:]*:(%d+):([01]):')
+if string.sub(v, 1, #prefix) ~= prefix then
+  redis.call('SET', KEYS[1], v, 'PX', ttl or 60000)
+  return 0
+end
+if waited == '1' then
+  local published = redis.pcall('PUBLISH', ARGV[3], 'released')
+  if type(published) == 'table' and published.err then
+    redis.call('SET', KEYS[1], v, 'PX', ttl)
+    return published
+  end
 end
 return 1

@@ -1,6 +1,5 @@
--- Read a lock's holder, remaining TTL and last fence in one consistent snapshot.
--- KEYS[1] lock key, KEYS[2] fence counter
--- Returns {holder_value or '', pttl_ms, last_fence or '0'}.
+-- Read a lock's holder and remaining TTL in one consistent snapshot.
+-- KEYS[1] lock key
+-- Returns {holder_value or '', pttl_ms}.
 local holder = redis.call('GET', KEYS[1]) or ''
-local fence = redis.call('GET', KEYS[2]) or '0'
-return {holder, redis.call('PTTL', KEYS[1]), fence}
+return {holder, redis.call('PTTL', KEYS[1])}
