@@ -23,15 +23,16 @@ local v = redis.call('GETDEL', KEYS[1])
 if not v then
   return 0
 end
-local ttl, waited = string.match(v, '^%d+:[^:]*:(%d+):([01]):')
 if string.sub(v, 1, #prefix) ~= prefix then
-  redis.call('SET', KEYS[1], v, 'PX', ttl or 60000)
+  redis.call('SET', KEYS[1], v, 'PX', string.match(v, '^%d+:[^:]*:(%d+):') or 60000)
   return 0
 end
-if waited == '1' then
+-- After the token: '<ttl ms>:<waited 0|1>:'; byte 49 is '1'.
+local colon = string.find(v, ':', #prefix + 1, true)
+if colon and string.byte(v, colon + 1) == 49 then
   local published = redis.pcall('PUBLISH', ARGV[3], 'released')
   if type(published) == 'table' and published.err then
-    redis.call('SET', KEYS[1], v, 'PX', ttl)
+    redis.call('SET', KEYS[1], v, 'PX', string.sub(v, #prefix + 1, colon - 1))
     return published
   end
 end
