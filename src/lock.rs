@@ -396,15 +396,36 @@ impl LockGuard {
     /// If cancelled, the release may or may not have happened; the TTL is the backstop.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
+        let held = self.held_until();
         self.lease = None; // stop renewing first
-        release(self.herd.backend(), &self.keys, &self.token, self.grace).await
+        release(
+            self.herd.backend(),
+            &self.keys,
+            &self.token,
+            self.grace,
+            held,
+        )
+        .await
+    }
+
+    /// Until when nobody else can have the lock (the lease's local deadline), if known.
+    fn held_until(&self) -> Option<std::time::Instant> {
+        self.lease.as_ref().map(LeaseHandle::deadline)
     }
 
     /// Releases at once, ignoring the grace period (used when the work failed).
     async fn release_now(mut self) -> Result<()> {
         self.released = true;
+        let held = self.held_until();
         self.lease = None;
-        release(self.herd.backend(), &self.keys, &self.token, Duration::ZERO).await
+        release(
+            self.herd.backend(),
+            &self.keys,
+            &self.token,
+            Duration::ZERO,
+            held,
+        )
+        .await
     }
 }
 
@@ -417,8 +438,9 @@ impl Drop for LockGuard {
         let keys = self.keys.clone();
         let token = std::mem::take(&mut self.token);
         let grace = self.grace;
+        let held = self.held_until();
         spawn_cleanup("release of a dropped lock guard", async move {
-            release(&backend, &keys, &token, grace).await
+            release(&backend, &keys, &token, grace, held).await
         });
     }
 }
@@ -426,12 +448,21 @@ impl Drop for LockGuard {
 /// Releases the lock `token` holds, retrying through connection errors within the command
 /// timeout (the release compares the holder, so a repeat is harmless). A retry that finds
 /// the lock free succeeds: the attempt that failed may well have released it. One that
-/// finds another holder reports `LockLost`.
-async fn release(backend: &Backend, keys: &JobKeys, token: &str, grace: Duration) -> Result<()> {
+/// finds another holder reports `LockLost`, unless that retry was sent before the lease's
+/// local deadline (`held_until`): the lock cannot have expired by then, so the failed
+/// attempt released it and a waiter took it at once.
+async fn release(
+    backend: &Backend,
+    keys: &JobKeys,
+    token: &str,
+    grace: Duration,
+    held_until: Option<std::time::Instant>,
+) -> Result<()> {
     let reply = backend
         .retry_release("release", || backend.release(keys, token, grace))
         .await?;
-    if reply.value || (reply.retried && is_free(backend, keys).await?) {
+    let still_ours = held_until.is_some_and(|until| reply.sent < until);
+    if reply.value || (reply.retried && (still_ours || is_free(backend, keys).await?)) {
         Ok(())
     } else {
         Err(lost(&keys.key))
@@ -464,7 +495,7 @@ async fn undo_acquire(
         },
     };
     tracing::debug!(key = %keys.key, "releasing a lock taken by an acquire step cut off in flight");
-    release(backend, keys, &token, Duration::ZERO).await
+    release(backend, keys, &token, Duration::ZERO, None).await
 }
 
 fn lost(key: &str) -> Error {

@@ -514,6 +514,16 @@ impl LeaseHandle {
         }
     }
 
+    /// The lease's local deadline: until then nobody else can hold it (unless it is lost to
+    /// another holder found by a renewal, or to data loss).
+    pub(crate) fn deadline(&self) -> Instant {
+        if *self.lost.borrow() {
+            epoch()
+        } else {
+            self.state.deadline()
+        }
+    }
+
     /// Records that the holder found the lease lost itself (a failed extend or heartbeat).
     pub(crate) fn mark_lost(&self) {
         self.state.mark_lost();

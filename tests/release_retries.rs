@@ -256,6 +256,60 @@ async fn reply_cut(kind: Kind) {
     );
 }
 
+/// Redis applies the release (a waiter marked the lock, so it publishes), the waiter takes
+/// the lock at once, and the release's reply is held, then cut: the retry finds the waiter
+/// holding it. The release was sent before the lease's local deadline, so the lock cannot
+/// have expired: the first attempt released it, which is a success (not `LockLost`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_taking_the_lock_after_a_lost_reply_is_no_loss() {
+    let server = server::shared();
+    let prefix = server::unique_prefix("release_reply_cut_waiter");
+    let proxy = Proxy::start(server);
+    let holder = herd(&prefix, "holder", &proxy.url()).await;
+    let other = herd(&prefix, "other", &server.url()).await;
+    let Held::Lock(held) = warm_then_take(&holder, Kind::Lock, Duration::from_secs(30)).await
+    else {
+        unreachable!("a lock was taken");
+    };
+    let waiter = tokio::spawn(async move { other.lock("k", STEP_TIMEOUT).await });
+    // The waiter is subscribed once its mark is on the holder value.
+    let mut conn = raw(server).await;
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(lock_key(&prefix, "k"))
+            .query_async(&mut conn)
+            .await
+            .expect("get");
+        if value.is_some_and(|v| v.split(':').nth(3) == Some("1")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the waiter never marked the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.freeze_replies();
+    let releasing = tokio::spawn(release(Held::Lock(held)));
+    let taken = within(STEP_TIMEOUT, "waiter", waiter)
+        .await
+        .expect("task")
+        .expect("the waiter takes the released lock");
+    proxy.cut();
+    proxy.thaw();
+    let released = within(STEP_TIMEOUT, "release", releasing)
+        .await
+        .expect("task")
+        .expect("the retry answers");
+    assert_eq!(
+        released,
+        Released::Ok,
+        "the release was applied before the waiter took it"
+    );
+    taken.release().await.expect("release");
+}
+
 /// The release request is held while the lock expires and another holder takes it; the
 /// connection is cut: the retry finds the other holder and reports `LockLost`, leaving the
 /// other holder's lock alone.

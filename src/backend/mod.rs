@@ -408,6 +408,7 @@ impl Backend {
         let mut pause = RETRY_MIN;
         let mut retried = false;
         loop {
+            let sent = std::time::Instant::now();
             let outcome = match tokio::time::timeout_at(deadline, step()).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(Error::new(
@@ -425,7 +426,13 @@ impl Backend {
                     retried = true;
                 }
                 Err(e) => return Err(e),
-                Ok(value) => return Ok(Retried { value, retried }),
+                Ok(value) => {
+                    return Ok(Retried {
+                        value,
+                        retried,
+                        sent,
+                    })
+                }
             }
         }
     }
@@ -445,6 +452,8 @@ pub(crate) struct Retried<T> {
     pub(crate) value: T,
     /// Whether an earlier attempt failed on a connection error (and may have been applied).
     pub(crate) retried: bool,
+    /// When the attempt that answered was sent.
+    pub(crate) sent: std::time::Instant,
 }
 
 /// The fields of a stored holder value `<fence>:<nonce>:<ttl ms>:<waited 0|1>:<owner>`.
