@@ -462,7 +462,7 @@ async fn release(
         .retry_release("release", || backend.release(keys, token, grace))
         .await?;
     let still_ours = held_until.is_some_and(|until| reply.sent < until);
-    if reply.value || (reply.retried && (still_ours || is_free(backend, keys).await?)) {
+    if reply.value || (reply.after_error && (still_ours || is_free(backend, keys).await?)) {
         Ok(())
     } else {
         Err(lost(&keys.key))

@@ -198,7 +198,7 @@ async fn release_all(
         .await?;
     let mut outcomes = Vec::with_capacity(keys.len());
     for (k, released) in keys.iter().zip(reply.value) {
-        let released = released || (reply.retried && lock::is_free(backend, k).await?);
+        let released = released || (reply.after_error && lock::is_free(backend, k).await?);
         let outcome = if released {
             KeyRelease::Released
         } else {

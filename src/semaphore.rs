@@ -246,7 +246,7 @@ impl Semaphore {
             .backend()
             .retry_release("semaphore release", || self.step(SemOp::Release, member))
             .await?;
-        Ok(reply.value == SemReply::Done(true) || reply.retried)
+        Ok(reply.value == SemReply::Done(true) || reply.after_error)
     }
 
     fn member(&self) -> String {

@@ -429,7 +429,7 @@ impl Backend {
                 Ok(value) => {
                     return Ok(Retried {
                         value,
-                        retried,
+                        after_error: retried,
                         sent,
                     })
                 }
@@ -451,7 +451,7 @@ impl Backend {
 pub(crate) struct Retried<T> {
     pub(crate) value: T,
     /// Whether an earlier attempt failed on a connection error (and may have been applied).
-    pub(crate) retried: bool,
+    pub(crate) after_error: bool,
     /// When the attempt that answered was sent.
     pub(crate) sent: std::time::Instant,
 }
