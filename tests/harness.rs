@@ -1,7 +1,13 @@
-//! Self-tests of the test harness: servers, their faults, and worker processes.
+//! Self-tests of the test harness: servers, clusters, Sentinel groups, TLS servers, their
+//! faults, and worker processes.
 
+use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
+use std::time::{Duration, Instant};
 
+use crate::common::cluster::{ClusterConfig, RedisCluster};
+use crate::common::sentinel::{SentinelConfig, SentinelGroup};
+use crate::common::tls::{tls_or_skip, AuthClients, Tls};
 use crate::common::{
     emit, ready_then_go, shared, unique_prefix, worker_param, worker_read_line,
     worker_ready_and_wait_go, worker_role, RedisServer, ServerConfig, Worker, STEP_TIMEOUT,
@@ -306,4 +312,389 @@ async fn proxy_forwards_freezes_thaws_and_cuts() {
     }
     assert_eq!(proxy.held(Direction::ToClient), 0);
     assert_eq!(proxy.accepted(), 1);
+}
+
+/// Whether `port` on loopback refuses connections (nothing listens).
+fn refuses(port: u16) -> bool {
+    TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err()
+}
+
+/// Polls (bounded) until `done` holds.
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Keys `PREFIX:{tagN}:k`, one per master of `cluster`: each master serves one of them.
+fn one_key_per_master(cluster: &RedisCluster, prefix: &str) -> Vec<(usize, String)> {
+    let masters = cluster.masters();
+    let mut keys: Vec<(usize, String)> = Vec::new();
+    for n in 0..1000 {
+        let key = format!("{prefix}:{{tag{n}}}:k");
+        let owner = cluster.master_of_key(&key);
+        if !keys.iter().any(|(m, _)| *m == owner) {
+            keys.push((owner, key));
+        }
+        if keys.len() == masters.len() {
+            return keys;
+        }
+    }
+    panic!("1000 hash tags did not reach every master");
+}
+
+/// A cluster of 3 masters and 3 replicas: ready with every slot served, `redis-cli -c`
+/// follows redirects, the slot owner lookup names the master that answers without a
+/// redirect, sharded subscriptions are counted on the node that holds them, and dropping the
+/// cluster kills every node and removes its dir.
+#[test]
+fn cluster_starts_routes_and_finds_slot_owners() {
+    let cluster = RedisCluster::start();
+    eprintln!(
+        "harness timing: cluster of 3 masters + 3 replicas ready in {:?}",
+        cluster.started_in()
+    );
+    assert_eq!(cluster.len(), 6);
+    let masters = cluster.masters();
+    assert_eq!(masters.len(), 3);
+    assert_eq!(cluster.replicas().len(), 3);
+    for &master in &masters {
+        assert_eq!(cluster.replicas_of(master).len(), 1);
+    }
+    assert_eq!(cluster.urls().len(), 6);
+    assert!(cluster.urls()[0].starts_with("redis://127.0.0.1:"));
+    let mut served = 0_u32;
+    for slot in [0, 1, 5460, 5461, 10922, 10923, 16383] {
+        assert!(cluster.slot_owner(slot).is_some(), "slot {slot}");
+        served += 1;
+    }
+    assert_eq!(served, 7);
+
+    let prefix = unique_prefix("harness::cluster_starts_routes");
+    for (owner, key) in one_key_per_master(&cluster, &prefix) {
+        assert_eq!(cluster.cmd(&["SET", &key, "v"]), "OK");
+        assert_eq!(cluster.cmd(&["GET", &key]), "v");
+        // The owner answers itself; any other master redirects to it.
+        assert_eq!(cluster.node(owner).cmd(&["GET", &key]), "v");
+        let slot = cluster.keyslot(&key);
+        let other = *masters.iter().find(|&&m| m != owner).expect("3 masters");
+        assert_eq!(
+            cluster.node(other).cmd(&["GET", &key]).trim_end(),
+            format!("MOVED {slot} 127.0.0.1:{}", cluster.node(owner).port())
+        );
+        // A sharded subscription lives on the node it was made on.
+        let channel = format!(
+            "{prefix}:{{{}}}",
+            key.split(['{', '}']).nth(1).expect("tag")
+        );
+        assert_eq!(cluster.keyslot(&channel), slot);
+        let mut subscriber = cluster.node(owner).spawn_cmd(&["SSUBSCRIBE", &channel]);
+        wait_until("the SSUBSCRIBE arrives", STEP_TIMEOUT, || {
+            cluster.shard_numsub(owner, &channel) == 1
+        });
+        for (node, count) in cluster.shard_subscribers(&channel) {
+            assert_eq!(count, u64::from(node == owner), "node {node}");
+        }
+        assert_eq!(cluster.cmd(&["SPUBLISH", &channel, "hello"]), "1");
+        let _ = subscriber.kill();
+        let _ = subscriber.wait();
+        assert_eq!(cluster.cmd(&["DEL", &key]), "1");
+    }
+
+    let ports: Vec<u16> = (0..cluster.len()).map(|i| cluster.node(i).port()).collect();
+    let dirs: Vec<_> = (0..cluster.len())
+        .map(|i| cluster.node(i).dir().to_owned())
+        .collect();
+    drop(cluster);
+    for (port, dir) in ports.into_iter().zip(dirs) {
+        assert!(refuses(port), "port {port} still answers");
+        assert!(!dir.exists(), "{} is left", dir.display());
+    }
+}
+
+/// `kill -9` of the master that owns a key: its replica takes over with the key, the cluster
+/// serves every slot again, and the killed node comes back as the new master's replica.
+#[test]
+fn cluster_fails_over_a_killed_master() {
+    let mut cluster = RedisCluster::start();
+    let key = format!("{}:{{job}}:k", unique_prefix("harness::cluster_fails_over"));
+    assert_eq!(cluster.cmd(&["SET", &key, "v"]), "OK");
+    let owner = cluster.master_of_key(&key);
+    // The replica has the write before the kill.
+    assert_eq!(cluster.node(owner).cmd(&["WAIT", "1", "5000"]), "1");
+
+    let failover = cluster.kill_master_and_wait_failover(owner);
+    eprintln!(
+        "harness timing: cluster failover: replica promoted {:?} after the kill, cluster stable after {:?}",
+        failover.promoted_after, failover.stable_after
+    );
+    assert!(!cluster.is_alive(owner));
+    assert_eq!(cluster.master_of_key(&key), failover.promoted);
+    assert_eq!(cluster.cmd(&["GET", &key]), "v");
+    assert_eq!(cluster.cmd(&["SET", &key, "w"]), "OK");
+    assert_eq!(cluster.masters().len(), 3);
+
+    let restarted = Instant::now();
+    cluster.restart_node(owner);
+    eprintln!(
+        "harness timing: killed master back as a replica in {:?}",
+        restarted.elapsed()
+    );
+    assert_eq!(
+        cluster.own_entry(owner).master_id.as_deref(),
+        Some(cluster.node_id(failover.promoted))
+    );
+    assert_eq!(cluster.node(owner).cmd(&["READONLY"]), "OK");
+}
+
+/// A slot moves to another master with its keys, in steps: while it migrates, a new key goes
+/// to the importing master (`ASK`); afterwards the new owner serves every key, the old one
+/// redirects, and the old one has dropped the slot's sharded subscribers.
+#[test]
+fn cluster_migrates_a_slot() {
+    let cluster = RedisCluster::start();
+    let prefix = unique_prefix("harness::cluster_migrates_a_slot");
+    let keys: Vec<String> = (0..5).map(|n| format!("{prefix}:{{job}}:{n}")).collect();
+    for key in &keys[..4] {
+        assert_eq!(cluster.cmd(&["SET", key, "v"]), "OK");
+    }
+    let slot = cluster.keyslot(&keys[0]);
+    let from = cluster.master_of_key(&keys[0]);
+    let to = *cluster
+        .masters()
+        .iter()
+        .find(|&&m| m != from)
+        .expect("3 masters");
+    let channel = format!("{prefix}:{{job}}");
+    let mut subscriber = cluster.node(from).spawn_cmd(&["SSUBSCRIBE", &channel]);
+    wait_until("the SSUBSCRIBE arrives", STEP_TIMEOUT, || {
+        cluster.shard_numsub(from, &channel) == 1
+    });
+
+    let started = Instant::now();
+    let migration = cluster.begin_slot_migration(slot, to);
+    // A key the old owner does not have goes to the importing master.
+    assert_eq!(cluster.cmd(&["SET", &keys[4], "new"]), "OK");
+    assert_eq!(
+        cluster.node(from).cmd(&["GET", &keys[4]]).trim_end(),
+        format!("ASK {slot} 127.0.0.1:{}", cluster.node(to).port())
+    );
+    cluster.move_slot_keys(migration);
+    cluster.finish_slot_migration(migration);
+    eprintln!(
+        "harness timing: slot migration of 4 keys, every node agreeing, in {:?}",
+        started.elapsed()
+    );
+
+    assert_eq!(cluster.slot_owner(slot), Some(to));
+    for key in &keys {
+        assert_ne!(cluster.node(to).cmd(&["GET", key]), "", "{key}");
+        assert_eq!(
+            cluster.node(from).cmd(&["GET", key]).trim_end(),
+            format!("MOVED {slot} 127.0.0.1:{}", cluster.node(to).port())
+        );
+    }
+    assert_eq!(cluster.cmd(&["GET", &keys[4]]), "new");
+    // The old owner unsubscribed the slot's sharded subscribers itself.
+    wait_until("the old owner drops the subscriber", STEP_TIMEOUT, || {
+        cluster.shard_numsub(from, &channel) == 0
+    });
+    let _ = subscriber.kill();
+    let _ = subscriber.wait();
+}
+
+/// A Sentinel group (master, replica, 3 Sentinels) is ready fast, names its master, and after
+/// `kill -9` of the master names the promoted replica, which takes writes; the old master
+/// comes back as a replica and a second failover promotes it again.
+#[test]
+fn sentinel_group_starts_and_fails_over() {
+    let mut group = SentinelGroup::start();
+    eprintln!(
+        "harness timing: sentinel group (1 master, 1 replica, 3 sentinels) ready in {:?}",
+        group.started_in()
+    );
+    assert_eq!(group.master_name(), "herdlock");
+    assert_eq!(group.sentinel_addrs().len(), 3);
+    assert!(group.sentinel_urls()[0].starts_with("redis://127.0.0.1:"));
+    assert_eq!(
+        group.master_addr(),
+        ("127.0.0.1".to_owned(), group.data_node(0).port())
+    );
+    assert_eq!(group.master().cmd(&["SET", "k", "v"]), "OK");
+    assert_eq!(group.master().cmd(&["WAIT", "1", "5000"]), "1");
+    assert!(group
+        .replica()
+        .cmd(&["SET", "k", "w"])
+        .starts_with("READONLY"));
+
+    let failover = group.kill_master_and_wait_failover();
+    eprintln!(
+        "harness timing: sentinel failover: every sentinel names the replica {:?} after the kill, failover ended after {:?}",
+        failover.promoted_after, failover.settled_after
+    );
+    assert_eq!(failover.promoted, 1);
+    assert_eq!(group.master_index(), 1);
+    assert_eq!(group.master_addr().1, group.data_node(1).port());
+    assert_eq!(group.master().cmd(&["GET", "k"]), "v");
+    assert_eq!(group.master().cmd(&["SET", "k", "w"]), "OK");
+
+    let restarted = Instant::now();
+    group.restart_data_node(0);
+    eprintln!(
+        "harness timing: old master back as a replica in {:?}",
+        restarted.elapsed()
+    );
+    let again = group.kill_master_and_wait_failover();
+    eprintln!(
+        "harness timing: second sentinel failover: {:?} / {:?}",
+        again.promoted_after, again.settled_after
+    );
+    assert_eq!(again.promoted, 0);
+    assert_eq!(group.master().cmd(&["GET", "k"]), "w");
+}
+
+/// A TLS-only server: `redis-cli --tls` with the test CA gets a PONG; a plain connection to
+/// the TLS port is dropped at once (no reply, no hang); a TLS client that does not trust the
+/// test CA is refused.
+#[test]
+fn tls_server_answers_over_tls_only() {
+    if !tls_or_skip("harness::tls_server_answers_over_tls_only") {
+        return;
+    }
+    let started = Instant::now();
+    let server = RedisServer::start_with(ServerConfig {
+        tls: Some(Tls::shared(AuthClients::Optional)),
+        ..ServerConfig::default()
+    });
+    eprintln!(
+        "harness timing: TLS server (certificates included) ready in {:?}",
+        started.elapsed()
+    );
+    let port = server.port();
+    assert_eq!(server.url(), format!("rediss://127.0.0.1:{port}/"));
+    assert_eq!(server.cmd(&["PING"]), "PONG");
+    let certs = &server.tls().expect("a TLS server").certs;
+    for file in [
+        certs.ca_cert(),
+        certs.server_cert(),
+        certs.client_cert(),
+        certs.client_key(),
+    ] {
+        assert!(file.exists(), "{}", file.display());
+    }
+
+    // Plain RESP on the TLS port: the server drops the connection without a reply.
+    let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).expect("the port listens");
+    stream
+        .set_read_timeout(Some(STEP_TIMEOUT))
+        .expect("set a timeout");
+    let asked = Instant::now();
+    stream
+        .write_all(b"*1\r\n$4\r\nPING\r\n")
+        .expect("the first bytes go out");
+    let mut reply = Vec::new();
+    match stream.read_to_end(&mut reply) {
+        Ok(_) => assert!(
+            !String::from_utf8_lossy(&reply).contains("PONG"),
+            "a plain PING was answered: {reply:?}"
+        ),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the server held a plain connection open: {e}"
+        ),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        asked.elapsed()
+    );
+
+    let plain = cli(&["-p", &port.to_string(), "PING"]);
+    assert!(!plain.contains("PONG"), "plain redis-cli: {plain}");
+    let untrusted = cli(&["--tls", "-p", &port.to_string(), "PING"]);
+    assert!(
+        !untrusted.contains("PONG") && untrusted.contains("certificate verify failed"),
+        "redis-cli --tls without the CA: {untrusted}"
+    );
+}
+
+/// Mutual TLS (`tls-auth-clients yes`): a client with the test client certificate gets in, one
+/// without is refused.
+#[test]
+fn tls_mutual_auth_wants_a_client_certificate() {
+    if !tls_or_skip("harness::tls_mutual_auth_wants_a_client_certificate") {
+        return;
+    }
+    let server = RedisServer::start_with(ServerConfig {
+        tls: Some(Tls::shared(AuthClients::Yes)),
+        ..ServerConfig::default()
+    });
+    assert_eq!(server.cmd(&["PING"]), "PONG");
+    let certs = &server.tls().expect("a TLS server").certs;
+    let ca = certs.ca_cert();
+    let ca = ca.to_str().expect("UTF-8 temp path");
+    let port = server.port().to_string();
+    let without = cli(&["--tls", "--cacert", ca, "-p", &port, "PING"]);
+    assert!(
+        !without.contains("PONG"),
+        "redis-cli without a client certificate: {without}"
+    );
+}
+
+/// `redis-cli -h 127.0.0.1 ARGS...`: stdout and stderr together, whatever the exit status.
+fn cli(args: &[&str]) -> String {
+    let output = std::process::Command::new(crate::common::server::cli_binary())
+        .args(["-h", "127.0.0.1"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("redis-cli runs");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// TLS everywhere: a cluster whose nodes, bus and replication use TLS, and a Sentinel group
+/// whose Sentinels and data nodes do, both under mutual TLS; `redis-cli --tls` reaches them
+/// and a plain `redis-cli` does not.
+#[test]
+fn tls_cluster_and_sentinel_group_start() {
+    if !tls_or_skip("harness::tls_cluster_and_sentinel_group_start") {
+        return;
+    }
+    let tls = Tls::shared(AuthClients::Yes);
+    let cluster = RedisCluster::start_with(ClusterConfig {
+        tls: Some(tls.clone()),
+        ..ClusterConfig::default()
+    });
+    eprintln!(
+        "harness timing: TLS cluster ready in {:?}",
+        cluster.started_in()
+    );
+    assert!(cluster.urls()[0].starts_with("rediss://127.0.0.1:"));
+    let key = format!("{}:{{job}}:k", unique_prefix("harness::tls_cluster"));
+    assert_eq!(cluster.cmd(&["SET", &key, "v"]), "OK");
+    assert_eq!(cluster.cmd(&["GET", &key]), "v");
+    let port = cluster.node(0).port().to_string();
+    assert!(!cli(&["-p", &port, "PING"]).contains("PONG"));
+
+    let group = SentinelGroup::start_with(SentinelConfig {
+        tls: Some(tls),
+        ..SentinelConfig::default()
+    });
+    eprintln!(
+        "harness timing: TLS sentinel group ready in {:?}",
+        group.started_in()
+    );
+    assert!(group.sentinel_urls()[0].starts_with("rediss://127.0.0.1:"));
+    assert_eq!(group.master_addr().1, group.master().port());
+    let port = group.sentinel(0).port().to_string();
+    assert!(!cli(&["-p", &port, "PING"]).contains("PONG"));
 }

@@ -1,13 +1,17 @@
-//! The test harness: a real `redis-server` ([`server`]), worker processes ([`procs`]) and a
-//! freezable TCP proxy for partitions ([`proxy`]).
+//! The test harness: a real `redis-server` ([`server`]), a Redis Cluster ([`cluster`]), a
+//! Sentinel group ([`sentinel`]), TLS certificates made at test time ([`tls`]), worker
+//! processes ([`procs`]) and a freezable TCP proxy for partitions ([`proxy`]).
 //!
 //! Every test module uses some of these helpers and none uses all, so unused ones are not
 //! warnings here.
 #![allow(dead_code)]
 
+pub(crate) mod cluster;
 pub(crate) mod procs;
 pub(crate) mod proxy;
+pub(crate) mod sentinel;
 pub(crate) mod server;
+pub(crate) mod tls;
 
 use std::time::Duration;
 

@@ -5,6 +5,10 @@
 //! a [`unique_prefix`]. A test that stops, restarts or otherwise breaks the server starts its own
 //! with [`RedisServer::start`] or [`RedisServer::start_with`].
 //!
+//! The same type runs a cluster node ([`ServerConfig::cluster`], see [`super::cluster`]), a
+//! Sentinel ([`ServerConfig::sentinel_conf`], see [`super::sentinel`]) and a TLS-only server
+//! ([`ServerConfig::tls`], see [`super::tls`]).
+//!
 //! The binaries come from `PATH` unless [`REDIS_SERVER_ENV`] / [`REDIS_CLI_ENV`] name others.
 //! `scripts/test` installs them on Debian.
 
@@ -16,6 +20,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use super::tls::Tls;
 
 /// Env var naming the `redis-server` binary to run (default: `redis-server` on `PATH`).
 pub(crate) const REDIS_SERVER_ENV: &str = "HERDLOCK_REDIS_SERVER";
@@ -33,6 +39,9 @@ const START_ATTEMPTS: u32 = 5;
 /// How many log lines a failing test prints.
 const LOG_TAIL_LINES: usize = 50;
 
+/// How far a cluster node's bus port is from its client port (Redis's default `cluster-port`).
+pub(crate) const CLUSTER_BUS_OFFSET: u16 = 10_000;
+
 /// How a server is configured. `ServerConfig::default()` is what [`RedisServer::start`] uses.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ServerConfig {
@@ -41,6 +50,21 @@ pub(crate) struct ServerConfig {
     /// More `redis-server` arguments, appended after the harness's own (which they override),
     /// for example `["--maxmemory", "1mb"]`. Default: none.
     pub(crate) extra_args: Vec<String>,
+    /// Run as a cluster node: `--cluster-enabled yes` with its own `nodes.conf`, a 1 s
+    /// `cluster-node-timeout`, `cluster-announce-ip 127.0.0.1`, on a port whose bus port
+    /// (port + 10000) is free too. [`super::cluster::RedisCluster`] sets it. Default: no.
+    pub(crate) cluster: bool,
+    /// Run as a Sentinel (`redis-server sentinel.conf --sentinel`) with this config, written
+    /// to `sentinel.conf` in the server's dir (Sentinel rewrites it as it learns).
+    /// [`super::sentinel::SentinelGroup`] sets it. Default: a plain server.
+    pub(crate) sentinel_conf: Option<String>,
+    /// Listen with TLS only (`--port 0 --tls-port PORT`): [`RedisServer::url`] is `rediss://`,
+    /// [`RedisServer::cmd`] runs `redis-cli --tls` with the CA and the client certificate,
+    /// and replication (and a cluster's bus) use TLS too. Default: plain TCP.
+    pub(crate) tls: Option<Tls>,
+    /// Listen on exactly this port: one attempt, no fresh port when it is taken (see
+    /// [`RedisServer::try_start_with`]). Default: a free port picked by the harness.
+    pub(crate) port: Option<u16>,
 }
 
 /// A `redis-server` process the test owns.
@@ -58,6 +82,12 @@ pub(crate) struct RedisServer {
     password: Option<String>,
     /// Extra `redis-server` arguments from [`ServerConfig`].
     extra_args: Vec<String>,
+    /// [`ServerConfig::cluster`].
+    cluster: bool,
+    /// `sentinel.conf` in `dir` when this is a Sentinel ([`ServerConfig::sentinel_conf`]).
+    sentinel_conf: Option<PathBuf>,
+    /// [`ServerConfig::tls`].
+    tls: Option<Tls>,
     /// The server's working dir, holding `redis.log` and `redis.stderr`; removed on drop.
     dir: PathBuf,
     /// The running server; `None` after [`RedisServer::stop`] or a failed start.
@@ -84,30 +114,64 @@ impl RedisServer {
     ///
     /// # Panics
     ///
-    /// If the server cannot be started or does not answer within 10 s.
+    /// If the server cannot be started or does not answer within 10 s, or if the fixed
+    /// [`ServerConfig::port`] is taken.
     pub(crate) fn start_with(config: ServerConfig) -> RedisServer {
-        let dir = make_temp_dir();
+        match RedisServer::try_start_with(config) {
+            Ok(server) => server,
+            Err(PortsTaken(clashes)) => panic!("redis-server could not bind a free port; ports taken before it could bind them: {clashes:?}"),
+        }
+    }
+
+    /// Like [`RedisServer::start_with`], but when the port is taken before the server binds
+    /// it (every attempt, or the one attempt on a fixed [`ServerConfig::port`]), returns the
+    /// ports tried instead of panicking: a group of servers that know each other's ports
+    /// (Sentinels) then starts again on fresh ones.
+    ///
+    /// # Panics
+    ///
+    /// If the server fails to start for any other reason.
+    pub(crate) fn try_start_with(config: ServerConfig) -> Result<RedisServer, PortsTaken> {
+        let dir = make_temp_dir("herdlock-redis");
         let watchdog = Watchdog::spawn(&dir);
+        let sentinel_conf = config.sentinel_conf.map(|text| {
+            let path = dir.join("sentinel.conf");
+            fs::write(&path, text)
+                .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            path
+        });
         // Built before the first launch so that a panic below still runs `Drop`, which prints
         // the log and removes the dir.
         let mut server = RedisServer {
             port: 0,
             password: config.password,
             extra_args: config.extra_args,
+            cluster: config.cluster,
+            sentinel_conf,
+            tls: config.tls,
             dir,
             process: None,
             watchdog,
         };
+        let attempts = if config.port.is_some() {
+            1
+        } else {
+            START_ATTEMPTS
+        };
         let mut clashes = Vec::new();
-        for _ in 0..START_ATTEMPTS {
-            server.port = free_port();
+        for _ in 0..attempts {
+            server.port = match config.port {
+                Some(port) => port,
+                None if server.cluster => free_port_with_bus(),
+                None => free_port(),
+            };
             match server.launch() {
-                Ok(()) => return server,
+                Ok(()) => return Ok(server),
                 Err(LaunchError::PortInUse) => clashes.push(server.port),
                 Err(LaunchError::Failed(why)) => panic!("redis-server failed to start: {why}"),
             }
         }
-        panic!("redis-server could not bind a free port; ports taken before it could bind them: {clashes:?}");
+        Err(PortsTaken(clashes))
     }
 
     /// The port the server listens on, on 127.0.0.1.
@@ -116,33 +180,56 @@ impl RedisServer {
     }
 
     /// The URL to connect with: `redis://127.0.0.1:PORT/`, or `redis://:PASSWORD@127.0.0.1:PORT/`
-    /// when the server has a password.
+    /// when the server has a password; `rediss://` instead of `redis://` for a TLS server
+    /// (a client must trust [`TlsCerts::ca_cert`](super::tls::TlsCerts::ca_cert)).
     pub(crate) fn url(&self) -> String {
         match &self.password {
             Some(password) => self.url_with_password(password),
-            None => format!("redis://127.0.0.1:{}/", self.port),
+            None => format!("{}://127.0.0.1:{}/", self.scheme(), self.port),
         }
     }
 
-    /// The server's URL with `password` in it, right or wrong: `redis://:PASSWORD@127.0.0.1:PORT/`.
-    /// The password is percent-encoded.
+    /// The server's URL with `password` in it, right or wrong: `redis://:PASSWORD@127.0.0.1:PORT/`
+    /// (`rediss://` for a TLS server). The password is percent-encoded.
     pub(crate) fn url_with_password(&self, password: &str) -> String {
         format!(
-            "redis://:{}@127.0.0.1:{}/",
+            "{}://:{}@127.0.0.1:{}/",
+            self.scheme(),
             percent_encode(password),
             self.port
         )
     }
 
     /// The server's URL for the ACL user `user` with `password`:
-    /// `redis://USER:PASSWORD@127.0.0.1:PORT/`, both percent-encoded.
+    /// `redis://USER:PASSWORD@127.0.0.1:PORT/` (`rediss://` for a TLS server), both
+    /// percent-encoded.
     pub(crate) fn url_for_user(&self, user: &str, password: &str) -> String {
         format!(
-            "redis://{}:{}@127.0.0.1:{}/",
+            "{}://{}:{}@127.0.0.1:{}/",
+            self.scheme(),
             percent_encode(user),
             percent_encode(password),
             self.port
         )
+    }
+
+    /// `rediss` for a TLS server, else `redis`.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        }
+    }
+
+    /// The server's TLS settings, if it listens with TLS.
+    pub(crate) fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// Whether this is a Sentinel.
+    pub(crate) fn is_sentinel(&self) -> bool {
+        self.sentinel_conf.is_some()
     }
 
     /// Creates (or replaces) the ACL user `user` with `password` and exactly `rules` (after a
@@ -387,14 +474,88 @@ impl RedisServer {
         tail
     }
 
-    /// A `redis-cli` command line for this server, stdio not yet set.
-    fn cli_command(&self, args: &[&str]) -> Command {
+    /// A `redis-cli` command line for this server, stdio not yet set: host, port, password,
+    /// and for a TLS server `--tls` with the CA and the client certificate, then `args`
+    /// (which may start with more `redis-cli` options, such as `-c`).
+    pub(crate) fn cli_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(cli_binary());
         command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(password) = &self.password {
             command.args(["--no-auth-warning", "-a", password]);
         }
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--tls")
+                .arg("--cacert")
+                .arg(tls.certs.ca_cert())
+                .arg("--cert")
+                .arg(tls.certs.client_cert())
+                .arg("--key")
+                .arg(tls.certs.client_key());
+        }
         command.args(args);
+        command
+    }
+
+    /// The `redis-server` command line for this server, before [`ServerConfig::extra_args`]
+    /// and stdio.
+    fn server_command(&self, binary: &str, log_path: &Path) -> Command {
+        let mut command = Command::new(binary);
+        if let Some(conf) = &self.sentinel_conf {
+            command.arg(conf).arg("--sentinel");
+        }
+        let port = self.port.to_string();
+        match &self.tls {
+            None => {
+                command.args(["--port", &port]);
+            }
+            Some(tls) => {
+                command
+                    .args(["--port", "0", "--tls-port", &port])
+                    .arg("--tls-cert-file")
+                    .arg(tls.certs.server_cert())
+                    .arg("--tls-key-file")
+                    .arg(tls.certs.server_key())
+                    .arg("--tls-ca-cert-file")
+                    .arg(tls.certs.ca_cert())
+                    .args(["--tls-auth-clients", tls.auth_clients.as_arg()])
+                    .args(["--tls-replication", "yes"]);
+                if self.cluster {
+                    command.args(["--tls-cluster", "yes"]);
+                }
+            }
+        }
+        if self.cluster {
+            command.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-announce-ip",
+                "127.0.0.1",
+                // A replica may always take over, however long since it last heard its master.
+                "--cluster-replica-validity-factor",
+                "0",
+            ]);
+        }
+        command
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            // Redis 7.0 waits 5 s before a replica's first sync by default.
+            .args(["--repl-diskless-sync-delay", "0"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .arg("--logfile")
+            .arg(log_path);
+        if debug_command_is_configurable() {
+            // Redis 7 refuses `DEBUG` unless told otherwise; fault tests use `DEBUG SLEEP`.
+            command.args(["--enable-debug-command", "local"]);
+        }
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
         command
     }
 
@@ -410,21 +571,7 @@ impl RedisServer {
             .map_err(|e| LaunchError::Failed(format!("cannot create redis.stderr: {e}")))?;
 
         let binary = server_binary();
-        let mut command = Command::new(&binary);
-        command
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .arg("--logfile")
-            .arg(&log_path);
-        if debug_command_is_configurable() {
-            // Redis 7 refuses `DEBUG` unless told otherwise; fault tests use `DEBUG SLEEP`.
-            command.args(["--enable-debug-command", "local"]);
-        }
-        if let Some(password) = &self.password {
-            command.args(["--requirepass", password]);
-        }
+        let mut command = self.server_command(&binary, &log_path);
         command.args(&self.extra_args);
         // No pipes: a server holding a pipe open would keep a worker's parent from seeing EOF.
         command
@@ -464,7 +611,12 @@ impl RedisServer {
                     )));
                 }
             }
-            let last_error = match ping(self.port, self.password.as_deref(), child.id()) {
+            let answer = if self.tls.is_some() {
+                self.ping_with_cli(child.id())
+            } else {
+                ping(self.port, self.password.as_deref(), child.id())
+            };
+            let last_error = match answer {
                 Ok(()) => {
                     self.process = Some(child);
                     return Ok(());
@@ -483,6 +635,28 @@ impl RedisServer {
             }
             // Bounded readiness polling: the server is usually up within a few milliseconds.
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl RedisServer {
+    /// [`ping`] through `redis-cli` (which speaks TLS): `INFO server` with our pid in it.
+    fn ping_with_cli(&self, expected_pid: u32) -> Result<(), String> {
+        let output = self
+            .cli_command(&["INFO", "server"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", cli_binary()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let pid_line = format!("process_id:{expected_pid}");
+        if stdout.lines().any(|line| line.trim_end() == pid_line) {
+            Ok(())
+        } else {
+            Err(format!(
+                "redis-cli INFO server: {}{}",
+                stdout.trim(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
         }
     }
 }
@@ -545,6 +719,10 @@ pub(crate) fn unique_prefix(test_name: &str) -> String {
     format!("hlt-{name}-{}-{n}", std::process::id())
 }
 
+/// The ports a server could not bind because another process took them first.
+#[derive(Debug)]
+pub(crate) struct PortsTaken(pub(crate) Vec<u16>);
+
 /// Why a launch failed.
 enum LaunchError {
     /// The port was taken before the server could bind it; another port may work.
@@ -566,7 +744,7 @@ enum LaunchError {
 /// Protocol, one line each: a pid (watch this one instead), `none` (watch nothing), `exit`
 /// (the `RedisServer` was dropped and cleaned up: quit without doing anything).
 #[derive(Debug)]
-struct Watchdog {
+pub(crate) struct Watchdog {
     /// The `sh` process.
     child: Child,
     /// The write end of its stdin; `None` once dismissed.
@@ -588,7 +766,8 @@ rm -rf -- "$1"
 "#;
 
 impl Watchdog {
-    fn spawn(dir: &Path) -> Watchdog {
+    /// Starts a watchdog for `dir`, watching no process yet.
+    pub(crate) fn spawn(dir: &Path) -> Watchdog {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(WATCHDOG_SCRIPT)
@@ -604,17 +783,17 @@ impl Watchdog {
     }
 
     /// Watch `pid` from now on.
-    fn watch(&mut self, pid: u32) {
+    pub(crate) fn watch(&mut self, pid: u32) {
         self.send(&pid.to_string());
     }
 
     /// Watch nothing: the server is dead (or about to be, and reaped by us).
-    fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.send("none");
     }
 
     /// The owner cleaned up: let the watchdog quit, and reap it.
-    fn dismiss(&mut self) {
+    pub(crate) fn dismiss(&mut self) {
         self.send("exit");
         self.stdin = None;
         let _ = self.child.wait();
@@ -631,12 +810,12 @@ impl Watchdog {
 }
 
 /// The `redis-server` binary: `$HERDLOCK_REDIS_SERVER`, else `redis-server` on `PATH`.
-fn server_binary() -> String {
+pub(crate) fn server_binary() -> String {
     std::env::var(REDIS_SERVER_ENV).unwrap_or_else(|_| "redis-server".to_owned())
 }
 
 /// The `redis-cli` binary: `$HERDLOCK_REDIS_CLI`, else `redis-cli` on `PATH`.
-fn cli_binary() -> String {
+pub(crate) fn cli_binary() -> String {
     std::env::var(REDIS_CLI_ENV).unwrap_or_else(|_| "redis-cli".to_owned())
 }
 
@@ -670,13 +849,28 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-/// Creates a fresh dir under the system temp dir.
-fn make_temp_dir() -> PathBuf {
+/// A loopback port nobody listens on right now whose cluster bus port (port + 10000) is free
+/// too. Like [`free_port`], the server may still lose either to another process.
+pub(crate) fn free_port_with_bus() -> u16 {
+    for _ in 0..1000 {
+        let port = free_port();
+        let Some(bus) = port.checked_add(CLUSTER_BUS_OFFSET) else {
+            continue;
+        };
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, bus)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port whose port + {CLUSTER_BUS_OFFSET} is free too");
+}
+
+/// Creates a fresh dir named `NAME-PID-N` under the system temp dir.
+pub(crate) fn make_temp_dir(name: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let base = std::env::temp_dir();
     for _ in 0..1000 {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let dir = base.join(format!("herdlock-redis-{}-{n}", std::process::id()));
+        let dir = base.join(format!("{name}-{}-{n}", std::process::id()));
         match fs::create_dir(&dir) {
             Ok(()) => return dir,
             // Left over from an earlier process with our pid: pick the next name.
