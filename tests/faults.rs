@@ -326,7 +326,7 @@ async fn commands_do_not_grow_with_callers() {
     for (round, callers) in [(0, 1usize), (1, 10_000)] {
         let runs = Arc::new(AtomicUsize::new(0));
         let (go_tx, go_rx) = tokio::sync::watch::channel(false);
-        // TIME is left out: the herd also probes Redis's clock on a timer (every 200 ms
+        // TIME is left out: the herd also probes Redis's clock on a timer (every 100 ms
         // while fan-out is in use), which has nothing to do with the number of callers.
         let counted = || server.command_calls(&[]) - server.command_calls(&["time"]);
         let before = counted();

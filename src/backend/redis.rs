@@ -68,7 +68,7 @@ struct Inner {
     client: Client,
     conn: ConnectionManager,
     /// A bound on the server's clock, from the replies that carry it.
-    clock: RedisClock,
+    clock: Arc<RedisClock>,
     /// A connection of its own for clock probes, opened on the first probe: under load
     /// the command connection's queue would make every probe as slow as the load.
     probe: tokio::sync::OnceCell<redis::aio::MultiplexedConnection>,
@@ -207,7 +207,7 @@ impl RedisBackend {
     ) -> RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
-                clock: RedisClock::default(),
+                clock: Arc::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
                 notifier: Some(Notifier::start(client.clone(), pubsub, settings)),
@@ -270,7 +270,7 @@ impl RedisBackend {
             .map_err(|e| Error::redis("connect", e))?;
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                clock: RedisClock::default(),
+                clock: Arc::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
                 client: self.inner.client.clone(),
@@ -410,9 +410,10 @@ impl RedisBackend {
             {
                 probe(&self.inner).await;
             }
-        } else if self.inner.clock.claim_probe() {
-            self.probe_clock();
         }
+        self.inner
+            .clock
+            .wanted(&self.inner.client, self.inner.settings.command_timeout);
         let call_at = self
             .inner
             .clock
@@ -435,12 +436,6 @@ impl RedisBackend {
         let redis_us = u64::try_from(int(&items[3], what)?).map_err(|_| malformed(what))?;
         self.inner.clock.sample(sent, received, redis_us);
         parse_acquire(&items[..3], what)
-    }
-
-    /// Samples the server's clock with one `TIME`, in the background.
-    fn probe_clock(&self) {
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move { probe(&inner).await });
     }
 
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
