@@ -83,7 +83,7 @@ const _: () = assert!(
 );
 
 /// Lock TTLs and semaphore leases of the footprint run.
-const SHORT_TTL: Duration = Duration::from_millis(400);
+const SHORT_TTL: Duration = Duration::from_millis(1_500);
 /// Fan-out result lingers and lock grace periods.
 const LINGER: Duration = Duration::from_millis(300);
 /// How long a holder keeps a lock that someone waits for (its "work").
