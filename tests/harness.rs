@@ -27,6 +27,22 @@ fn private_server_answers_commands() {
     assert!(server.dir().join("redis.log").exists());
     // Fault tests rely on DEBUG being enabled.
     assert_eq!(server.cmd(&["DEBUG", "SLEEP", "0"]), "OK");
+    // Several commands on one connection, arguments quoted whatever they hold.
+    let odd = "a b\"c\\d\ne'f";
+    let replies = server.cmds(&[
+        &["SET", odd, "v"],
+        &["GET", odd],
+        &["CLIENT", "ID"],
+        &["CLIENT", "ID"],
+    ]);
+    let replies: Vec<&str> = replies.lines().collect();
+    assert_eq!(replies[..2], ["OK", "v"]);
+    assert_eq!(replies[2], replies[3], "one connection");
+    assert_eq!(
+        server.cmd(&["EXISTS", odd]),
+        "1",
+        "the key is exactly {odd:?}"
+    );
 }
 
 #[test]
@@ -420,10 +436,15 @@ fn cluster_starts_routes_and_finds_slot_owners() {
 fn cluster_fails_over_a_killed_master() {
     let mut cluster = RedisCluster::start();
     let key = format!("{}:{{job}}:k", unique_prefix("harness::cluster_fails_over"));
-    assert_eq!(cluster.cmd(&["SET", &key, "v"]), "OK");
     let owner = cluster.master_of_key(&key);
-    // The replica has the write before the kill.
-    assert_eq!(cluster.node(owner).cmd(&["WAIT", "1", "5000"]), "1");
+    // The replica has the write before the kill (one connection: WAIT counts the replicas
+    // that have this connection's writes).
+    assert_eq!(
+        cluster
+            .node(owner)
+            .cmds(&[&["SET", &key, "v"], &["WAIT", "1", "5000"]]),
+        "OK\n1"
+    );
 
     let failover = cluster.kill_master_and_wait_failover(owner);
     eprintln!(
@@ -522,8 +543,13 @@ fn sentinel_group_starts_and_fails_over() {
         group.master_addr(),
         ("127.0.0.1".to_owned(), group.data_node(0).port())
     );
-    assert_eq!(group.master().cmd(&["SET", "k", "v"]), "OK");
-    assert_eq!(group.master().cmd(&["WAIT", "1", "5000"]), "1");
+    // One connection: WAIT counts the replicas that have this connection's writes.
+    assert_eq!(
+        group
+            .master()
+            .cmds(&[&["SET", "k", "v"], &["WAIT", "1", "5000"]]),
+        "OK\n1"
+    );
     assert!(group
         .replica()
         .cmd(&["SET", "k", "w"])
@@ -531,14 +557,20 @@ fn sentinel_group_starts_and_fails_over() {
 
     let failover = group.kill_master_and_wait_failover();
     eprintln!(
-        "harness timing: sentinel failover: every sentinel names the replica {:?} after the kill, failover ended after {:?}",
-        failover.promoted_after, failover.settled_after
+        "harness timing: sentinel failover: every sentinel names the replica {:?} after the kill",
+        failover.promoted_after
     );
     assert_eq!(failover.promoted, 1);
     assert_eq!(group.master_index(), 1);
     assert_eq!(group.master_addr().1, group.data_node(1).port());
     assert_eq!(group.master().cmd(&["GET", "k"]), "v");
-    assert_eq!(group.master().cmd(&["SET", "k", "w"]), "OK");
+    assert_eq!(
+        group
+            .master()
+            .cmds(&[&["SET", "k", "w"], &["WAIT", "0", "0"]]),
+        "OK\n0",
+        "several commands on one connection"
+    );
 
     let restarted = Instant::now();
     group.restart_data_node(0);
@@ -548,8 +580,8 @@ fn sentinel_group_starts_and_fails_over() {
     );
     let again = group.kill_master_and_wait_failover();
     eprintln!(
-        "harness timing: second sentinel failover: {:?} / {:?}",
-        again.promoted_after, again.settled_after
+        "harness timing: second sentinel failover: {:?}",
+        again.promoted_after
     );
     assert_eq!(again.promoted, 0);
     assert_eq!(group.master().cmd(&["GET", "k"]), "w");
