@@ -5,12 +5,10 @@ use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::common::cluster::{ClusterConfig, RedisCluster};
-use crate::common::sentinel::{SentinelConfig, SentinelGroup};
-use crate::common::tls::{tls_or_skip, AuthClients, Tls};
 use crate::common::{
-    emit, ready_then_go, shared, unique_prefix, worker_param, worker_read_line,
-    worker_ready_and_wait_go, worker_role, RedisServer, ServerConfig, Worker, STEP_TIMEOUT,
+    emit, ready_then_go, shared, tls_or_skip, unique_prefix, worker_param, worker_read_line,
+    worker_ready_and_wait_go, worker_role, AuthClients, ClusterConfig, RedisCluster, RedisServer,
+    SentinelConfig, SentinelGroup, ServerConfig, Tls, TlsCerts, Worker, STEP_TIMEOUT,
 };
 
 /// The test path workers of this module run.
@@ -446,7 +444,10 @@ fn cluster_fails_over_a_killed_master() {
         "OK\n1"
     );
 
-    let failover = cluster.kill_master_and_wait_failover(owner);
+    // The two halves, for tests that act between the kill and the promotion.
+    let killed = cluster.kill_master(owner);
+    assert_eq!(killed.replicas.len(), 1);
+    let failover = cluster.wait_failover(&killed);
     eprintln!(
         "harness timing: cluster failover: replica promoted {:?} after the kill, cluster stable after {:?}",
         failover.promoted_after, failover.stable_after
@@ -578,7 +579,10 @@ fn sentinel_group_starts_and_fails_over() {
         "harness timing: old master back as a replica in {:?}",
         restarted.elapsed()
     );
-    let again = group.kill_master_and_wait_failover();
+    // The two halves, for tests that act between the kill and the promotion.
+    let killed = group.kill_master();
+    assert!(group.data_node(1).pid().is_none());
+    let again = group.wait_failover(killed);
     eprintln!(
         "harness timing: second sentinel failover: {:?}",
         again.promoted_after
@@ -653,6 +657,25 @@ fn tls_server_answers_over_tls_only() {
         !untrusted.contains("PONG") && untrusted.contains("certificate verify failed"),
         "redis-cli --tls without the CA: {untrusted}"
     );
+    // Nor does a client that trusts another CA.
+    let other = TlsCerts::generate();
+    let other_ca = other.ca_cert();
+    let other_ca = other_ca.to_str().expect("UTF-8 temp path");
+    let wrong_ca = cli(&[
+        "--tls",
+        "--cacert",
+        other_ca,
+        "-p",
+        &port.to_string(),
+        "PING",
+    ]);
+    assert!(
+        !wrong_ca.contains("PONG") && wrong_ca.contains("certificate verify failed"),
+        "redis-cli --tls with another CA: {wrong_ca}"
+    );
+    let other_dir = other.dir().to_owned();
+    drop(other);
+    assert!(!other_dir.exists(), "dropping certificates removes them");
 }
 
 /// Mutual TLS (`tls-auth-clients yes`): a client with the test client certificate gets in, one

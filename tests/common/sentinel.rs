@@ -242,26 +242,49 @@ impl SentinelGroup {
             .unwrap_or_else(|why| panic!("{why}"))
     }
 
+    /// Kills the master and waits for the failover: [`SentinelGroup::kill_master`], then
+    /// [`SentinelGroup::wait_failover`].
+    ///
+    /// # Panics
+    ///
+    /// Like those.
+    pub(crate) fn kill_master_and_wait_failover(&mut self) -> Failover {
+        let killed = self.kill_master();
+        self.wait_failover(killed)
+    }
+
     /// Waits until the group is settled (see [`SentinelGroup::wait_settled`]: a replica in
-    /// sync, no failover still running), kills the master with SIGKILL, and waits until every
-    /// running Sentinel names the replica as the master and the replica says it is one.
+    /// sync, no failover still running), kills the master with SIGKILL and returns at once
+    /// with the kill's time, for [`SentinelGroup::wait_failover`]: for a test that acts
+    /// between the kill and the promotion.
+    ///
+    /// # Panics
+    ///
+    /// If the group does not settle within 20 s.
+    pub(crate) fn kill_master(&mut self) -> Instant {
+        self.wait_settled(READY_TIMEOUT);
+        self.data[self.master].stop();
+        Instant::now()
+    }
+
+    /// After [`SentinelGroup::kill_master`] (at `killed`), waits until every running Sentinel
+    /// names the replica as the master and the replica says it is one.
     ///
     /// It returns as soon as clients asking any Sentinel get the new master. The Sentinel
     /// that led the failover may still be ending it (it waits up to the 2 s
     /// `failover-timeout` to reconfigure the dead master as a replica); the next
-    /// [`SentinelGroup::kill_master_and_wait_failover`] or
-    /// [`SentinelGroup::restart_data_node`] waits for that.
+    /// [`SentinelGroup::kill_master`] or [`SentinelGroup::restart_data_node`] waits for that.
     ///
     /// # Panics
     ///
-    /// If the group does not settle within 20 s, or the failover does not happen within
-    /// [`FAILOVER_TIMEOUT`].
-    pub(crate) fn kill_master_and_wait_failover(&mut self) -> Failover {
-        self.wait_settled(READY_TIMEOUT);
+    /// If the failover does not happen within [`FAILOVER_TIMEOUT`] of the kill.
+    pub(crate) fn wait_failover(&mut self, killed: Instant) -> Failover {
         let promoted = 1 - self.master;
+        assert!(
+            self.data[self.master].pid().is_none(),
+            "kill the master first (kill_master)"
+        );
         let want_port = self.data[promoted].port();
-        let killed = Instant::now();
-        self.data[self.master].stop();
         let deadline = killed + FAILOVER_TIMEOUT;
         loop {
             let reported: Vec<Result<(String, u16), String>> = self
