@@ -25,7 +25,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, PubSub};
+use redis::aio::{ConnectionLike, PubSub};
 use redis::{Client, Script, Value};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -135,10 +135,10 @@ impl Preflight {
     /// Runs both checks on `conn` (a working command connection of `client`). `pubsub`, if
     /// given, is the herd's pub/sub connection; otherwise the subscribe probe (needed only
     /// when `ACL DRYRUN` is refused) opens one of its own.
-    pub(crate) async fn run(
+    pub(crate) async fn run<C: ConnectionLike + Send>(
         &self,
         client: &Client,
-        conn: &mut ConnectionManager,
+        conn: &mut C,
         pubsub: Option<&mut PubSub>,
         timeout: Duration,
     ) -> Result<()> {
@@ -163,7 +163,11 @@ impl Preflight {
         ))
     }
 
-    async fn check_eviction(&self, conn: &mut ConnectionManager, timeout: Duration) -> Result<()> {
+    async fn check_eviction<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        timeout: Duration,
+    ) -> Result<()> {
         let Some(policy) = eviction_policy(conn, timeout).await? else {
             tracing::warn!(
                 "cannot read the redis maxmemory-policy (neither `INFO memory` nor \
@@ -311,15 +315,15 @@ impl ProbeNames {
 
 /// The server's eviction policy, or `None` if the user may read it neither way. Only a
 /// connection failure is an error.
-async fn eviction_policy(
-    conn: &mut ConnectionManager,
+async fn eviction_policy<C: ConnectionLike + Send>(
+    conn: &mut C,
     timeout: Duration,
 ) -> Result<Option<String>> {
-    let info = query::<String>(conn, redis::cmd("INFO").arg("memory"), timeout).await?;
+    let info = query::<String, C>(conn, redis::cmd("INFO").arg("memory"), timeout).await?;
     if let Some(policy) = info.ok().as_deref().and_then(policy_from_info) {
         return Ok(Some(policy));
     }
-    let config = query::<Value>(
+    let config = query::<Value, C>(
         conn,
         redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
         timeout,
@@ -352,8 +356,8 @@ fn policy_from_config(reply: &Value) -> Option<String> {
 
 /// Asks `ACL DRYRUN` about every needed command. `None` when the user may not ask (or the
 /// server has no `ACL DRYRUN`, before Redis 7).
-async fn dry_run(
-    conn: &mut ConnectionManager,
+async fn dry_run<C: ConnectionLike + Send>(
+    conn: &mut C,
     user: &str,
     names: &ProbeNames,
     timeout: Duration,
@@ -388,9 +392,9 @@ async fn dry_run(
 }
 
 /// Probes with real, harmless commands (see the module docs).
-async fn probe(
+async fn probe<C: ConnectionLike + Send>(
     client: &Client,
-    conn: &mut ConnectionManager,
+    conn: &mut C,
     pubsub: Option<&mut PubSub>,
     names: &ProbeNames,
     timeout: Duration,
@@ -500,8 +504,8 @@ fn server_error_text(e: &redis::ServerError) -> String {
 
 /// One command: its reply, or the server's refusal as `Ok(Err(..))`; a connection failure
 /// or timeout is the only `Err`.
-async fn query<T: redis::FromRedisValue>(
-    conn: &mut ConnectionManager,
+async fn query<T: redis::FromRedisValue, C: ConnectionLike + Send>(
+    conn: &mut C,
     cmd: &redis::Cmd,
     timeout: Duration,
 ) -> Result<std::result::Result<T, Error>> {

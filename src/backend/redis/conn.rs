@@ -1,0 +1,152 @@
+//! The command connection, whatever the engine: the command steps of `mod.rs` run on a
+//! [`Conn`], which is a [`redis::aio::ConnectionLike`] over every engine variant, and call
+//! scripts through [`Lua`] and [`Invocation`].
+//!
+//! - One node: a redis-rs `ConnectionManager`, which reconnects on its own after an I/O
+//!   error. A script is sent by `EVALSHA`; on `NOSCRIPT` (a restarted or flushed server)
+//!   it is loaded with `SCRIPT LOAD` and sent again, once.
+
+use std::future::Future;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, ToRedisArgs, Value};
+
+use super::ConnectSettings;
+use crate::error::{Error, ErrorKind, Result};
+
+/// The command connection of one engine variant. Cheap to clone (every variant is a
+/// handle on one multiplexed connection).
+#[derive(Clone)]
+pub(super) enum Conn {
+    /// One Redis node.
+    Single(ConnectionManager),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+        }
+    }
+}
+
+/// A Lua script: its source (for `SCRIPT LOAD` or `EVAL`) and its SHA-1 (for `EVALSHA`).
+pub(super) struct Lua {
+    script: Script,
+    source: String,
+}
+
+impl Lua {
+    pub(super) fn new(source: &str) -> Lua {
+        Lua {
+            script: Script::new(source),
+            source: source.to_owned(),
+        }
+    }
+
+    /// A call of this script, to which keys and arguments are added.
+    pub(super) fn prepare_invoke(&self) -> Invocation<'_> {
+        Invocation {
+            lua: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// One call of a [`Lua`] script: its `KEYS` and `ARGV`.
+pub(super) struct Invocation<'a> {
+    lua: &'a Lua,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation<'_> {
+    pub(super) fn key(&mut self, key: impl ToRedisArgs) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    pub(super) fn arg(&mut self, arg: impl ToRedisArgs) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    /// `EVALSHA` (`by_sha`) or `EVAL` of the script with these keys and arguments. Either
+    /// is routed by its first key on a cluster.
+    fn command(&self, by_sha: bool) -> Cmd {
+        let mut cmd = if by_sha {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.lua.script.get_hash());
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(&self.lua.source);
+            cmd
+        };
+        cmd.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd
+    }
+
+    /// Runs the script on `conn`: `EVALSHA`, and on `NOSCRIPT` the engine's fallback (see
+    /// the module docs).
+    pub(super) async fn invoke_async(&self, conn: &mut Conn) -> RedisResult<Value> {
+        match self.command(true).query_async::<Value>(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                match conn {
+                    Conn::Single(_) => {
+                        self.lua.script.load_async(conn).await?;
+                        self.command(true).query_async(conn).await
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+}
+
+/// The configuration of a one-node command connection.
+pub(super) fn manager_config(settings: ConnectSettings) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(settings.connect_timeout))
+        // Every call is already bounded by the command timeout (`bounded`, `invoke*`): a
+        // second timer per request inside the manager would only cost time.
+        .set_response_timeout(None)
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(500))
+}
+
+/// Runs `fut` under a deadline, mapping both redis errors and the deadline to [`Error`].
+pub(super) async fn bounded<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::redis(what, e)),
+        Err(_) => Err(Error::new(
+            ErrorKind::Connection,
+            format!("redis did not answer {what} within {limit:?}"),
+        )),
+    }
+}
