@@ -185,6 +185,35 @@ impl Builder {
         Ok(self.finish(backend))
     }
 
+    /// Connects to a Redis Cluster through `nodes` (seed node URLs, `redis://[user:password@]host:port`;
+    /// any reachable master or replica will do, the rest is discovered), with the checks
+    /// of [`connect`](Builder::connect) run on every master. The same as `connect` with
+    /// the cluster URL `redis+cluster://[user:password@]host:port,host:port/`, which
+    /// [`connect_lazy`](Builder::connect_lazy) accepts too.
+    ///
+    /// On a cluster every script touches one slot (a key's names share the hash tag
+    /// `{key}`); notices travel over sharded pub/sub (`SSUBSCRIBE`, `SPUBLISH`), so a
+    /// completion reaches only the shard that owns the job; the keys of one multi-lock must
+    /// share a hash tag (`{order-7}:a`, `{order-7}:b`). See README, "Running at scale".
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Builder::connect); [`InvalidInput`](crate::ErrorKind::InvalidInput)
+    /// also when `nodes` is empty.
+    pub async fn connect_cluster<S: AsRef<str>>(self, nodes: &[S]) -> Result<Herd> {
+        let settings = self.settings()?;
+        let nodes: Vec<String> = nodes.iter().map(|n| n.as_ref().to_owned()).collect();
+        if nodes.is_empty() {
+            return Err(Error::invalid(
+                "connect_cluster needs at least one node url",
+            ));
+        }
+        let backend = RedisBackend::connect_cluster(&nodes, settings, self.preflight()).await?;
+        let backend = Backend::Redis(backend);
+        backend.ping().await?;
+        Ok(self.finish(backend))
+    }
+
     /// Like [`connect`](Builder::connect), but connects on first use: this only checks
     /// the options and the URL. Connection and credential errors surface from the first
     /// call that needs Redis, and so do the server and permission checks of `connect`,

@@ -49,3 +49,6 @@ mod props;
 // Protocol v2 (issue 10): bounded footprint, fences across expiry, no coalescing misses,
 // Redis commands per lock cycle.
 mod protocol_v2;
+// Redis Cluster: the behaviour suites on a 3-master + 3-replica cluster, sharded pub/sub,
+// slot migration and failover.
+mod cluster;

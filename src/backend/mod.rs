@@ -374,11 +374,16 @@ impl Backend {
         }
     }
 
-    /// How many replicas acknowledged the writes made so far (`WAIT`). The in-memory
-    /// backend has none.
-    pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+    /// How many replicas acknowledged the writes made so far (`WAIT`), on the node that
+    /// holds `keys` (a cluster's slot master). The in-memory backend has none.
+    pub(crate) async fn wait_replicas(
+        &self,
+        keys: &JobKeys,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<u32> {
         match self {
-            Backend::Redis(b) => b.wait_replicas(replicas, timeout).await,
+            Backend::Redis(b) => b.wait_replicas(keys, replicas, timeout).await,
             Backend::Memory(_) => Ok(0),
         }
     }

@@ -5,11 +5,17 @@
 //! - One node: a redis-rs `ConnectionManager`, which reconnects on its own after an I/O
 //!   error. A script is sent by `EVALSHA`; on `NOSCRIPT` (a restarted or flushed server)
 //!   it is loaded with `SCRIPT LOAD` and sent again, once.
+//! - Redis Cluster: a redis-rs `ClusterConnection` (one multiplexed connection per node,
+//!   commands routed by their first key's slot, `MOVED`/`ASK` followed, the slot map
+//!   refreshed after a failover). On `NOSCRIPT` the script is sent again as `EVAL`, routed
+//!   by the same key: redis-rs's own reload (`SCRIPT LOAD` on every node) fails while any
+//!   node is down, which is exactly when a promoted replica lacks the script.
 
 use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, ToRedisArgs, Value};
 
 use super::ConnectSettings;
@@ -21,12 +27,15 @@ use crate::error::{Error, ErrorKind, Result};
 pub(super) enum Conn {
     /// One Redis node.
     Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -38,12 +47,14 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
         }
     }
 }
@@ -55,10 +66,17 @@ pub(super) struct Lua {
 }
 
 impl Lua {
-    pub(super) fn new(source: &str) -> Lua {
+    /// The script `source`; with `sharded`, its notices go out by `SPUBLISH` (a Redis
+    /// Cluster: the channel `prefix:{key}` lives in the key's slot) instead of `PUBLISH`.
+    pub(super) fn new(source: &str, sharded: bool) -> Lua {
+        let source = if sharded {
+            source.replace("'PUBLISH'", "'SPUBLISH'")
+        } else {
+            source.to_owned()
+        };
         Lua {
-            script: Script::new(source),
-            source: source.to_owned(),
+            script: Script::new(&source),
+            source,
         }
     }
 
@@ -116,6 +134,7 @@ impl Invocation<'_> {
                         self.lua.script.load_async(conn).await?;
                         self.command(true).query_async(conn).await
                     }
+                    Conn::Cluster(_) => self.command(false).query_async(conn).await,
                 }
             }
             other => other,
@@ -133,6 +152,69 @@ pub(super) fn manager_config(settings: ConnectSettings) -> ConnectionManagerConf
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(Duration::from_millis(500))
+}
+
+/// The configuration of a Redis Cluster connection.
+pub(super) fn cluster_config(settings: ConnectSettings) -> redis::cluster::ClusterConfig {
+    redis::cluster::ClusterConfig::new().set_connection_timeout(settings.connect_timeout)
+}
+
+/// A Redis Cluster client for `nodes` (the seed URLs); `push` makes it speak RESP3 and
+/// hand every push (sharded messages, unsubscribes, disconnections) to that channel.
+pub(super) fn cluster_client(
+    nodes: &[String],
+    settings: ConnectSettings,
+    push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+) -> Result<redis::cluster::ClusterClient> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+        .connection_timeout(settings.connect_timeout)
+        // Every call is bounded by the command timeout; within it, redis-rs retries
+        // through MOVED, ASK, TRYAGAIN and a failover's refused connections.
+        .retries(8)
+        .min_retry_wait(10)
+        .max_retry_wait(500);
+    if let Some(push) = push {
+        builder = builder
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(push);
+    }
+    builder
+        .build()
+        .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis cluster url", e))
+}
+
+/// The node URLs of a cluster URL `redis+cluster://[user:password@]host:port,host:port[/]`
+/// (`rediss+cluster://` for TLS): one `redis://[user:password@]host:port/` per node.
+/// `None` when `url` is not a cluster URL.
+pub(crate) fn cluster_nodes(url: &str) -> Option<Result<Vec<String>>> {
+    let (scheme, rest) = url.split_once("://")?;
+    let plain = match scheme {
+        "redis+cluster" => "redis",
+        "rediss+cluster" => "rediss",
+        _ => return None,
+    };
+    let (authority, tail) = match rest.find(['/', '?', '#']) {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(i) => (&authority[..=i], &authority[i + 1..]),
+        None => ("", authority),
+    };
+    // The fragment (`#insecure`) and query carry to every node; a path (a database) does
+    // not exist on a cluster.
+    let extra = tail.trim_start_matches('/');
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{plain}://{userinfo}{h}/{extra}"))
+        .collect();
+    if nodes.is_empty() {
+        return Some(Err(Error::invalid(
+            "a redis cluster url names at least one node: redis+cluster://host:port,host:port/",
+        )));
+    }
+    Some(Ok(nodes))
 }
 
 /// Runs `fut` under a deadline, mapping both redis errors and the deadline to [`Error`].

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Value};
 
 use self::conn::{bounded, manager_config, Conn, Invocation, Lua};
@@ -58,8 +58,27 @@ pub(crate) struct RedisBackend {
     inner: Arc<Inner>,
 }
 
+/// The engine variant and how to reach it again (a detached backend, the clock probe, the
+/// connect checks).
+#[derive(Clone)]
+enum Target {
+    /// One Redis node.
+    Single(Client),
+    /// A Redis Cluster: its seed node URLs and the command client.
+    Cluster {
+        nodes: Arc<[String]>,
+        client: Box<redis::cluster::ClusterClient>,
+    },
+}
+
+impl Target {
+    fn sharded(&self) -> bool {
+        matches!(self, Target::Cluster { .. })
+    }
+}
+
 struct Inner {
-    client: Client,
+    target: Target,
     conn: Conn,
     /// A bound on the server's clock, from the replies that carry it.
     clock: Arc<RedisClock>,
@@ -91,6 +110,7 @@ struct LazyChecks {
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
+            .field("cluster", &self.inner.target.sharded())
             .field("settings", &self.inner.settings)
             .finish_non_exhaustive()
     }
@@ -111,19 +131,21 @@ struct Scripts {
 }
 
 impl Scripts {
-    fn load() -> Scripts {
+    /// Every script; `sharded` (a cluster) publishes with `SPUBLISH`.
+    fn load(sharded: bool) -> Scripts {
+        let lua = |source: &str| Lua::new(source, sharded);
         Scripts {
-            acquire: Lua::new(include_str!("../../scripts/acquire.lua")),
-            release: Lua::new(include_str!("../../scripts/release.lua")),
-            extend: Lua::new(include_str!("../../scripts/extend.lua")),
-            status: Lua::new(include_str!("../../scripts/status.lua")),
-            fanout_acquire: Lua::new(include_str!("../../scripts/fanout_acquire.lua")),
-            fanout_check: Lua::new(include_str!("../../scripts/fanout_check.lua")),
-            complete: Lua::new(include_str!("../../scripts/complete.lua")),
-            multi_acquire: Lua::new(include_str!("../../scripts/multi_acquire.lua")),
-            multi_release: Lua::new(include_str!("../../scripts/multi_release.lua")),
-            multi_extend: Lua::new(include_str!("../../scripts/multi_extend.lua")),
-            semaphore: Lua::new(include_str!("../../scripts/semaphore.lua")),
+            acquire: lua(include_str!("../../scripts/acquire.lua")),
+            release: lua(include_str!("../../scripts/release.lua")),
+            extend: lua(include_str!("../../scripts/extend.lua")),
+            status: lua(include_str!("../../scripts/status.lua")),
+            fanout_acquire: lua(include_str!("../../scripts/fanout_acquire.lua")),
+            fanout_check: lua(include_str!("../../scripts/fanout_check.lua")),
+            complete: lua(include_str!("../../scripts/complete.lua")),
+            multi_acquire: lua(include_str!("../../scripts/multi_acquire.lua")),
+            multi_release: lua(include_str!("../../scripts/multi_release.lua")),
+            multi_extend: lua(include_str!("../../scripts/multi_extend.lua")),
+            semaphore: lua(include_str!("../../scripts/semaphore.lua")),
         }
     }
 }
@@ -131,12 +153,16 @@ impl Scripts {
 impl RedisBackend {
     /// Opens both connections and waits for them to be established, so a wrong address or
     /// password is reported now; then runs the connect checks (eviction policy,
-    /// permissions). Nothing keeps running when this fails.
+    /// permissions). Nothing keeps running when this fails. A cluster URL
+    /// (`redis+cluster://…`, see [`conn::cluster_nodes`]) connects to a Redis Cluster.
     pub(crate) async fn connect(
         url: &str,
         settings: ConnectSettings,
         preflight: Preflight,
     ) -> Result<RedisBackend> {
+        if let Some(nodes) = conn::cluster_nodes(url) {
+            return RedisBackend::connect_cluster(&nodes?, settings, preflight).await;
+        }
         let (client, config) = client_config(url, settings)?;
         let mut conn = bounded(
             "connect",
@@ -158,10 +184,50 @@ impl RedisBackend {
                 settings.command_timeout,
             )
             .await?;
+        let notifier = Notifier::start(client.clone(), Some(pubsub), settings);
         Ok(RedisBackend::assemble(
-            client,
-            conn,
-            Some(pubsub),
+            Target::Single(client),
+            Conn::Single(conn),
+            notifier,
+            settings,
+            None,
+        ))
+    }
+
+    /// As [`connect`](RedisBackend::connect), to the Redis Cluster that `nodes` (seed node
+    /// URLs) belong to: a cluster command connection, a RESP3 cluster connection for
+    /// sharded pub/sub, and the connect checks on every master.
+    pub(crate) async fn connect_cluster(
+        nodes: &[String],
+        settings: ConnectSettings,
+        preflight: Preflight,
+    ) -> Result<RedisBackend> {
+        let client = conn::cluster_client(nodes, settings, None)?;
+        let mut commands = bounded(
+            "connect (cluster)",
+            settings.connect_timeout * 2,
+            client.get_async_connection(),
+        )
+        .await?;
+        let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+        let sub_client = conn::cluster_client(nodes, settings, Some(push_tx))?;
+        let subscriber = bounded(
+            "connect (cluster pub/sub)",
+            settings.connect_timeout * 2,
+            sub_client.get_async_connection(),
+        )
+        .await?;
+        preflight
+            .run_cluster(nodes, &mut commands, settings.command_timeout)
+            .await?;
+        let notifier = Notifier::start_sharded(subscriber, push_rx, settings);
+        Ok(RedisBackend::assemble(
+            Target::Cluster {
+                nodes: nodes.into(),
+                client: Box::new(client),
+            },
+            Conn::Cluster(commands),
+            notifier,
             settings,
             None,
         ))
@@ -175,27 +241,48 @@ impl RedisBackend {
         settings: ConnectSettings,
         preflight: Preflight,
     ) -> Result<RedisBackend> {
-        let (client, config) = client_config(url, settings)?;
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| Error::redis("connect", e))?;
         let checks = LazyChecks {
             preflight,
             passed: AtomicBool::new(false),
             refused: tokio::sync::Mutex::new(None),
         };
+        if let Some(nodes) = conn::cluster_nodes(url) {
+            let nodes = nodes?;
+            let client = conn::cluster_client(&nodes, settings, None)?;
+            let commands =
+                client.get_pending_async_connection_with_config(conn::cluster_config(settings));
+            let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+            let subscriber = conn::cluster_client(&nodes, settings, Some(push_tx))?
+                .get_pending_async_connection_with_config(conn::cluster_config(settings));
+            let notifier = Notifier::start_sharded(subscriber, push_rx, settings);
+            return Ok(RedisBackend::assemble(
+                Target::Cluster {
+                    nodes: nodes.into(),
+                    client: Box::new(client),
+                },
+                Conn::Cluster(commands),
+                notifier,
+                settings,
+                Some(checks),
+            ));
+        }
+        let (client, config) = client_config(url, settings)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| Error::redis("connect", e))?;
+        let notifier = Notifier::start(client.clone(), None, settings);
         Ok(RedisBackend::assemble(
-            client,
-            conn,
-            None,
+            Target::Single(client),
+            Conn::Single(conn),
+            notifier,
             settings,
             Some(checks),
         ))
     }
 
     fn assemble(
-        client: Client,
-        conn: ConnectionManager,
-        pubsub: Option<PubSub>,
+        target: Target,
+        conn: Conn,
+        notifier: Notifier,
         settings: ConnectSettings,
         checks: Option<LazyChecks>,
     ) -> RedisBackend {
@@ -204,10 +291,10 @@ impl RedisBackend {
                 clock: Arc::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
-                notifier: Some(Notifier::start(client.clone(), pubsub, settings)),
-                client,
-                conn: Conn::Single(conn),
-                scripts: Scripts::load(),
+                notifier: Some(notifier),
+                scripts: Scripts::load(target.sharded()),
+                target,
+                conn,
                 settings,
                 checks,
             }),
@@ -231,16 +318,22 @@ impl RedisBackend {
                 return Err(e.clone());
             }
         }
-        let mut conn = self.inner.conn.clone();
-        let outcome = checks
-            .preflight
-            .run(
-                &self.inner.client,
-                &mut conn,
-                None,
-                self.inner.settings.command_timeout,
-            )
-            .await;
+        let timeout = self.inner.settings.command_timeout;
+        let outcome = match (&self.inner.target, self.inner.conn.clone()) {
+            (Target::Cluster { nodes, .. }, Conn::Cluster(mut conn)) => {
+                checks
+                    .preflight
+                    .run_cluster(nodes, &mut conn, timeout)
+                    .await
+            }
+            (Target::Single(client), mut conn) => {
+                checks.preflight.run(client, &mut conn, None, timeout).await
+            }
+            (Target::Cluster { .. }, Conn::Single(_)) => Err(Error::new(
+                ErrorKind::Redis,
+                "a cluster herd on a one-node connection",
+            )),
+        };
         match outcome {
             Ok(()) => {
                 checks.passed.store(true, Ordering::Release);
@@ -259,17 +352,28 @@ impl RedisBackend {
     /// A command-only backend on a connection of its own (no pub/sub), connecting on
     /// first use from whatever runtime uses it: the watchdog thread's.
     pub(crate) fn detached(&self) -> Result<RedisBackend> {
-        let config = manager_config(self.inner.settings);
-        let conn = ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
-            .map_err(|e| Error::redis("connect", e))?;
+        let conn = match &self.inner.target {
+            Target::Single(client) => {
+                let config = manager_config(self.inner.settings);
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client.clone(), config)
+                        .map_err(|e| Error::redis("connect", e))?,
+                )
+            }
+            Target::Cluster { client, .. } => {
+                Conn::Cluster(client.get_pending_async_connection_with_config(
+                    conn::cluster_config(self.inner.settings),
+                ))
+            }
+        };
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 clock: Arc::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
-                client: self.inner.client.clone(),
-                conn: Conn::Single(conn),
-                scripts: Scripts::load(),
+                target: self.inner.target.clone(),
+                conn,
+                scripts: Scripts::load(self.inner.target.sharded()),
                 notifier: None,
                 settings: self.inner.settings,
                 checks: None,
@@ -277,19 +381,31 @@ impl RedisBackend {
         })
     }
 
-    /// `WAIT replicas timeout`: how many replicas acknowledged this connection's writes.
-    pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+    /// `WAIT replicas timeout`: how many replicas acknowledged this connection's writes. On
+    /// a cluster it is sent to the master of `keys`' slot (the one the lock was written
+    /// to), over the same node connection the lock's script used; redis-rs would send a
+    /// bare `WAIT` to every master and answer the minimum.
+    pub(crate) async fn wait_replicas(
+        &self,
+        keys: &JobKeys,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<u32> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
-        let acked: i64 = bounded(
-            "wait",
-            timeout + self.inner.settings.command_timeout,
-            redis::cmd("WAIT")
-                .arg(replicas)
-                .arg(millis(timeout))
-                .query_async(&mut conn),
-        )
-        .await?;
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(millis(timeout));
+        let limit = timeout + self.inner.settings.command_timeout;
+        let acked: i64 = match self.inner.conn.clone() {
+            Conn::Single(mut conn) => bounded("wait", limit, cmd.query_async(&mut conn)).await?,
+            Conn::Cluster(mut conn) => {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(keys.lock.as_bytes(), SlotAddr::Master),
+                ));
+                let reply = bounded("wait", limit, conn.route_command(cmd, route)).await?;
+                int(&reply, "wait")?
+            }
+        };
         Ok(u32::try_from(acked).unwrap_or(0))
     }
 
@@ -301,25 +417,100 @@ impl RedisBackend {
     /// Runs a script once, without retrying on a dropped connection (release, complete):
     /// whether it may be repeated is the caller's decision (releases are retried by
     /// `Backend::retry_release`, which knows how to read a repeated release's reply).
+    ///
+    /// On a cluster, a refusal that means the script did not run (`MOVED`, `ASK`,
+    /// `TRYAGAIN`, `CLUSTERDOWN`: a slot moving or a failover under way) is retried; see
+    /// [`through_failover`](RedisBackend::through_failover).
     async fn invoke(&self, what: &str, inv: &Invocation<'_>) -> Result<Value> {
         self.ready().await?;
         let mut conn = self.inner.conn.clone();
-        bounded(
-            what,
-            self.inner.settings.command_timeout,
-            inv.invoke_async(&mut conn),
-        )
-        .await
+        let limit = self.inner.settings.command_timeout;
+        if let Conn::Cluster(_) = conn {
+            return self
+                .through_failover(
+                    what,
+                    || {
+                        let mut conn = conn.clone();
+                        async move { inv.invoke_async(&mut conn).await }
+                    },
+                    redis::RedisError::is_cluster_error,
+                )
+                .await;
+        }
+        bounded(what, limit, inv.invoke_async(&mut conn)).await
+    }
+
+    /// Runs `attempt` on a cluster, retrying the errors `transient` accepts (50 ms doubling
+    /// to 500 ms) for up to three command timeouts in all, each attempt bounded by one: a
+    /// master failover (about 2.5 s with a 1 s node timeout) is ridden out instead of
+    /// failing every call made during it. redis-rs retries too, but gives up on its own
+    /// count of attempts.
+    async fn through_failover<F, Fut>(
+        &self,
+        what: &str,
+        mut attempt: F,
+        transient: impl Fn(&redis::RedisError) -> bool,
+    ) -> Result<Value>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<Value>>,
+    {
+        let limit = self.inner.settings.command_timeout;
+        let give_up = tokio::time::Instant::now() + limit * 3;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let outcome = tokio::time::timeout(limit, attempt()).await;
+            let retry = match &outcome {
+                Ok(Err(e)) => transient(e),
+                Ok(Ok(_)) | Err(_) => false,
+            };
+            if !retry || tokio::time::Instant::now() + pause >= give_up {
+                return match outcome {
+                    Ok(Ok(v)) => Ok(v),
+                    Ok(Err(e)) => Err(Error::redis(what, e)),
+                    Err(_) => Err(Error::new(
+                        ErrorKind::Connection,
+                        format!("redis did not answer {what} within {limit:?}"),
+                    )),
+                };
+            }
+            if let Ok(Err(e)) = &outcome {
+                tracing::debug!(what, error = %e, "cluster in transition; retrying");
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 
     /// Runs a script that is safe to repeat (reads, extend, and acquire, which recognises
     /// its own nonce), retrying once when the connection turned out to be dead: the
     /// connection manager reconnects on that error, so the first call after a Redis
     /// restart succeeds instead of failing.
+    ///
+    /// On a cluster it also retries connection errors and the refusals of a slot in
+    /// transit (see [`through_failover`](RedisBackend::through_failover)).
     async fn invoke_idempotent(&self, what: &str, inv: &Invocation<'_>) -> Result<Value> {
         self.ready().await?;
         let mut conn = self.inner.conn.clone();
         let limit = self.inner.settings.command_timeout;
+        if let Conn::Cluster(_) = conn {
+            return self
+                .through_failover(
+                    what,
+                    || {
+                        let mut conn = conn.clone();
+                        async move { inv.invoke_async(&mut conn).await }
+                    },
+                    |e| {
+                        e.is_cluster_error()
+                            || e.is_connection_dropped()
+                            || e.is_io_error()
+                            || e.is_connection_refusal()
+                            || e.is_timeout()
+                    },
+                )
+                .await;
+        }
         let first = tokio::time::timeout(limit, inv.invoke_async(&mut conn)).await;
         match first {
             Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
@@ -401,9 +592,13 @@ impl RedisBackend {
                 probe(&self.inner).await;
             }
         }
-        self.inner
-            .clock
-            .wanted(&self.inner.client, self.inner.settings.command_timeout);
+        // The probe thread samples one node's clock; on a cluster the samples come from
+        // the replies of each job's own master (and the first probe) instead.
+        if let Target::Single(client) = &self.inner.target {
+            self.inner
+                .clock
+                .wanted(client, self.inner.settings.command_timeout);
+        }
         let call_at = self
             .inner
             .clock
@@ -493,6 +688,9 @@ impl RedisBackend {
         waiting: bool,
     ) -> Result<MultiReply> {
         let what = "multi acquire";
+        if self.inner.target.sharded() {
+            same_slot(keys)?;
+        }
         let mut inv = self.inner.scripts.multi_acquire.prepare_invoke();
         for k in keys {
             inv.key(&k.lock);
@@ -588,22 +786,34 @@ fn client_config(
 /// Samples the server's clock with one `TIME` on the probe connection (opened on first use).
 async fn probe(inner: &Inner) {
     let limit = inner.settings.command_timeout;
-    let conn = inner
-        .probe
-        .get_or_try_init(|| async {
-            match tokio::time::timeout(limit, inner.client.get_multiplexed_async_connection()).await
-            {
-                Ok(Ok(conn)) => Ok(conn),
-                _ => Err(()),
-            }
-        })
-        .await;
-    let Ok(conn) = conn else { return };
-    let mut conn = conn.clone();
+    match &inner.target {
+        Target::Single(client) => {
+            let conn = inner
+                .probe
+                .get_or_try_init(|| async {
+                    match tokio::time::timeout(limit, client.get_multiplexed_async_connection())
+                        .await
+                    {
+                        Ok(Ok(conn)) => Ok(conn),
+                        _ => Err(()),
+                    }
+                })
+                .await;
+            let Ok(conn) = conn else { return };
+            sample_clock(inner, &mut conn.clone()).await;
+        }
+        // One connection per node already: `TIME` goes to any master. The bound assumes
+        // the masters' clocks agree (NTP), as fencing across a failover does.
+        Target::Cluster { .. } => sample_clock(inner, &mut inner.conn.clone()).await,
+    }
+}
+
+/// One `TIME` on `conn`, as a sample of the server's clock.
+async fn sample_clock<C: redis::aio::ConnectionLike + Send>(inner: &Inner, conn: &mut C) {
     let sent = std::time::Instant::now();
     let time = tokio::time::timeout(
-        limit,
-        redis::cmd("TIME").query_async::<(u64, u64)>(&mut conn),
+        inner.settings.command_timeout,
+        redis::cmd("TIME").query_async::<(u64, u64)>(conn),
     )
     .await;
     if let Ok(Ok((secs, us))) = time {
@@ -614,6 +824,29 @@ async fn probe(inner: &Inner) {
             secs.saturating_mul(1_000_000).saturating_add(us),
         );
     }
+}
+
+/// Refuses a multi-lock whose keys fall in different Redis Cluster slots: one script can
+/// touch one slot only, and Redis would answer `CROSSSLOT`.
+fn same_slot(keys: &[JobKeys]) -> Result<()> {
+    let Some(first) = keys.first() else {
+        return Ok(());
+    };
+    let slot = first.slot();
+    let Some(other) = keys.iter().find(|k| k.slot() != slot) else {
+        return Ok(());
+    };
+    Err(Error::invalid(format!(
+        "on a Redis Cluster the keys of one multi-lock must share a hash slot, but `{}` \
+         (slot {slot}) and `{}` (slot {}) do not; give every key the same hash tag, e.g. \
+         `{{{tag}}}:{}` and `{{{tag}}}:{}` (keys with a `{{tag}}` are laid out by the tag)",
+        first.key,
+        other.key,
+        other.slot(),
+        first.key.replace(['{', '}'], ""),
+        other.key.replace(['{', '}'], ""),
+        tag = "group",
+    )))
 }
 
 /// An invocation with every key's lock as `KEYS` and its token, then its channel, as `ARGV`

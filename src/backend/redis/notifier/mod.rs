@@ -11,8 +11,17 @@
 //!   re-subscribe (a channel permission revoked; Redis also closes the connection then)
 //!   backs off from 100 ms doubling to 5 s, with a `warn` each time.
 //!
+//! - [`sharded`]: a Redis Cluster, sharded pub/sub (`SSUBSCRIBE` on a RESP3 cluster
+//!   connection, `SPUBLISH` in the scripts): a notice reaches only the shard that owns the
+//!   key. redis-rs does not keep sharded subscriptions alive, so the listener heals them:
+//!   an unrequested `SUNSUBSCRIBE` (the slot moved) re-subscribes that channel, a
+//!   `Disconnection` (a node dropped, maybe a failover) every channel, retried with backoff
+//!   (50 ms doubling to 1 s) until the slot's current master confirms; each channel then
+//!   gets a `Resync`.
+//!
 //! The task holds only a `Weak` reference and ends when the herd is dropped.
 
+mod sharded;
 mod single;
 
 use std::collections::HashMap;
@@ -21,7 +30,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use redis::aio::{PubSub, PubSubSink};
-use redis::{Client, RedisResult};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, PushInfo, RedisResult};
 use tokio::sync::{broadcast, oneshot};
 
 use super::ConnectSettings;
@@ -36,6 +46,9 @@ const CHANNEL_CAPACITY: usize = 16;
 pub(super) enum Sink {
     /// A dedicated pub/sub connection to one node (`SUBSCRIBE`).
     Single(PubSubSink),
+    /// A RESP3 cluster connection (`SSUBSCRIBE`, one channel at a time: each is routed to
+    /// its own slot's master).
+    Sharded(ClusterConnection),
 }
 
 impl Sink {
@@ -43,6 +56,12 @@ impl Sink {
     async fn subscribe(&mut self, channels: &[String]) -> RedisResult<()> {
         match self {
             Sink::Single(sink) => sink.subscribe(channels).await,
+            Sink::Sharded(conn) => {
+                for channel in channels {
+                    conn.ssubscribe(channel).await?;
+                }
+                Ok(())
+            }
         }
     }
 
@@ -50,6 +69,12 @@ impl Sink {
     async fn unsubscribe(&mut self, channels: &[String]) -> RedisResult<()> {
         match self {
             Sink::Single(sink) => sink.unsubscribe(channels).await,
+            Sink::Sharded(conn) => {
+                for channel in channels {
+                    conn.sunsubscribe(channel).await?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -166,6 +191,32 @@ impl Notifier {
             first,
             shutdown_rx,
             settings.connect_timeout,
+        ));
+        Notifier { shared }
+    }
+
+    /// Starts a sharded notifier on `conn`, a RESP3 cluster connection whose pushes arrive
+    /// on `pushes`.
+    pub(super) fn start_sharded(
+        conn: ClusterConnection,
+        pushes: tokio::sync::mpsc::UnboundedReceiver<PushInfo>,
+        settings: ConnectSettings,
+    ) -> Notifier {
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        // The cluster connection reconnects to its nodes on its own: one epoch for its
+        // life. A channel whose subscription is lost goes back to unconfirmed (0) and is
+        // re-subscribed by the listener.
+        let shared = Arc::new(NotifierShared {
+            channels: Mutex::new(HashMap::new()),
+            sink: tokio::sync::Mutex::new(Some((Sink::Sharded(conn), 1))),
+            epoch: AtomicU64::new(1),
+            command_timeout: settings.command_timeout,
+            _shutdown: shutdown_tx,
+        });
+        tokio::spawn(sharded::listen(
+            Arc::downgrade(&shared),
+            pushes,
+            shutdown_rx,
         ));
         Notifier { shared }
     }
