@@ -185,13 +185,17 @@ impl RedisBackend {
             )
             .await?;
         let notifier = Notifier::start(client.clone(), Some(pubsub), settings);
-        Ok(RedisBackend::assemble(
+        let backend = RedisBackend::assemble(
             Target::Single(client),
             Conn::Single(conn),
             notifier,
             settings,
             None,
-        ))
+        );
+        // One sample of Redis's clock now, while the process is likely quiet: a fan-out
+        // right after connecting (in a busy process) then starts with a tight bound.
+        sample_clock(&backend.inner, &mut backend.inner.conn.clone()).await;
+        Ok(backend)
     }
 
     /// As [`connect`](RedisBackend::connect), to the Redis Cluster that `nodes` (seed node
