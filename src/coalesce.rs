@@ -164,6 +164,26 @@ impl Flights {
         }
     }
 
+    /// Retires the flight (it got its outcome) unless a caller joined after `since`:
+    /// checked and removed under the map lock, so no caller joins in between. `false`: a
+    /// caller joined (it may have called after the outcome was produced).
+    fn retire_unless_joined(
+        &self,
+        id: &str,
+        slot: &Arc<Slot>,
+        joined: &Mutex<Instant>,
+        since: Instant,
+    ) -> bool {
+        let mut map = self.map();
+        if *lock_joined(joined) > since {
+            return false;
+        }
+        if map.get(id).is_some_and(|e| Arc::ptr_eq(&e.slot, slot)) {
+            map.remove(id);
+        }
+        true
+    }
+
     /// Retires a following flight whose callers are all gone; `false` if a new caller
     /// joined meanwhile (the flight must keep going).
     fn retire(&self, id: &str, slot: &Arc<Slot>) -> bool {
@@ -333,7 +353,12 @@ async fn drive(
             Ok(FanoutReply::Fresh { envelope }) => {
                 // A caller that joined while the request was out may have called after
                 // that run completed: it must not get it. Try again for everyone then.
-                if *lock_joined(joined) > newest_call {
+                // Checked and retired under the flights lock, so nobody joins in between.
+                if !herd
+                    .inner
+                    .flights
+                    .retire_unless_joined(&keys.key, slot, joined, newest_call)
+                {
                     continue;
                 }
                 drop(sub);
@@ -353,7 +378,8 @@ async fn drive(
             }
             Ok(FanoutReply::Lock(AcquireReply::Acquired { token, fence })) => {
                 drop(sub);
-                return Some(lead(herd, keys, settings, mode, token, fence, sent).await);
+                let run = Led { token, fence, sent };
+                return Some(lead(herd, keys, slot, settings, mode, run).await);
             }
             Ok(FanoutReply::Lock(AcquireReply::Busy { holder, pttl_ms })) => (holder, pttl_ms),
         };
@@ -408,18 +434,25 @@ fn decode_stored(job: &str, bytes: &[u8]) -> Result<Envelope> {
     })
 }
 
+/// The run a flight won: its holder token, fence, and when its acquisition was sent.
+struct Led {
+    token: String,
+    fence: u64,
+    sent: std::time::Instant,
+}
+
 /// Leads run `fence`: runs the job (or waits for the pusher's completion), then completes.
 /// The herd's watchdog thread keeps the lease alive meanwhile; if it reports the lease
 /// lost, the job is cancelled (unless the options say otherwise) and nothing is published.
 async fn lead(
     herd: &Herd,
     keys: &JobKeys,
+    slot: &Arc<Slot>,
     settings: RunSettings,
     mode: Mode,
-    token: String,
-    fence: u64,
-    sent: std::time::Instant,
+    run: Led,
 ) -> FlightOutcome {
+    let Led { token, fence, sent } = run;
     let backend = herd.backend();
     let lease = herd.inner.watchdog.register(
         Renewal::Lock {
@@ -485,6 +518,10 @@ async fn lead(
         }
     };
     drop(lease);
+    // From here on a new caller starts a flight of its own instead of joining this one:
+    // it then follows this run while its lock is held, or gets its result if it completed
+    // after the call — never a result that completed before it called.
+    herd.inner.flights.remove(&keys.key, slot);
     let bytes = Envelope::encode(fence, &token, &body);
     match backend
         .complete(

@@ -119,8 +119,11 @@ struct Lease {
     next_due: Instant,
     /// Stop renewing after this (the maximum hold time).
     hold_until: Option<Instant>,
-    /// A renewal of this lease is on its way.
-    in_flight: bool,
+    /// A renewal of this lease is on its way: when it was due (no later than it was sent)
+    /// and the TTL it asks for.
+    in_flight: Option<(Instant, Duration)>,
+    /// When the last manual extension (`extend`, `heartbeat`) was sent.
+    last_manual: Option<Instant>,
     state: Arc<LeaseState>,
 }
 
@@ -180,11 +183,14 @@ impl Leases {
                 lease.state.mark_lost();
                 continue;
             }
-            if !lease.renew || lease.in_flight || lease.hold_until.is_some_and(|t| t <= now) {
+            if !lease.renew
+                || lease.in_flight.is_some()
+                || lease.hold_until.is_some_and(|t| t <= now)
+            {
                 continue;
             }
             if lease.next_due <= now {
-                lease.in_flight = true;
+                lease.in_flight = Some((now, lease.ttl));
                 due.push((*id, lease.renewal.clone(), lease.ttl));
             }
         }
@@ -197,7 +203,7 @@ impl Leases {
             .filter(|l| !*l.state.lost.borrow())
             .map(|l| {
                 let deadline = l.state.deadline();
-                if !l.renew || l.in_flight || l.hold_until.is_some_and(|t| t <= now) {
+                if !l.renew || l.in_flight.is_some() || l.hold_until.is_some_and(|t| t <= now) {
                     deadline
                 } else {
                     l.next_due.min(deadline)
@@ -245,7 +251,8 @@ impl Watchdog {
                     renew: terms.renew,
                     next_due: first_due,
                     hold_until: terms.max_hold.map(|d| terms.sent + d),
-                    in_flight: false,
+                    in_flight: None,
+                    last_manual: None,
                     state: Arc::clone(&state),
                 },
             );
@@ -355,7 +362,7 @@ async fn run(weak: Weak<Shared>) {
                 // No connection to renew on: the lease runs out at its deadline.
                 if let Some(lease) = lock(&shared.leases).map.get_mut(&id) {
                     lease.renew = false;
-                    lease.in_flight = false;
+                    lease.in_flight = None;
                 }
                 continue;
             };
@@ -405,7 +412,7 @@ fn apply(leases: &mut Leases, renewed: Renewed) -> Option<Renewal> {
         outcome,
     } = renewed;
     let lease = leases.map.get_mut(&id)?; // released meanwhile
-    lease.in_flight = false;
+    lease.in_flight = None;
     match outcome {
         Ok(true) => {
             let deadline = local_deadline(sent, ttl);
@@ -414,11 +421,16 @@ fn apply(leases: &mut Leases, renewed: Renewed) -> Option<Renewal> {
                 lease.state.mark_lost();
                 return Some(lease.renewal.clone());
             }
-            // A manual extension sent later may have moved the deadline further already.
-            if deadline > lease.state.deadline() {
+            let current = lease.state.deadline();
+            if lease.last_manual.is_some_and(|m| m >= sent) {
+                // A manual extension was sent while this renewal was out: Redis ran them in
+                // an unknown order, and the key expires no earlier than the sooner of the
+                // two ends, so the deadline may only come earlier.
+                lease.state.set_deadline(current.min(deadline));
+            } else if deadline > current {
                 lease.state.set_deadline(deadline);
             }
-            lease.next_due = sent + period(ttl);
+            lease.next_due = sent + period(lease.ttl);
         }
         Ok(false) => {
             tracing::warn!(renewal = ?lease.renewal, "lease lost: another holder has it, or it expired");
@@ -543,9 +555,16 @@ impl LeaseHandle {
             return true;
         };
         if let Some(lease) = lock(&shared.leases).map.get_mut(&self.id) {
+            let mut deadline = local_deadline(sent, ttl);
+            if let Some((due, renewing)) = lease.in_flight {
+                // A renewal is out too and may run after this extension: the key expires
+                // no earlier than the sooner of the two ends.
+                deadline = deadline.min(local_deadline(due, renewing));
+            }
             lease.ttl = ttl;
+            lease.last_manual = Some(sent);
             lease.next_due = sent + period(ttl);
-            self.state.set_deadline(local_deadline(sent, ttl));
+            self.state.set_deadline(deadline);
         }
         shared.wake.notify_one();
         true

@@ -38,7 +38,7 @@ impl Sample {
     }
 }
 
-fn drift(gap: Duration) -> Duration {
+pub(crate) fn drift(gap: Duration) -> Duration {
     // Rounded up to the next µs so that the bound stays an upper bound.
     let nanos = gap.as_nanos() * u128::from(DRIFT_PPM) / 1_000_000;
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)) + Duration::from_micros(1)

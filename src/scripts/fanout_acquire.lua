@@ -45,34 +45,31 @@ local function stored_reply()
   local stored = redis.call('GET', KEYS[2])
   return stored and serve(stored)
 end
-local checked = false
-if max_age >= 0 then
-  -- A fresh enough cached result is served even while a new run is in progress.
-  checked = true
+local current = redis.call('GET', KEYS[1])
+local f, nonce, ttl, waited, owner
+if current then
+  f, nonce, ttl, waited, owner = string.match(current, '^(%d+):([^:]*):(%d+):([01]):(.*)$')
+  if nonce == ARGV[1] then
+    -- A retry of an attempt that already succeeded (its reply was lost): same nonce. Checked
+    -- before the cache, so a won lock is never left behind a cached reply.
+    return {1, f .. ':' .. nonce, tonumber(f), now}
+  end
+end
+-- A fresh enough cached result is served even while a new run is in progress; otherwise a
+-- result that completed after the newest call, when no run is in progress.
+if max_age >= 0 or (not current and (call_at > 0 or called > 0)) then
   local reply = stored_reply()
   if reply then
     return reply
   end
 end
-local current = redis.call('GET', KEYS[1])
 if current then
-  -- A retry of an attempt that already succeeded (its reply was lost): same nonce.
-  local f, nonce, ttl, waited, owner = string.match(current, '^(%d+):([^:]*):(%d+):([01]):(.*)$')
-  if nonce == ARGV[1] then
-    return {1, f .. ':' .. nonce, tonumber(f), now}
-  end
   -- A run in progress: follow it (it completes after every caller of this attempt called).
   if f and waited == '0' then
     current = f .. ':' .. nonce .. ':' .. ttl .. ':1:' .. owner
     redis.call('SET', KEYS[1], current, 'KEEPTTL')
   end
   return {0, current, redis.call('PTTL', KEYS[1]), now}
-end
-if not checked and (call_at > 0 or called > 0) then
-  local reply = stored_reply()
-  if reply then
-    return reply
-  end
 end
 local fence = t[1] .. string.format('%06d', tonumber(t[2]))
 local token = fence .. ':' .. ARGV[1]

@@ -16,7 +16,14 @@ if grace > 0 then
   if not v or string.sub(v, 1, #prefix) ~= prefix then
     return 0
   end
-  redis.call('PEXPIRE', KEYS[1], grace)
+  -- The value's TTL becomes the grace, so a stale release that puts it back (see below)
+  -- does not give it a longer life than it has.
+  local rest = string.match(v, '^%d+:[^:]*:%d+:(.*)$')
+  if rest then
+    redis.call('SET', KEYS[1], prefix .. ARGV[2] .. ':' .. rest, 'PX', grace)
+  else
+    redis.call('PEXPIRE', KEYS[1], grace)
+  end
   return 1
 end
 local v = redis.call('GETDEL', KEYS[1])

@@ -596,18 +596,23 @@ impl RedisBackend {
                 probe(&self.inner).await;
             }
         }
-        // The probe thread samples one node's clock; on a cluster the samples come from
-        // the replies of each job's own master (and the first probe) instead.
-        if let Target::Single(client) = &self.inner.target {
+        // The bound is of one server's clock: on a cluster, where each job lives on its own
+        // master and the masters' clocks need not agree, no bound is sent, and only the
+        // time since the call (one server's clock against itself) proves a result fresh.
+        let call_at = if let Target::Single(client) = &self.inner.target {
             self.inner
                 .clock
                 .wanted(client, self.inner.settings.command_timeout);
-        }
-        let call_at = self
-            .inner
-            .clock
-            .upper_bound_us(ages.newest_call.into_std())
-            .unwrap_or(0);
+            self.inner
+                .clock
+                .upper_bound_us(ages.newest_call.into_std())
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        // The time since the call, less what Redis's clock may run slower over it.
+        let called = ages.newest_call.elapsed();
+        let called = called.saturating_sub(super::clock::drift(called));
         let mut inv = self.inner.scripts.fanout_acquire.prepare_invoke();
         inv.key(&keys.lock)
             .key(keys.result())
@@ -616,7 +621,7 @@ impl RedisBackend {
             .arg(millis(ttl))
             .arg(max_age)
             .arg(call_at)
-            .arg(micros(ages.newest_call.elapsed()));
+            .arg(micros(called));
         let sent = std::time::Instant::now();
         let reply = self.invoke_idempotent("fanout acquire", &inv).await?;
         let received = std::time::Instant::now();
