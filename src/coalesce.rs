@@ -4,14 +4,15 @@
 //! owns, which talks to the backend on their behalf and publishes one outcome to all of
 //! them through a `watch` channel. Callers only wait on that channel, each under its own
 //! deadline, so a caller that times out or is dropped never affects the job or the others
-//! (DESIGN invariants 3, 4 and 7).
+//! (ARCHITECTURE.md invariants 3, 4 and 6).
 //!
-//! ## The protocol a flight follows (DESIGN invariant 1)
+//! ## The protocol a flight follows (ARCHITECTURE.md invariant 1)
 //!
 //! 1. *Subscribe* to the job's channel and wait for the confirmation (no round trip when
 //!    the channel is already subscribed), then *acquire* (one script): serve a fresh cached
-//!    result if the caller asked for one; else take the lock, bumping the fence (the run's
-//!    generation `g`); else report the holder of the running generation `g`.
+//!    result if the caller asked for one, or a result that completed after the newest
+//!    caller called; else take the lock with a fresh fence (the run's generation `g`,
+//!    Redis `TIME` in µs); else report the holder of the running generation `g`.
 //! 2. *Lead*: run the job (a panic becomes a "job panicked" outcome), keep the lease alive
 //!    with a watchdog, then *complete* (one script): if still the holder, store the
 //!    envelope tagged with `g` for a short linger, publish it, release the lock.
@@ -24,7 +25,8 @@
 //!    script): a stored result of generation `>= g` is taken; a lock still held by run `g`
 //!    means wait again; a lock held by another run means follow that one instead (a newer
 //!    generation: `g` ended without a result; a lower or equal one with another token:
-//!    Redis lost data and the fence counter started again, so `g` will never come); a free
+//!    Redis lost data and a replica with a slower clock took over, so `g` will never
+//!    come); a free
 //!    lock with no such result means the leader died or gave up (or Redis lost the run
 //!    with its data), so go back to 1 and contend (one of the waiters becomes the next
 //!    leader, unless the acquire serves a result of a run that completed after the newest
@@ -619,7 +621,7 @@ struct Run {
 /// A check that finds another holder than the one waited for follows that holder's run
 /// instead: a newer generation means the awaited run ended without a stored result; a
 /// lower (or equal) one means Redis lost data (FLUSHALL, a restart without persistence, a
-/// failover that lost writes) and the fence counter started again, so the awaited
+/// failover that lost writes, to a replica whose clock is behind) and the awaited
 /// generation will never come.
 async fn follow(
     backend: &Backend,

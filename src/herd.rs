@@ -150,7 +150,7 @@ impl Builder {
     /// Default: `false`, and [`connect`](Builder::connect) refuses such a server with
     /// [`ServerConfig`](crate::ErrorKind::ServerConfig). Under memory pressure an evicting
     /// Redis can delete a held lock (a second holder gets in while the first still sees
-    /// its guard as held) or a fence counter (fencing tokens start over). Set it only for
+    /// its guard as held). Set it only for
     /// a Redis that never reaches its `maxmemory`, or where duplicate work is acceptable.
     pub fn allow_eviction(mut self, allow: bool) -> Self {
         self.allow_eviction = allow;

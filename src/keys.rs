@@ -1,4 +1,4 @@
-//! Key validation and the Redis key layout (DESIGN.md, "Redis data model").
+//! Key validation and the Redis key layout (ARCHITECTURE.md, "Redis data model").
 
 use std::time::Duration;
 

@@ -104,9 +104,11 @@
 //!
 //! [`Herd::connect`] (or [`Builder::connect`]) for Redis, [`Herd::memory`] for the
 //! in-memory engine. Every Redis key of one lock shares the hash tag `{key}`:
-//! `prefix:{key}:lock` holds the holder value `fence:nonce:owner` with a `PX` TTL,
-//! `prefix:{key}:fence` is the fence counter, and `prefix:{key}` is the notice channel.
-//! All time comes from Redis itself (`PX`, `PTTL`), never from client clocks.
+//! `prefix:{key}:lock` holds the holder value `<fence>:<nonce>:<ttl>:<waited>:<owner>`
+//! with a `PX` TTL, and `prefix:{key}` is the notice channel; no key lives forever.
+//! Fencing tokens are Redis `TIME` in µs at acquisition. Expiry and ages come from Redis
+//! (`PX`, `TIME`); a client only bounds Redis's clock from its own round trips, and
+//! decides a lease's loss on its own monotonic clock, never later than Redis would.
 //!
 //! # Cancel safety
 //!

@@ -18,6 +18,13 @@ use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
 
 /// A fencing token: strictly increasing per key across every acquisition by any process.
 ///
+/// It is Redis `TIME` in microseconds at the acquisition, so it keeps increasing after all
+/// of a key's state expired, across client restarts and Redis restarts, as long as the Redis
+/// host's clock moves forward (two acquisitions of one key are at least one script apart).
+/// A Redis clock stepped back, or a failover to a replica whose clock is behind, can hand
+/// out a lower token: keep the Redis hosts' clocks synchronized when you fence across
+/// failovers.
+///
 /// Pass it to the system the lock protects and have that system reject writes carrying a
 /// token lower than one it has already seen: that makes a paused or partitioned former
 /// holder harmless even after its lease ran out.

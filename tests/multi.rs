@@ -504,7 +504,7 @@ async fn hash_tag_keys_lock_together(fx: Fx) {
     );
     next.release().await.expect("release");
     if fx.kind == Kind::Redis {
-        // Released locks leave no lock keys behind (fence counters stay, by design).
+        // Released locks leave no keys behind.
         let leftover: Vec<String> = fx
             .server()
             .keys_under(&fx.prefix)

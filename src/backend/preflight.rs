@@ -20,7 +20,7 @@
 //!
 //! The probe names, `prefix:{herdlock.probe}:probe` (channel) and `…:probe:str` /
 //! `…:probe:zset` (keys), can be no herdlock key's or channel's name: those end in a
-//! fixed suffix (`:lock`, `:fence`, …) or, for a channel, in the key itself.
+//! fixed suffix (`:lock`, `:result`, …) or, for a channel, in the key itself.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -303,8 +303,7 @@ impl Preflight {
             ErrorKind::ServerConfig,
             format!(
                 "redis evicts keys under memory pressure (maxmemory-policy is `{policy}`): \
-                 it could evict a held lock or its fence counter and let a second holder \
-                 in; run `CONFIG SET maxmemory-policy noeviction` (and set it in \
+                 it could evict a held lock and let a second holder in; run `CONFIG SET maxmemory-policy noeviction` (and set it in \
                  redis.conf), or opt out with `Builder::allow_eviction(true)`"
             ),
         ))
