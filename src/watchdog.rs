@@ -607,3 +607,81 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod overlap {
+    use super::*;
+    use crate::backend::memory::MemoryBackend;
+    use crate::keys::JobKeys;
+
+    fn lease(dog: &Watchdog, ttl: Duration, sent: Instant) -> LeaseHandle {
+        dog.register(
+            Renewal::Lock {
+                keys: JobKeys::new("t", "k"),
+                token: "1:n".to_owned(),
+            },
+            LeaseTerms {
+                ttl,
+                sent,
+                renew: false, // the test plays the thread's part itself
+                max_hold: None,
+            },
+        )
+    }
+
+    /// A manual extension to a shorter TTL sent while a renewal to the long TTL is out:
+    /// whichever Redis ran last decides the expiry, so the deadline is the sooner end, and
+    /// the renewal's reply, applied afterwards, does not move it later.
+    #[test]
+    fn an_extension_racing_a_renewal_keeps_the_sooner_end() {
+        let dog = Watchdog::new(Backend::Memory(MemoryBackend::default()));
+        let t0 = Instant::now();
+        let long = Duration::from_secs(30);
+        let short = Duration::from_secs(1);
+        let handle = lease(&dog, long, t0);
+        let renewal_sent = t0 + Duration::from_secs(10);
+        lock(&dog.shared.leases)
+            .map
+            .get_mut(&handle.id)
+            .expect("registered")
+            .in_flight = Some((renewal_sent, long));
+        let extend_sent = renewal_sent + Duration::from_millis(4);
+        assert!(handle.extended(short, extend_sent));
+        assert_eq!(handle.deadline(), local_deadline(extend_sent, short));
+        let late = apply(
+            &mut lock(&dog.shared.leases),
+            Renewed {
+                id: handle.id,
+                sent: renewal_sent,
+                ttl: long,
+                outcome: Ok(true),
+            },
+        );
+        assert!(late.is_none(), "a renewal within its deadline is kept");
+        assert_eq!(
+            handle.deadline(),
+            local_deadline(extend_sent, short),
+            "the renewal's longer end must not win"
+        );
+    }
+
+    /// A manual extension to a longer TTL while a renewal to the short TTL is out: if the
+    /// renewal runs last on Redis, the key dies at the renewal's end, so that end is the
+    /// deadline.
+    #[test]
+    fn an_extension_to_a_longer_ttl_waits_for_the_renewal_out() {
+        let dog = Watchdog::new(Backend::Memory(MemoryBackend::default()));
+        let t0 = Instant::now();
+        let short = Duration::from_secs(30);
+        let handle = lease(&dog, short, t0);
+        let renewal_sent = t0 + Duration::from_secs(10);
+        lock(&dog.shared.leases)
+            .map
+            .get_mut(&handle.id)
+            .expect("registered")
+            .in_flight = Some((renewal_sent, short));
+        let extend_sent = renewal_sent + Duration::from_millis(4);
+        assert!(handle.extended(Duration::from_secs(300), extend_sent));
+        assert_eq!(handle.deadline(), local_deadline(renewal_sent, short));
+    }
+}
