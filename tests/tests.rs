@@ -46,3 +46,6 @@ mod wait;
 mod data_loss;
 // Property test: random operation sequences with clock advances agree on both backends.
 mod props;
+// TLS (`rediss://`): the smoke set, mutual TLS, plain/TLS mismatches (feature `tls-rustls`).
+#[cfg(feature = "tls-rustls")]
+mod tls;

@@ -9,6 +9,7 @@ mod clock;
 pub(crate) mod memory;
 pub(crate) mod preflight;
 pub(crate) mod redis;
+pub(crate) mod target;
 
 use std::future::Future;
 use std::sync::Arc;

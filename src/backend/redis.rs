@@ -27,11 +27,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub, PubSubSink};
-use redis::{Client, Script, Value};
+use redis::{Script, Value};
 use tokio::sync::{broadcast, oneshot};
 
 use super::clock::RedisClock;
 use super::preflight::Preflight;
+use super::target::{Conn, Endpoint, Target, TlsFiles};
 use super::{
     AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
     SemReply, StatusReply, Subscription,
@@ -65,8 +66,8 @@ pub(crate) struct RedisBackend {
 }
 
 struct Inner {
-    client: Client,
-    conn: ConnectionManager,
+    /// The command connection, rebuilt when the target (a Sentinel master) moves.
+    conn: Conn,
     /// A bound on the server's clock, from the replies that carry it.
     clock: RedisClock,
     /// A connection of its own for clock probes, opened on the first probe: under load
@@ -139,23 +140,31 @@ impl RedisBackend {
     /// password is reported now; then runs the connect checks (eviction policy,
     /// permissions). Nothing keeps running when this fails.
     pub(crate) async fn connect(
-        url: &str,
+        endpoint: &Endpoint,
+        tls: TlsFiles,
         settings: ConnectSettings,
         preflight: Preflight,
     ) -> Result<RedisBackend> {
-        let (client, config) = client_config(url, settings)?;
-        let mut conn = bounded(
-            "connect",
-            settings.connect_timeout * 2,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await?;
+        let target = Target::new(endpoint, tls, settings.connect_timeout).await?;
+        let (client, generation) = target.client();
+        let config = manager_config(settings);
+        // The pub/sub connection first: one attempt within the connect timeout, so that a
+        // server that never answers (a rediss:// url on a plain port: Redis waits for the
+        // end of an inline command that never comes) fails within the connect timeout.
         let mut pubsub = bounded(
-            "connect (pub/sub)",
+            "connect",
             settings.connect_timeout,
             client.get_async_pubsub(),
         )
-        .await?;
+        .await
+        .map_err(|e| target.explain(e))?;
+        let mut conn = bounded(
+            "connect",
+            settings.connect_timeout * 2,
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        )
+        .await
+        .map_err(|e| target.explain(e))?;
         preflight
             .run(
                 &client,
@@ -165,8 +174,7 @@ impl RedisBackend {
             )
             .await?;
         Ok(RedisBackend::assemble(
-            client,
-            conn,
+            Conn::new(target, config, conn, generation),
             Some(pubsub),
             settings,
             None,
@@ -178,29 +186,22 @@ impl RedisBackend {
     /// starts now).
     pub(crate) fn connect_lazy(
         url: &str,
+        tls: TlsFiles,
         settings: ConnectSettings,
         preflight: Preflight,
     ) -> Result<RedisBackend> {
-        let (client, config) = client_config(url, settings)?;
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| Error::redis("connect", e))?;
+        let target = Target::direct(url, tls, settings.connect_timeout)?;
+        let conn = Conn::lazy(target, manager_config(settings))?;
         let checks = LazyChecks {
             preflight,
             passed: AtomicBool::new(false),
             refused: tokio::sync::Mutex::new(None),
         };
-        Ok(RedisBackend::assemble(
-            client,
-            conn,
-            None,
-            settings,
-            Some(checks),
-        ))
+        Ok(RedisBackend::assemble(conn, None, settings, Some(checks)))
     }
 
     fn assemble(
-        client: Client,
-        conn: ConnectionManager,
+        conn: Conn,
         pubsub: Option<PubSub>,
         settings: ConnectSettings,
         checks: Option<LazyChecks>,
@@ -210,8 +211,7 @@ impl RedisBackend {
                 clock: RedisClock::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
-                notifier: Some(Notifier::start(client.clone(), pubsub, settings)),
-                client,
+                notifier: Some(Notifier::start(Arc::clone(conn.target()), pubsub, settings)),
                 conn,
                 scripts: Scripts::load(),
                 settings,
@@ -237,11 +237,11 @@ impl RedisBackend {
                 return Err(e.clone());
             }
         }
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get()?;
         let outcome = checks
             .preflight
             .run(
-                &self.inner.client,
+                &self.inner.conn.target().client().0,
                 &mut conn,
                 None,
                 self.inner.settings.command_timeout,
@@ -265,15 +265,15 @@ impl RedisBackend {
     /// A command-only backend on a connection of its own (no pub/sub), connecting on
     /// first use from whatever runtime uses it: the watchdog thread's.
     pub(crate) fn detached(&self) -> Result<RedisBackend> {
-        let config = manager_config(self.inner.settings);
-        let conn = ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
-            .map_err(|e| Error::redis("connect", e))?;
+        let conn = Conn::lazy(
+            Arc::clone(self.inner.conn.target()),
+            manager_config(self.inner.settings),
+        )?;
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 clock: RedisClock::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
-                client: self.inner.client.clone(),
                 conn,
                 scripts: Scripts::load(),
                 notifier: None,
@@ -286,16 +286,18 @@ impl RedisBackend {
     /// `WAIT replicas timeout`: how many replicas acknowledged this connection's writes.
     pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
-        let acked: i64 = bounded(
-            "wait",
-            timeout + self.inner.settings.command_timeout,
-            redis::cmd("WAIT")
-                .arg(replicas)
-                .arg(millis(timeout))
-                .query_async(&mut conn),
-        )
-        .await?;
+        let mut conn = self.inner.conn.get()?;
+        let acked: i64 = self.noticed(
+            bounded(
+                "wait",
+                timeout + self.inner.settings.command_timeout,
+                redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(millis(timeout))
+                    .query_async(&mut conn),
+            )
+            .await,
+        )?;
         Ok(u32::try_from(acked).unwrap_or(0))
     }
 
@@ -309,13 +311,24 @@ impl RedisBackend {
     /// `Backend::retry_release`, which knows how to read a repeated release's reply).
     async fn invoke(&self, what: &str, inv: &redis::ScriptInvocation<'_>) -> Result<Value> {
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
-        bounded(
-            what,
-            self.inner.settings.command_timeout,
-            inv.invoke_async::<Value>(&mut conn),
+        let mut conn = self.inner.conn.get()?;
+        self.noticed(
+            bounded(
+                what,
+                self.inner.settings.command_timeout,
+                inv.invoke_async::<Value>(&mut conn),
+            )
+            .await,
         )
-        .await
+    }
+
+    /// Passes `result` through, telling the target about an error that may mean the
+    /// master moved (a Sentinel failover).
+    fn noticed<T>(&self, result: Result<T>) -> Result<T> {
+        if let Err(e) = &result {
+            self.inner.conn.target().noticed(e);
+        }
+        result
     }
 
     /// Runs a script that is safe to repeat (reads, extend, and acquire, which recognises
@@ -328,12 +341,17 @@ impl RedisBackend {
         inv: &redis::ScriptInvocation<'_>,
     ) -> Result<Value> {
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get()?;
         let limit = self.inner.settings.command_timeout;
         let first = tokio::time::timeout(limit, inv.invoke_async::<Value>(&mut conn)).await;
-        match first {
+        let result = match first {
             Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
                 tracing::debug!(what, error = %e, "connection dropped; retrying once");
+                let target = self.inner.conn.target();
+                if target.is_sentinel() && target.refresh(limit).await {
+                    // The master moved: retry on the new one.
+                    conn = self.inner.conn.get()?;
+                }
                 bounded(what, limit, inv.invoke_async::<Value>(&mut conn)).await
             }
             Ok(Ok(v)) => Ok(v),
@@ -342,18 +360,21 @@ impl RedisBackend {
                 ErrorKind::Connection,
                 format!("redis did not answer {what} within {limit:?}"),
             )),
-        }
+        };
+        self.noticed(result)
     }
 
     pub(crate) async fn ping(&self) -> Result<()> {
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
-        let pong: String = bounded(
-            "ping",
-            self.inner.settings.command_timeout,
-            redis::cmd("PING").query_async(&mut conn),
-        )
-        .await?;
+        let mut conn = self.inner.conn.get()?;
+        let pong: String = self.noticed(
+            bounded(
+                "ping",
+                self.inner.settings.command_timeout,
+                redis::cmd("PING").query_async(&mut conn),
+            )
+            .await,
+        )?;
         if pong == "PONG" {
             Ok(())
         } else {
@@ -680,15 +701,6 @@ impl RedisBackend {
     }
 }
 
-fn client_config(
-    url: &str,
-    settings: ConnectSettings,
-) -> Result<(Client, ConnectionManagerConfig)> {
-    let client = Client::open(url)
-        .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
-    Ok((client, manager_config(settings)))
-}
-
 fn manager_config(settings: ConnectSettings) -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(settings.connect_timeout))
@@ -706,8 +718,8 @@ async fn probe(inner: &Inner) {
     let conn = inner
         .probe
         .get_or_try_init(|| async {
-            match tokio::time::timeout(limit, inner.client.get_multiplexed_async_connection()).await
-            {
+            let client = inner.conn.target().client().0;
+            match tokio::time::timeout(limit, client.get_multiplexed_async_connection()).await {
                 Ok(Ok(conn)) => Ok(conn),
                 _ => Err(()),
             }
@@ -942,7 +954,7 @@ impl NotifierShared {
 }
 
 impl Notifier {
-    fn start(client: Client, first: Option<PubSub>, settings: ConnectSettings) -> Notifier {
+    fn start(target: Arc<Target>, first: Option<PubSub>, settings: ConnectSettings) -> Notifier {
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let shared = Arc::new(NotifierShared {
             channels: Mutex::new(HashMap::new()),
@@ -953,7 +965,7 @@ impl Notifier {
         });
         tokio::spawn(listen(
             Arc::downgrade(&shared),
-            client,
+            target,
             first,
             shutdown_rx,
             settings.connect_timeout,
@@ -1066,10 +1078,12 @@ impl Drop for ChannelGuard {
 }
 
 /// The listener task: owns the pub/sub stream, reconnects, re-subscribes and resyncs, and
-/// sweeps idle channels.
+/// sweeps idle channels. It also moves to a new master when the target's generation moves
+/// (a Sentinel failover).
+#[allow(clippy::too_many_lines)] // one reconnect loop; the notifier seam of issue 11 splits it
 async fn listen(
     weak: Weak<NotifierShared>,
-    client: Client,
+    target: Arc<Target>,
     mut first: Option<PubSub>,
     mut shutdown: oneshot::Receiver<()>,
     connect_timeout: Duration,
@@ -1077,10 +1091,13 @@ async fn listen(
     let mut backoff = RECONNECT_MIN;
     let mut resubscribe_backoff = RESUBSCRIBE_MIN;
     let mut epoch = 0u64;
+    let mut moved = target.watch();
     loop {
+        moved.borrow_and_update();
         let pubsub = if let Some(p) = first.take() {
             p
         } else {
+            let client = target.client().0;
             let attempt = tokio::time::timeout(connect_timeout, client.get_async_pubsub());
             let outcome = tokio::select! {
                 _ = &mut shutdown => return,
@@ -1092,6 +1109,10 @@ async fn listen(
                     if let Ok(Err(e)) = other {
                         tracing::debug!(error = %e, "pub/sub reconnect failed");
                     }
+                    target.noticed(&Error::new(
+                        ErrorKind::Connection,
+                        "pub/sub reconnect failed",
+                    ));
                     tokio::select! {
                         _ = &mut shutdown => return,
                         () = tokio::time::sleep(backoff) => {}
@@ -1154,6 +1175,8 @@ async fn listen(
             let msg = tokio::select! {
                 _ = &mut shutdown => return,
                 msg = stream.next() => msg,
+                // A new master (Sentinel failover): reconnect there, re-subscribe, resync.
+                _ = moved.changed() => None,
                 _ = sweep.tick() => {
                     let Some(shared) = weak.upgrade() else { return };
                     shared.sweep().await;
@@ -1165,6 +1188,10 @@ async fn listen(
             shared.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
         }
         tracing::debug!("pub/sub connection lost; reconnecting");
+        target.noticed(&Error::new(
+            ErrorKind::Connection,
+            "pub/sub connection lost",
+        ));
         let Some(shared) = weak.upgrade() else { return };
         let mut slot = shared.sink.lock().await;
         *slot = None;
