@@ -49,3 +49,5 @@ mod props;
 // TLS (`rediss://`): the smoke set, mutual TLS, plain/TLS mismatches (feature `tls-rustls`).
 #[cfg(feature = "tls-rustls")]
 mod tls;
+// Tenants: two prefixes (one a prefix of the other) on one Redis never see each other.
+mod tenants;
