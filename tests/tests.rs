@@ -51,3 +51,5 @@ mod props;
 mod tls;
 // Tenants: two prefixes (one a prefix of the other) on one Redis never see each other.
 mod tenants;
+// Sentinel: connect by master name, follow a failover (herds, held locks, waiters).
+mod sentinel;

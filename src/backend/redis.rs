@@ -348,8 +348,9 @@ impl RedisBackend {
             Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
                 tracing::debug!(what, error = %e, "connection dropped; retrying once");
                 let target = self.inner.conn.target();
-                if target.is_sentinel() && target.refresh(limit).await {
-                    // The master moved: retry on the new one.
+                if target.is_sentinel() {
+                    // The master may have moved: retry on the one the Sentinels name now.
+                    target.refresh(limit).await;
                     conn = self.inner.conn.get()?;
                 }
                 bounded(what, limit, inv.invoke_async::<Value>(&mut conn)).await

@@ -265,13 +265,11 @@ impl Target {
         }
     }
 
-    /// Re-resolves the master now (Sentinel targets; a no-op otherwise), bounded by `limit`;
-    /// `true` when the master changed.
-    pub(crate) async fn refresh(&self, limit: Duration) -> bool {
-        matches!(
-            tokio::time::timeout(limit, self.resolve()).await,
-            Ok(Ok(true))
-        )
+    /// Re-resolves the master now (Sentinel targets; a no-op otherwise), bounded by `limit`.
+    /// A caller then takes a fresh connection ([`Conn::get`]): it is rebuilt if the master
+    /// moved, by this call or by another.
+    pub(crate) async fn refresh(&self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.resolve()).await;
     }
 
     /// Asks the Sentinels for the master; installs it (a new generation) when it moved.
