@@ -193,9 +193,11 @@ fn redis_kind(err: &redis::RedisError) -> ErrorKind {
         return ErrorKind::Auth;
     }
     // An ACL refusal: `NOPERM` for a command sent directly; inside a script, Redis reports
-    // it as a script error ("The user executing the script can't ...").
+    // it as a script error ("The user executing the script can't ..."), Valkey as "ACL
+    // failure in script: User … has no permissions to run …".
     if err.kind() == K::Server(redis::ServerErrorKind::NoPerm)
         || text.contains("user executing the script can't")
+        || text.contains("ACL failure in script")
     {
         return ErrorKind::Permission;
     }

@@ -445,18 +445,14 @@ fn spawn_release(backend: &Backend, renewal: Renewal) {
                 keys,
                 member,
                 permits,
-            } => {
-                let args = SemArgs {
-                    member,
-                    permits: *permits,
-                    lease: Duration::ZERO,
-                    queue_ttl: QUEUE_TTL,
-                };
-                backend
-                    .semaphore(keys, SemOp::Release, args)
-                    .await
-                    .map(drop)
-            }
+            } => backend
+                .semaphore(
+                    keys,
+                    SemOp::Release,
+                    permit_args(member, *permits, Duration::ZERO),
+                )
+                .await
+                .map(drop),
         };
         if let Err(e) = released {
             tracing::warn!(error = %e, ?renewal, "could not release a lease renewed after its deadline; it runs out with its TTL");
@@ -475,14 +471,19 @@ async fn renew(backend: &Backend, renewal: &Renewal, ttl: Duration) -> crate::Re
             member,
             permits,
         } => {
-            let args = SemArgs {
-                member,
-                permits: *permits,
-                lease: ttl,
-                queue_ttl: QUEUE_TTL,
-            };
+            let args = permit_args(member, *permits, ttl);
             Ok(backend.semaphore(keys, SemOp::Extend, args).await? == SemReply::Done(true))
         }
+    }
+}
+
+/// The semaphore step arguments of a permit's lease.
+fn permit_args(member: &str, permits: u32, lease: Duration) -> SemArgs<'_> {
+    SemArgs {
+        member,
+        permits,
+        lease,
+        queue_ttl: QUEUE_TTL,
     }
 }
 

@@ -5,12 +5,10 @@ use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::common::cluster::{ClusterConfig, RedisCluster};
-use crate::common::sentinel::{SentinelConfig, SentinelGroup};
-use crate::common::tls::{tls_or_skip, AuthClients, Tls};
 use crate::common::{
-    emit, ready_then_go, shared, unique_prefix, worker_param, worker_read_line,
-    worker_ready_and_wait_go, worker_role, RedisServer, ServerConfig, Worker, STEP_TIMEOUT,
+    emit, ready_then_go, shared, tls_or_skip, unique_prefix, worker_param, worker_read_line,
+    worker_ready_and_wait_go, worker_role, AuthClients, ClusterConfig, RedisCluster, RedisServer,
+    SentinelConfig, SentinelGroup, ServerConfig, Tls, TlsCerts, Worker, STEP_TIMEOUT,
 };
 
 /// The test path workers of this module run.
@@ -27,6 +25,22 @@ fn private_server_answers_commands() {
     assert!(server.dir().join("redis.log").exists());
     // Fault tests rely on DEBUG being enabled.
     assert_eq!(server.cmd(&["DEBUG", "SLEEP", "0"]), "OK");
+    // Several commands on one connection, arguments quoted whatever they hold.
+    let odd = "a b\"c\\d\ne'f";
+    let replies = server.cmds(&[
+        &["SET", odd, "v"],
+        &["GET", odd],
+        &["CLIENT", "ID"],
+        &["CLIENT", "ID"],
+    ]);
+    let replies: Vec<&str> = replies.lines().collect();
+    assert_eq!(replies[..2], ["OK", "v"]);
+    assert_eq!(replies[2], replies[3], "one connection");
+    assert_eq!(
+        server.cmd(&["EXISTS", odd]),
+        "1",
+        "the key is exactly {odd:?}"
+    );
 }
 
 #[test]
@@ -420,12 +434,20 @@ fn cluster_starts_routes_and_finds_slot_owners() {
 fn cluster_fails_over_a_killed_master() {
     let mut cluster = RedisCluster::start();
     let key = format!("{}:{{job}}:k", unique_prefix("harness::cluster_fails_over"));
-    assert_eq!(cluster.cmd(&["SET", &key, "v"]), "OK");
     let owner = cluster.master_of_key(&key);
-    // The replica has the write before the kill.
-    assert_eq!(cluster.node(owner).cmd(&["WAIT", "1", "5000"]), "1");
+    // The replica has the write before the kill (one connection: WAIT counts the replicas
+    // that have this connection's writes).
+    assert_eq!(
+        cluster
+            .node(owner)
+            .cmds(&[&["SET", &key, "v"], &["WAIT", "1", "5000"]]),
+        "OK\n1"
+    );
 
-    let failover = cluster.kill_master_and_wait_failover(owner);
+    // The two halves, for tests that act between the kill and the promotion.
+    let killed = cluster.kill_master(owner);
+    assert_eq!(killed.replicas.len(), 1);
+    let failover = cluster.wait_failover(&killed);
     eprintln!(
         "harness timing: cluster failover: replica promoted {:?} after the kill, cluster stable after {:?}",
         failover.promoted_after, failover.stable_after
@@ -522,8 +544,13 @@ fn sentinel_group_starts_and_fails_over() {
         group.master_addr(),
         ("127.0.0.1".to_owned(), group.data_node(0).port())
     );
-    assert_eq!(group.master().cmd(&["SET", "k", "v"]), "OK");
-    assert_eq!(group.master().cmd(&["WAIT", "1", "5000"]), "1");
+    // One connection: WAIT counts the replicas that have this connection's writes.
+    assert_eq!(
+        group
+            .master()
+            .cmds(&[&["SET", "k", "v"], &["WAIT", "1", "5000"]]),
+        "OK\n1"
+    );
     assert!(group
         .replica()
         .cmd(&["SET", "k", "w"])
@@ -531,14 +558,20 @@ fn sentinel_group_starts_and_fails_over() {
 
     let failover = group.kill_master_and_wait_failover();
     eprintln!(
-        "harness timing: sentinel failover: every sentinel names the replica {:?} after the kill, failover ended after {:?}",
-        failover.promoted_after, failover.settled_after
+        "harness timing: sentinel failover: every sentinel names the replica {:?} after the kill",
+        failover.promoted_after
     );
     assert_eq!(failover.promoted, 1);
     assert_eq!(group.master_index(), 1);
     assert_eq!(group.master_addr().1, group.data_node(1).port());
     assert_eq!(group.master().cmd(&["GET", "k"]), "v");
-    assert_eq!(group.master().cmd(&["SET", "k", "w"]), "OK");
+    assert_eq!(
+        group
+            .master()
+            .cmds(&[&["SET", "k", "w"], &["WAIT", "0", "0"]]),
+        "OK\n0",
+        "several commands on one connection"
+    );
 
     let restarted = Instant::now();
     group.restart_data_node(0);
@@ -546,10 +579,13 @@ fn sentinel_group_starts_and_fails_over() {
         "harness timing: old master back as a replica in {:?}",
         restarted.elapsed()
     );
-    let again = group.kill_master_and_wait_failover();
+    // The two halves, for tests that act between the kill and the promotion.
+    let killed = group.kill_master();
+    assert!(group.data_node(1).pid().is_none());
+    let again = group.wait_failover(killed);
     eprintln!(
-        "harness timing: second sentinel failover: {:?} / {:?}",
-        again.promoted_after, again.settled_after
+        "harness timing: second sentinel failover: {:?}",
+        again.promoted_after
     );
     assert_eq!(again.promoted, 0);
     assert_eq!(group.master().cmd(&["GET", "k"]), "w");
@@ -621,6 +657,25 @@ fn tls_server_answers_over_tls_only() {
         !untrusted.contains("PONG") && untrusted.contains("certificate verify failed"),
         "redis-cli --tls without the CA: {untrusted}"
     );
+    // Nor does a client that trusts another CA.
+    let other = TlsCerts::generate();
+    let other_ca = other.ca_cert();
+    let other_ca = other_ca.to_str().expect("UTF-8 temp path");
+    let wrong_ca = cli(&[
+        "--tls",
+        "--cacert",
+        other_ca,
+        "-p",
+        &port.to_string(),
+        "PING",
+    ]);
+    assert!(
+        !wrong_ca.contains("PONG") && wrong_ca.contains("certificate verify failed"),
+        "redis-cli --tls with another CA: {wrong_ca}"
+    );
+    let other_dir = other.dir().to_owned();
+    drop(other);
+    assert!(!other_dir.exists(), "dropping certificates removes them");
 }
 
 /// Mutual TLS (`tls-auth-clients yes`): a client with the test client certificate gets in, one

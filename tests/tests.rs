@@ -46,6 +46,9 @@ mod wait;
 mod data_loss;
 // Property test: random operation sequences with clock advances agree on both backends.
 mod props;
+// Protocol v2 (issue 10): bounded footprint, fences across expiry, no coalescing misses,
+// Redis commands per lock cycle.
+mod protocol_v2;
 // TLS (`rediss://`): the smoke set, mutual TLS, plain/TLS mismatches (feature `tls-rustls`).
 #[cfg(feature = "tls-rustls")]
 mod tls;

@@ -39,6 +39,8 @@ fn worker_entry() {
             "lease_fanout" => crate::workers_lease::lease_fanout().await,
             "chaos" => crate::workers_lease::chaos().await,
             "flush_follower" => crate::data_loss::flush_follower().await,
+            "fence_expiry" => crate::protocol_v2::fence_expiry().await,
+            "fanout_misses" => crate::protocol_v2::fanout_misses().await,
             other => panic!("unknown worker role {other}"),
         }
     });

@@ -10,12 +10,13 @@
 //! serves a busy moment's calls. Used to tell, without a round trip, whether a fan-out
 //! run completed after a caller called (no coalescing misses, no stale results).
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// The clock-rate difference between this host and the Redis host that the bound allows
-/// for, in parts per million (NTP slews at most 500 ppm).
-pub(crate) const DRIFT_PPM: u64 = 1_000;
+/// for, in parts per million: the most NTP slews a clock (500 ppm).
+pub(crate) const DRIFT_PPM: u64 = 500;
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -43,24 +44,35 @@ fn drift(gap: Duration) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)) + Duration::from_micros(1)
 }
 
-/// The best sample so far of one connection's server clock.
+/// The best sample so far of one server's clock.
 ///
 /// Samples come from the fan-out replies and, while fan-out is in use, from a `TIME` probe
-/// at most every [`PROBE_EVERY`]: under load every reply waits in queues, and a probe that
-/// lands in a quiet moment keeps the bound tight.
+/// every [`PROBE_EVERY`] on a thread and connection of its own: under load every reply
+/// waits in queues (the runtime's, the connection's), and a probe that is not queued
+/// behind the load keeps the bound tight.
 #[derive(Debug, Default)]
 pub(crate) struct RedisClock {
     best: Mutex<Option<Sample>>,
-    /// When the last probe was started (ns since `probe_epoch`), 0: never.
-    last_probe: std::sync::atomic::AtomicU64,
+    /// When fan-out last asked for the bound (ns since `probe_epoch`), 0: never.
+    wanted: AtomicU64,
+    /// Whether the probe thread runs.
+    probing: AtomicBool,
 }
 
-/// How often the clock is probed while fan-out is in use.
-pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(200);
+/// How often the probe thread samples the clock while fan-out is in use.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(100);
+/// The probe thread ends after this long without fan-out.
+const PROBE_IDLE: Duration = Duration::from_secs(10);
 
 fn probe_epoch() -> Instant {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch() -> u64 {
+    u64::try_from(probe_epoch().elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 impl RedisClock {
@@ -89,19 +101,22 @@ impl RedisClock {
         }
     }
 
-    /// Whether a probe is due now (and, if so, claims it: one caller gets `true`).
-    pub(crate) fn claim_probe(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        let now = u64::try_from(probe_epoch().elapsed().as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let last = self.last_probe.load(Ordering::Relaxed);
-        let every = u64::try_from(PROBE_EVERY.as_nanos()).unwrap_or(u64::MAX);
-        (last == 0 || now.saturating_sub(last) >= every)
-            && self
-                .last_probe
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
+    /// Notes that fan-out needs the bound, and starts the probe thread (on its own
+    /// connection from `client`) if it is not running.
+    pub(crate) fn wanted(self: &Arc<Self>, client: &redis::Client, timeout: Duration) {
+        self.wanted.store(since_epoch(), Ordering::Relaxed);
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let clock = Arc::downgrade(self);
+        let client = client.clone();
+        let spawned = std::thread::Builder::new()
+            .name("herdlock-clock".to_owned())
+            .spawn(move || probe_loop(&clock, &client, timeout));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "the clock probe thread could not be started");
+            self.probing.store(false, Ordering::Release);
+        }
     }
 
     /// An upper bound on Redis's clock (µs) at local instant `x`, if a recent sample is
@@ -115,8 +130,48 @@ impl RedisClock {
     }
 }
 
+/// Samples Redis's clock every [`PROBE_EVERY`] with a blocking `TIME` on a connection of
+/// its own, while fan-out asked for the bound within [`PROBE_IDLE`] and the backend lives.
+fn probe_loop(clock: &Weak<RedisClock>, client: &redis::Client, timeout: Duration) {
+    let mut conn = None;
+    loop {
+        std::thread::sleep(PROBE_EVERY);
+        let Some(clock) = clock.upgrade() else { return };
+        let idle = Duration::from_nanos(
+            since_epoch().saturating_sub(clock.wanted.load(Ordering::Relaxed)),
+        );
+        if idle > PROBE_IDLE {
+            clock.probing.store(false, Ordering::Release);
+            // Asked again meanwhile: keep going (the asker saw the thread running).
+            if Duration::from_nanos(
+                since_epoch().saturating_sub(clock.wanted.load(Ordering::Relaxed)),
+            ) > PROBE_IDLE
+                || clock.probing.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+        }
+        if conn.is_none() {
+            conn = client
+                .get_connection_with_timeout(timeout)
+                .ok()
+                .filter(|c| c.set_read_timeout(Some(timeout)).is_ok());
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let sent = Instant::now();
+        match redis::cmd("TIME").query::<(u64, u64)>(c) {
+            Ok((secs, us)) => clock.sample(
+                sent,
+                Instant::now(),
+                secs.saturating_mul(1_000_000).saturating_add(us),
+            ),
+            Err(_) => conn = None, // reconnect on the next round
+        }
+    }
+}
+
 /// How long a sample is trusted (a bound from an older one is dominated by drift anyway).
-const MAX_SAMPLE_AGE: Duration = Duration::from_secs(10);
+const MAX_SAMPLE_AGE: Duration = Duration::from_secs(5);
 
 /// The upper bound `sample` gives for Redis's clock at local instant `x`.
 fn bound(sample: Sample, x: Instant) -> u64 {

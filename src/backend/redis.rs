@@ -69,7 +69,7 @@ struct Inner {
     /// The command connection, rebuilt when the target (a Sentinel master) moves.
     conn: Conn,
     /// A bound on the server's clock, from the replies that carry it.
-    clock: RedisClock,
+    clock: Arc<RedisClock>,
     /// A connection of its own for clock probes, opened on the first probe: under load
     /// the command connection's queue would make every probe as slow as the load.
     probe: tokio::sync::OnceCell<redis::aio::MultiplexedConnection>,
@@ -208,7 +208,7 @@ impl RedisBackend {
     ) -> RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
-                clock: RedisClock::default(),
+                clock: Arc::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
                 notifier: Some(Notifier::start(Arc::clone(conn.target()), pubsub, settings)),
@@ -271,7 +271,7 @@ impl RedisBackend {
         )?;
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                clock: RedisClock::default(),
+                clock: Arc::default(),
                 probe: tokio::sync::OnceCell::new(),
                 first_probe: tokio::sync::Mutex::new(()),
                 conn,
@@ -432,9 +432,13 @@ impl RedisBackend {
             {
                 probe(&self.inner).await;
             }
-        } else if self.inner.clock.claim_probe() {
-            self.probe_clock();
         }
+        // The probe thread keeps the client it starts with (a Sentinel failover leaves it on
+        // the old master; replies still sample the new one's clock).
+        self.inner.clock.wanted(
+            &self.inner.conn.target().client().0,
+            self.inner.settings.command_timeout,
+        );
         let call_at = self
             .inner
             .clock
@@ -457,12 +461,6 @@ impl RedisBackend {
         let redis_us = u64::try_from(int(&items[3], what)?).map_err(|_| malformed(what))?;
         self.inner.clock.sample(sent, received, redis_us);
         parse_acquire(&items[..3], what)
-    }
-
-    /// Samples the server's clock with one `TIME`, in the background.
-    fn probe_clock(&self) {
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move { probe(&inner).await });
     }
 
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {

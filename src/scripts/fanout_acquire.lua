@@ -40,16 +40,18 @@ local function serve(stored)
   end
   return nil
 end
+-- The stored result's reply, if there is a result the caller may have.
+local function stored_reply()
+  local stored = redis.call('GET', KEYS[2])
+  return stored and serve(stored)
+end
 local checked = false
 if max_age >= 0 then
   -- A fresh enough cached result is served even while a new run is in progress.
   checked = true
-  local stored = redis.call('GET', KEYS[2])
-  if stored then
-    local reply = serve(stored)
-    if reply then
-      return reply
-    end
+  local reply = stored_reply()
+  if reply then
+    return reply
   end
 end
 local current = redis.call('GET', KEYS[1])
@@ -67,12 +69,9 @@ if current then
   return {0, current, redis.call('PTTL', KEYS[1]), now}
 end
 if not checked and (call_at > 0 or called > 0) then
-  local stored = redis.call('GET', KEYS[2])
-  if stored then
-    local reply = serve(stored)
-    if reply then
-      return reply
-    end
+  local reply = stored_reply()
+  if reply then
+    return reply
   end
 end
 local fence = t[1] .. string.format('%06d', tonumber(t[2]))

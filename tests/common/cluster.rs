@@ -157,6 +157,19 @@ pub(crate) struct Failover {
     pub(crate) stable_after: Duration,
 }
 
+/// A master [`RedisCluster::kill_master`] killed, for [`RedisCluster::wait_failover`].
+#[derive(Debug, Clone)]
+pub(crate) struct KilledMaster {
+    /// Its index.
+    pub(crate) index: usize,
+    /// The slots it served.
+    pub(crate) slots: Vec<(u16, u16)>,
+    /// Its replicas when it died.
+    pub(crate) replicas: Vec<usize>,
+    /// When it was killed.
+    pub(crate) at: Instant,
+}
+
 /// A slot on its way from one master to another: from [`RedisCluster::begin_slot_migration`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SlotMigration {
@@ -446,13 +459,25 @@ impl RedisCluster {
     }
 
     /// Kills master `index` with SIGKILL and waits until one of its replicas serves its slots
-    /// and the cluster is stable again (see [`RedisCluster::wait_stable`]).
+    /// and the cluster is stable again: [`RedisCluster::kill_master`], then
+    /// [`RedisCluster::wait_failover`].
     ///
     /// # Panics
     ///
-    /// If `index` is not a running master with a replica, or the failover does not finish
-    /// within [`FAILOVER_TIMEOUT`].
+    /// Like those.
     pub(crate) fn kill_master_and_wait_failover(&mut self, index: usize) -> Failover {
+        let killed = self.kill_master(index);
+        self.wait_failover(&killed)
+    }
+
+    /// Kills master `index` with SIGKILL and returns at once, with what
+    /// [`RedisCluster::wait_failover`] needs: for a test that acts between the kill and the
+    /// promotion.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is not a running master with a replica.
+    pub(crate) fn kill_master(&mut self, index: usize) -> KilledMaster {
         let own = self.own_entry(index);
         assert!(own.is_master(), "node {index} is not a master: {own:?}");
         let replicas = self.replicas_of(index);
@@ -460,30 +485,46 @@ impl RedisCluster {
             !replicas.is_empty(),
             "master {index} has no replica to take over"
         );
-        let killed = Instant::now();
         self.nodes[index].stop();
-        let deadline = killed + FAILOVER_TIMEOUT;
+        KilledMaster {
+            index,
+            slots: own.slots,
+            replicas,
+            at: Instant::now(),
+        }
+    }
+
+    /// Waits until a replica of the killed master serves its slots, then until the cluster is
+    /// stable (see [`RedisCluster::wait_stable`]).
+    ///
+    /// # Panics
+    ///
+    /// If that does not happen within [`FAILOVER_TIMEOUT`] of the kill.
+    pub(crate) fn wait_failover(&self, killed: &KilledMaster) -> Failover {
+        let deadline = killed.at + FAILOVER_TIMEOUT;
         let promoted = loop {
-            let promoted = replicas.iter().copied().find(|&r| {
+            let promoted = killed.replicas.iter().copied().find(|&r| {
                 let entry = self.own_entry(r);
-                entry.is_master() && entry.slots == own.slots
+                entry.is_master() && entry.slots == killed.slots
             });
             if let Some(promoted) = promoted {
                 break promoted;
             }
             assert!(
                 Instant::now() < deadline,
-                "no replica of node {index} ({replicas:?}) took over its slots within {FAILOVER_TIMEOUT:?}; views:\n{}",
+                "no replica of node {} ({:?}) took over its slots within {FAILOVER_TIMEOUT:?}; views:\n{}",
+                killed.index,
+                killed.replicas,
                 self.describe()
             );
             std::thread::sleep(POLL_INTERVAL);
         };
-        let promoted_after = killed.elapsed();
+        let promoted_after = killed.at.elapsed();
         self.wait_stable(deadline.saturating_duration_since(Instant::now()));
         Failover {
             promoted,
             promoted_after,
-            stable_after: killed.elapsed(),
+            stable_after: killed.at.elapsed(),
         }
     }
 

@@ -15,11 +15,14 @@ pub(crate) mod tls;
 
 use std::time::Duration;
 
+pub(crate) use cluster::{ClusterConfig, RedisCluster};
 pub(crate) use procs::{
     emit, ready_then_go, worker_param, worker_read_line, worker_ready_and_wait_go, worker_role,
     Worker,
 };
+pub(crate) use sentinel::{SentinelConfig, SentinelGroup};
 pub(crate) use server::{shared, unique_prefix, RedisServer, ServerConfig};
+pub(crate) use tls::{tls_or_skip, AuthClients, Tls, TlsCerts};
 
 /// A generous bound for one step of a test (a worker getting ready, a line arriving, a
 /// process exiting): long enough for a loaded CI machine, short enough to fail a hung test.

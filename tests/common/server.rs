@@ -92,6 +92,9 @@ pub(crate) struct RedisServer {
     dir: PathBuf,
     /// The running server; `None` after [`RedisServer::stop`] or a failed start.
     process: Option<Child>,
+    /// While stopped: sockets bound (not listening) to the port and, for a cluster node, its
+    /// bus port (see [`reserve_port`]).
+    reserved: Vec<socket2::Socket>,
     /// Kills the server if this process dies without dropping `self`.
     watchdog: Watchdog,
 }
@@ -151,6 +154,7 @@ impl RedisServer {
             tls: config.tls,
             dir,
             process: None,
+            reserved: Vec::new(),
             watchdog,
         };
         let attempts = if config.port.is_some() {
@@ -302,6 +306,65 @@ impl RedisServer {
         stdout
     }
 
+    /// Runs `commands` in order on one connection (`redis-cli` reading them from its stdin)
+    /// and returns the replies like [`RedisServer::cmd`], one after the other. For what needs
+    /// one connection: `WAIT` counts the replicas that have *this connection's* writes, so
+    /// `WAIT` sent by a second [`RedisServer::cmd`] returns at once, whatever the replicas
+    /// have.
+    ///
+    /// # Panics
+    ///
+    /// Like [`RedisServer::cmd`].
+    pub(crate) fn cmds(&self, commands: &[&[&str]]) -> String {
+        let mut script = String::new();
+        for command in commands {
+            let quoted: Vec<String> = command
+                .iter()
+                .map(|arg| {
+                    let escaped = arg
+                        .replace('\\', "\\\\")
+                        .replace('"', "\\\"")
+                        .replace('\n', "\\n")
+                        .replace('\r', "\\r");
+                    format!("\"{escaped}\"")
+                })
+                .collect();
+            script.push_str(&quoted.join(" "));
+            script.push('\n');
+        }
+        let mut child = self
+            .cli_command(&[])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run {} (install redis-tools, or set {REDIS_CLI_ENV}): {e}",
+                    cli_binary()
+                )
+            });
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .expect("redis-cli reads its stdin");
+        }
+        let output = child.wait_with_output().expect("redis-cli runs");
+        assert!(
+            output.status.success(),
+            "redis-cli {commands:?} against port {} failed with {}: {}{}",
+            self.port,
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+        let mut stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        if stdout.ends_with('\n') {
+            stdout.pop();
+        }
+        stdout
+    }
+
     /// Starts `redis-cli ... ARGS...` like [`RedisServer::cmd`] without waiting for it: for
     /// commands that block the server, such as `DEBUG SLEEP 2`. Its stdout and stderr are
     /// piped; `wait_with_output` on the returned child collects them.
@@ -422,6 +485,12 @@ impl RedisServer {
     /// Kills the server with SIGKILL and waits for it to die, keeping its port and dir for
     /// [`RedisServer::restart`]. Connections see a reset; all data is lost (there is no
     /// persistence). Does nothing if the server is already stopped.
+    ///
+    /// Until the restart (or the drop), the port (and a cluster node's bus port) stays
+    /// reserved: connecting to it is refused, as to any dead server, but no server that
+    /// another test starts on a free port can get it. Without this, a client, Sentinel or
+    /// cluster node still dialling the dead server's address could reach another test's
+    /// server, and a restart could find its port taken.
     pub(crate) fn stop(&mut self) {
         let Some(mut child) = self.process.take() else {
             return;
@@ -432,6 +501,20 @@ impl RedisServer {
         let _ = child.kill();
         self.watchdog.forget();
         let _ = child.wait();
+        self.reserved = self
+            .ports()
+            .into_iter()
+            .filter_map(|port| reserve_port(port).ok())
+            .collect();
+    }
+
+    /// The ports the server listens on: its port, and a cluster node's bus port.
+    fn ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.port];
+        if self.cluster {
+            ports.extend(self.port.checked_add(CLUSTER_BUS_OFFSET));
+        }
+        ports
     }
 
     /// Starts the server again on the same port and dir (stopping it first if it runs) and
@@ -570,6 +653,8 @@ impl RedisServer {
             .open(self.dir.join("redis.stderr"))
             .map_err(|e| LaunchError::Failed(format!("cannot create redis.stderr: {e}")))?;
 
+        // A restart takes back the ports `stop` kept.
+        self.reserved.clear();
         let binary = server_binary();
         let mut command = self.server_command(&binary, &log_path);
         command.args(&self.extra_args);
@@ -847,6 +932,18 @@ pub(crate) fn free_port() -> u16 {
         .local_addr()
         .expect("a bound listener has an address")
         .port()
+}
+
+/// Binds a socket to `port` on loopback without listening: connections to the port are
+/// refused, and the kernel never hands the port to a bind on port 0 (how [`free_port`] picks
+/// ports) while the socket lives. `SO_REUSEADDR` lets the bind succeed while connections of
+/// the dead server linger in `TIME_WAIT`, and lets our own restart bind the port once the
+/// socket is dropped.
+fn reserve_port(port: u16) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, port)).into())?;
+    Ok(socket)
 }
 
 /// A loopback port nobody listens on right now whose cluster bus port (port + 10000) is free
