@@ -167,8 +167,9 @@ impl Builder {
     ///
     /// Default: the built-in roots, which is right for a managed Redis with a public
     /// certificate. Set it for a server whose certificate your own CA signed. Only for
-    /// `rediss://` URLs (and Sentinels reached over `rediss://`): with a `redis://` URL,
-    /// connecting fails with [`InvalidInput`](crate::ErrorKind::InvalidInput).
+    /// `rediss://` URLs (and Sentinels reached over `rediss://`, and Redis Cluster nodes
+    /// given as `rediss://` or `rediss+cluster://`, every node trusting this CA): with a
+    /// `redis://` URL, connecting fails with [`InvalidInput`](crate::ErrorKind::InvalidInput).
     #[cfg(feature = "tls-rustls")]
     pub fn tls_ca(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
         self.tls.ca = Some(ca_pem.into());
@@ -176,8 +177,8 @@ impl Builder {
     }
 
     /// Presents this client certificate and key (PEM; the key PKCS#8, PKCS#1 or SEC1) on
-    /// `rediss://` connections: mutual TLS, for a server started with
-    /// `tls-auth-clients yes`.
+    /// `rediss://` connections (a cluster's included): mutual TLS, for a server started
+    /// with `tls-auth-clients yes`.
     ///
     /// Default: no client certificate.
     #[cfg(feature = "tls-rustls")]
@@ -274,6 +275,36 @@ impl Builder {
         Ok(self.finish(backend))
     }
 
+    /// Connects to a Redis Cluster through `nodes` (seed node URLs, `redis://[user:password@]host:port`;
+    /// any reachable master or replica will do, the rest is discovered), with the checks
+    /// of [`connect`](Builder::connect) run on every master. The same as `connect` with
+    /// the cluster URL `redis+cluster://[user:password@]host:port,host:port/`, which
+    /// [`connect_lazy`](Builder::connect_lazy) accepts too.
+    ///
+    /// On a cluster every script touches one slot (a key's names share the hash tag
+    /// `{key}`); notices travel over sharded pub/sub (`SSUBSCRIBE`, `SPUBLISH`), so a
+    /// completion reaches only the shard that owns the job; the keys of one multi-lock must
+    /// share a hash tag (`{order-7}:a`, `{order-7}:b`). See README, "Running at scale".
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Builder::connect); [`InvalidInput`](crate::ErrorKind::InvalidInput)
+    /// also when `nodes` is empty.
+    pub async fn connect_cluster<S: AsRef<str>>(self, nodes: &[S]) -> Result<Herd> {
+        let settings = self.settings()?;
+        let nodes: Vec<String> = nodes.iter().map(|n| n.as_ref().to_owned()).collect();
+        if nodes.is_empty() {
+            return Err(Error::invalid(
+                "connect_cluster needs at least one node url",
+            ));
+        }
+        let backend =
+            RedisBackend::connect_cluster(&nodes, &self.tls, settings, self.preflight()).await?;
+        let backend = Backend::Redis(backend);
+        backend.ping().await?;
+        Ok(self.finish(backend))
+    }
+
     /// Like [`connect`](Builder::connect), but connects on first use: this only checks
     /// the options and the URL. Connection and credential errors surface from the first
     /// call that needs Redis, and so do the server and permission checks of `connect`,
@@ -291,8 +322,7 @@ impl Builder {
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option or URL.
     pub fn connect_lazy(self, url: &str) -> Result<Herd> {
         let settings = self.settings()?;
-        let backend =
-            RedisBackend::connect_lazy(url, self.tls.clone(), settings, self.preflight())?;
+        let backend = RedisBackend::connect_lazy(url, &self.tls, settings, self.preflight())?;
         Ok(self.finish(Backend::Redis(backend)))
     }
 
@@ -351,6 +381,7 @@ impl Builder {
         Preflight {
             prefix: self.prefix.clone(),
             allow_eviction: self.allow_eviction,
+            tls: self.tls.clone(),
         }
     }
 

@@ -68,7 +68,33 @@ fn hash_tag(key: &str) -> Option<&str> {
     Some(&key[open + 1..close])
 }
 
+/// The Redis Cluster slot of a key: CRC16 (XMODEM) of its hash tag (the text between the
+/// first `{` and the next `}`, when not empty), else of the whole key, modulo 16384.
+pub(crate) fn cluster_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let len = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (len > 0).then(|| &key[open + 1..open + 1 + len])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 == 0 {
+                crc << 1
+            } else {
+                (crc << 1) ^ 0x1021
+            };
+        }
+    }
+    crc % 16_384
+}
+
 impl JobKeys {
+    /// The Redis Cluster slot every key and the channel of this job hash to.
+    pub(crate) fn slot(&self) -> u16 {
+        cluster_slot(self.lock.as_bytes())
+    }
+
     // The names below are built on demand: a lock needs only `lock` and `channel`, and
     // building every name up front cost an allocation each per call.
 
@@ -204,6 +230,24 @@ pub(crate) fn micros(d: Duration) -> u64 {
 #[cfg(test)]
 mod unit {
     use super::*;
+
+    #[test]
+    fn cluster_slots_are_crc16_of_the_hash_tag() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(cluster_slot(b"123456789"), 0x31C3);
+        assert_eq!(cluster_slot(b"foo"), 12_182);
+        assert_eq!(
+            cluster_slot(b"{user1000}.following"),
+            cluster_slot(b"user1000")
+        );
+        assert_eq!(cluster_slot(b"foo{}{bar}"), cluster_slot(b"foo{}{bar}"));
+        assert_ne!(cluster_slot(b"foo{}{bar}"), cluster_slot(b"bar"));
+        assert_eq!(cluster_slot(b"foo{{bar}}zap"), cluster_slot(b"{bar"));
+        let keys = JobKeys::new("p", "order:7");
+        assert_eq!(keys.slot(), cluster_slot(b"order:7"));
+        assert_eq!(cluster_slot(keys.channel.as_bytes()), keys.slot());
+        assert_eq!(cluster_slot(keys.sem_ticket().as_bytes()), keys.slot());
+    }
 
     #[test]
     fn key_layout_shares_one_hash_tag() {

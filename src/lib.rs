@@ -146,3 +146,10 @@ pub use semaphore::{
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 mod readme {}
+
+/// The Redis Cluster hash slot of `key` (CRC16 of its hash tag, modulo 16384), as Redis
+/// computes it: for tests and tools that check where herdlock's keys land.
+#[doc(hidden)]
+pub fn cluster_slot(key: &str) -> u16 {
+    keys::cluster_slot(key.as_bytes())
+}

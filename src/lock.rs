@@ -608,7 +608,10 @@ impl Herd {
             released: false,
         };
         if let Some((replicas, timeout)) = options.replicas {
-            let acked = self.backend().wait_replicas(replicas, timeout).await?;
+            let acked = self
+                .backend()
+                .wait_replicas(&guard.keys, replicas, timeout)
+                .await?;
             if acked < replicas {
                 let key = guard.keys.key.clone();
                 if let Err(e) = guard.release_now().await {

@@ -334,7 +334,7 @@ impl Semaphore {
                         .await,
                 )
             };
-            let wake = format!("wake:{member}");
+            let wake = crate::backend::wire::wake_notice(&member);
             let mut sub = match early {
                 Some(sub) => sub,
                 None => self.herd.backend().subscribe(&self.keys).await?,

@@ -56,3 +56,6 @@ mod tls;
 mod tenants;
 // Sentinel: connect by master name, follow a failover (herds, held locks, waiters).
 mod sentinel;
+// Redis Cluster: the behaviour suites on a 3-master + 3-replica cluster, sharded pub/sub,
+// slot migration and failover.
+mod cluster;

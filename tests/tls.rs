@@ -35,7 +35,7 @@ fn builder(prefix: &str) -> herdlock::Builder {
 }
 
 /// The smoke set: a fan-out herd of two nodes runs once, a lock excludes, once runs once,
-/// a multi-lock excludes, a semaphore admits N.
+/// a multi-lock excludes (its keys share a hash tag, for a cluster), a semaphore admits N.
 async fn smoke(a: &Herd, b: &Herd) {
     let runs = Arc::new(AtomicUsize::new(0));
     let calls = (0..8).map(|i| {
@@ -74,12 +74,12 @@ async fn smoke(a: &Herd, b: &Herd) {
         .expect("once");
     assert_eq!(ran, Outcome::Ran(7));
 
-    let multi = match a.try_multi(&["m1", "m2"]).await.expect("try_multi") {
+    let multi = match a.try_multi(&["{m}:1", "{m}:2"]).await.expect("try_multi") {
         TryMulti::Acquired(g) => g,
         TryMulti::Busy(held) => panic!("multi busy: {held:?}"),
     };
     assert!(matches!(
-        b.try_multi(&["m2", "m3"]).await.expect("try_multi"),
+        b.try_multi(&["{m}:2", "{m}:3"]).await.expect("try_multi"),
         TryMulti::Busy(_)
     ));
     multi.release().await.expect("multi release");
@@ -119,7 +119,12 @@ async fn smoke_set_over_tls_with_custom_ca() {
         .connect_lazy(&server.url())
         .expect("lazy connect over TLS");
     let started = Instant::now();
-    within(Duration::from_secs(30), "smoke set over TLS", smoke(&a, &b)).await;
+    within(
+        Duration::from_secs(30),
+        "smoke set over TLS",
+        Box::pin(smoke(&a, &b)),
+    )
+    .await;
     eprintln!("tls timing: smoke set {:?}", started.elapsed());
 }
 
@@ -152,7 +157,7 @@ async fn mutual_tls_with_client_certificate() {
     within(
         Duration::from_secs(30),
         "smoke set over mutual TLS",
-        smoke(&a, &b),
+        Box::pin(smoke(&a, &b)),
     )
     .await;
 
@@ -249,4 +254,63 @@ async fn plain_and_tls_mismatches_fail_quickly() {
         // A lazy herd's first call runs the connect checks, bounded by the command timeout.
         assert!(took < COMMAND_TIMEOUT + SLACK, "{what}: took {took:?}");
     }
+}
+
+/// Redis Cluster over mutual TLS: `connect_cluster` with `rediss://` seeds and
+/// `connect_lazy` with a `rediss+cluster://` URL, both with the test CA and the client
+/// certificate, run the smoke set (with a multi-lock on one hash tag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_over_mutual_tls() {
+    use crate::common::cluster::{ClusterConfig, RedisCluster};
+    if !tls_or_skip("tls::cluster_over_mutual_tls") {
+        return;
+    }
+    let cluster = tokio::task::spawn_blocking(|| {
+        RedisCluster::start_with(ClusterConfig {
+            tls: Some(Tls::shared(AuthClients::Yes)),
+            ..ClusterConfig::default()
+        })
+    })
+    .await
+    .expect("cluster start");
+    let urls = cluster.urls();
+    assert!(urls.iter().all(|u| u.starts_with("rediss://")), "{urls:?}");
+    let certs = TlsCerts::shared();
+    let cert = TlsCerts::read(&certs.client_cert());
+    let key = TlsCerts::read(&certs.client_key());
+    let prefix = unique_prefix("tls::cluster");
+    let node = |owner: &str| {
+        builder(&prefix)
+            .owner(owner)
+            .tls_ca(ca())
+            .tls_client_cert(cert.clone(), key.clone())
+    };
+    let a = node("a")
+        .connect_cluster(&urls)
+        .await
+        .expect("cluster connect over mutual TLS");
+    let hosts: Vec<&str> = urls
+        .iter()
+        .map(|u| u.trim_start_matches("rediss://").trim_end_matches('/'))
+        .collect();
+    let b = node("b")
+        .connect_lazy(&format!("rediss+cluster://{}/", hosts.join(",")))
+        .expect("lazy cluster connect over TLS");
+    within(
+        Duration::from_secs(30),
+        "smoke set over a TLS cluster",
+        Box::pin(smoke(&a, &b)),
+    )
+    .await;
+
+    // Certificates with plain cluster urls: refused up front.
+    let plain: Vec<String> = urls
+        .iter()
+        .map(|u| u.replacen("rediss://", "redis://", 1))
+        .collect();
+    let refused = node("c")
+        .connect_cluster(&plain)
+        .await
+        .expect_err("certificates with redis:// cluster urls");
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput, "{refused:?}");
 }

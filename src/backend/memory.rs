@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use super::wire::{held_by, holder_value, wake_notice, RELEASED};
 use super::{
     AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
     SemReply, StatusReply, Subscription,
@@ -209,21 +210,6 @@ impl State {
     }
 }
 
-/// A holder value as the Redis scripts write it, `<fence>:<nonce>:<ttl ms>:0:<owner>`, and
-/// its token `<fence>:<nonce>`.
-fn holder_value(fence: u64, nonce: &str, ttl: Duration, owner: &str) -> (String, String) {
-    let token = format!("{fence}:{nonce}");
-    let value = format!("{token}:{}:0:{owner}", crate::keys::millis(ttl));
-    (token, value)
-}
-
-/// Whether a stored holder value belongs to `token`.
-fn held_by(value: &str, token: &str) -> bool {
-    value
-        .strip_prefix(token)
-        .is_some_and(|rest| rest.starts_with(':'))
-}
-
 /// `PTTL` of an entry at `now`: -1 without expiry, else the whole milliseconds left.
 fn pttl(expires: Option<Instant>, now: Instant) -> i64 {
     expires.map_or(-1, |t| {
@@ -311,7 +297,7 @@ impl MemoryBackend {
                         entry.expires = Some(now + ttl);
                     } else {
                         st.values.remove(&k.lock);
-                        st.publish(&k.channel, b"released");
+                        st.publish(&k.channel, RELEASED);
                     }
                 }
             }
@@ -353,7 +339,7 @@ impl MemoryBackend {
                             notices.extend(
                                 sem.heads(args.permits)
                                     .into_iter()
-                                    .map(|m| format!("wake:{m}").into_bytes()),
+                                    .map(|m| wake_notice(&m).into_bytes()),
                             );
                         }
                         SemReply::Admitted
@@ -368,11 +354,11 @@ impl MemoryBackend {
             SemOp::Release => {
                 let removed = sem.holders.remove(&member).is_some();
                 if removed {
-                    notices.push(b"released".to_vec());
+                    notices.push(RELEASED.to_vec());
                     notices.extend(
                         sem.heads(args.permits)
                             .into_iter()
-                            .map(|m| format!("wake:{m}").into_bytes()),
+                            .map(|m| wake_notice(&m).into_bytes()),
                     );
                 }
                 SemReply::Done(removed)
@@ -389,13 +375,13 @@ impl MemoryBackend {
                 // A cancelled attempt may have been admitted with nobody to own the permit.
                 let held = sem.holders.remove(&member).is_some();
                 if held {
-                    notices.push(b"released".to_vec());
+                    notices.push(RELEASED.to_vec());
                 }
                 if queued || held {
                     notices.extend(
                         sem.heads(args.permits)
                             .into_iter()
-                            .map(|m| format!("wake:{m}").into_bytes()),
+                            .map(|m| wake_notice(&m).into_bytes()),
                     );
                 }
                 SemReply::Done(true)
@@ -515,7 +501,7 @@ impl MemoryBackend {
             Some(entry) if held_by(&entry.value, token) => {
                 if grace.is_zero() {
                     st.values.remove(&keys.lock);
-                    st.publish(&keys.channel, b"released");
+                    st.publish(&keys.channel, RELEASED);
                 } else {
                     entry.expires = Some(now + grace);
                 }

@@ -10,6 +10,7 @@ pub(crate) mod memory;
 pub(crate) mod preflight;
 pub(crate) mod redis;
 pub(crate) mod target;
+pub(crate) mod wire;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use tokio::time::Instant;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::JobKeys;
+
+pub(crate) use wire::{holder_nonce, holder_token, parse_holder, token_fence};
 
 /// The first pause before a release is retried; it doubles up to [`RETRY_MAX`]. The
 /// connection manager reconnects on the error that triggers the retry, so the retry usually
@@ -372,11 +375,16 @@ impl Backend {
         }
     }
 
-    /// How many replicas acknowledged the writes made so far (`WAIT`). The in-memory
-    /// backend has none.
-    pub(crate) async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+    /// How many replicas acknowledged the writes made so far (`WAIT`), on the node that
+    /// holds `keys` (a cluster's slot master). The in-memory backend has none.
+    pub(crate) async fn wait_replicas(
+        &self,
+        keys: &JobKeys,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<u32> {
         match self {
-            Backend::Redis(b) => b.wait_replicas(replicas, timeout).await,
+            Backend::Redis(b) => b.wait_replicas(keys, replicas, timeout).await,
             Backend::Memory(_) => Ok(0),
         }
     }
@@ -455,62 +463,4 @@ pub(crate) struct Retried<T> {
     pub(crate) after_error: bool,
     /// When the attempt that answered was sent.
     pub(crate) sent: std::time::Instant,
-}
-
-/// The fields of a stored holder value `<fence>:<nonce>:<ttl ms>:<waited 0|1>:<owner>`.
-struct HolderFields<'a> {
-    fence: u64,
-    nonce: &'a str,
-    /// `<fence>:<nonce>`: what the holder compares with (release, extend, complete).
-    token: &'a str,
-    owner: &'a str,
-}
-
-fn holder_fields(value: &str) -> Option<HolderFields<'_>> {
-    let mut parts = value.splitn(5, ':');
-    let fence_text = parts.next()?;
-    let fence = fence_text.parse::<u64>().ok()?;
-    let nonce = parts.next()?;
-    let _ttl = parts.next()?.parse::<u64>().ok()?;
-    let _waited = parts.next().filter(|w| *w == "0" || *w == "1")?;
-    let owner = parts.next()?;
-    Some(HolderFields {
-        fence,
-        nonce,
-        token: &value[..fence_text.len() + 1 + nonce.len()],
-        owner,
-    })
-}
-
-fn malformed_holder() -> Error {
-    Error::new(
-        crate::ErrorKind::Redis,
-        "malformed holder value stored under a lock key (written by another version of \
-         herdlock, or not by herdlock)",
-    )
-}
-
-/// Parses a stored holder value: its fence and owner label.
-pub(crate) fn parse_holder(value: &str) -> Result<(u64, &str)> {
-    holder_fields(value)
-        .map(|f| (f.fence, f.owner))
-        .ok_or_else(malformed_holder)
-}
-
-/// The token (`<fence>:<nonce>`) of a stored holder value, if it is well formed.
-pub(crate) fn holder_token(value: &str) -> Option<&str> {
-    holder_fields(value).map(|f| f.token)
-}
-
-/// The nonce of a stored holder value, if it is well formed.
-pub(crate) fn holder_nonce(value: &str) -> Option<&str> {
-    holder_fields(value).map(|f| f.nonce)
-}
-
-/// The fence of a holder token `<fence>:<nonce>` (what an acquisition returns).
-pub(crate) fn token_fence(token: &str) -> Result<u64> {
-    token
-        .split_once(':')
-        .and_then(|(fence, _)| fence.parse::<u64>().ok())
-        .ok_or_else(malformed_holder)
 }

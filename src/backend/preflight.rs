@@ -25,17 +25,21 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, PubSub};
+use redis::aio::{ConnectionLike, PubSub};
+use redis::cluster_async::ClusterConnection;
 use redis::{Client, Script, Value};
 
+use super::target::{build_client, with_cluster_tls, TlsFiles};
 use crate::error::{Error, ErrorKind, Result};
 
 /// What a Redis herd checks at connect: its prefix (the keys and channels it needs) and
-/// whether the user accepted an evicting server.
+/// whether the user accepted an evicting server; the TLS certificates its own connections
+/// to a cluster's masters use.
 #[derive(Debug, Clone)]
 pub(crate) struct Preflight {
     pub(crate) prefix: String,
     pub(crate) allow_eviction: bool,
+    pub(crate) tls: TlsFiles,
 }
 
 /// An argument of a command herdlock runs, for `ACL DRYRUN`.
@@ -110,12 +114,43 @@ const NEEDED: &[(&str, &[Arg])] = &[
     ("zscore", &[Text("ZSCORE"), Zset, Text("probe")]),
 ];
 
+/// What a Redis Cluster needs instead of, or besides, [`NEEDED`]'s one-node pub/sub:
+/// sharded pub/sub, `EVAL` (the reload after a failover, routed by key), and the slot map.
+const NEEDED_CLUSTER: &[(&str, &[Arg])] = &[
+    ("ssubscribe", &[Text("SSUBSCRIBE"), Channel]),
+    ("sunsubscribe", &[Text("SUNSUBSCRIBE"), Channel]),
+    ("spublish", &[Text("SPUBLISH"), Channel, Text("probe")]),
+    (
+        "eval",
+        &[Text("EVAL"), Text("return 1"), Text("2"), Key, Zset],
+    ),
+    ("cluster|slots", &[Text("CLUSTER"), Text("SLOTS")]),
+];
+
+/// The one-node commands a cluster does not use (its pub/sub is sharded).
+const SINGLE_ONLY: &[&str] = &["subscribe", "unsubscribe", "publish"];
+
 /// Allowed by the least-privilege rule though herdlock works without it: the eviction
-/// check reads `INFO memory`.
-const OPTIONAL: &[&str] = &["info|memory"];
+/// check reads `INFO memory`; newer redis-rs versions and tools read `CLUSTER SHARDS`.
+const OPTIONAL: &[&str] = &["info|memory", "cluster|shards"];
+
+/// The commands a herd on a cluster (`sharded`) or one node runs.
+fn needed(sharded: bool) -> Vec<(&'static str, &'static [Arg])> {
+    if sharded {
+        NEEDED
+            .iter()
+            .filter(|(name, _)| !SINGLE_ONLY.contains(name))
+            .chain(NEEDED_CLUSTER)
+            .copied()
+            .collect()
+    } else {
+        NEEDED.to_vec()
+    }
+}
 
 /// The `ACL SETUSER` rule for a user that does nothing but herdlock under `prefix`: the
-/// one README ("Redis requirements") documents. Standalone Redis; add `+wait` for
+/// one README ("Redis requirements") documents, for one node and for a Redis Cluster
+/// alike (sharded pub/sub and the slot map are in it). Add `+wait` for
 /// `LockOptions::replicas` and `+select` for a database other than 0.
 pub(crate) fn least_privilege_rule(user: &str, prefix: &str) -> String {
     let pattern = format!("{}:*", acl_escape(prefix));
@@ -123,6 +158,7 @@ pub(crate) fn least_privilege_rule(user: &str, prefix: &str) -> String {
         format!("ACL SETUSER {user} reset on >PASSWORD resetchannels ~{pattern} &{pattern} -@all");
     for name in NEEDED
         .iter()
+        .chain(NEEDED_CLUSTER)
         .map(|(name, _)| *name)
         .chain(OPTIONAL.iter().copied())
     {
@@ -135,10 +171,10 @@ impl Preflight {
     /// Runs both checks on `conn` (a working command connection of `client`). `pubsub`, if
     /// given, is the herd's pub/sub connection; otherwise the subscribe probe (needed only
     /// when `ACL DRYRUN` is refused) opens one of its own.
-    pub(crate) async fn run(
+    pub(crate) async fn run<C: ConnectionLike + Send>(
         &self,
         client: &Client,
-        conn: &mut ConnectionManager,
+        conn: &mut C,
         pubsub: Option<&mut PubSub>,
         timeout: Duration,
     ) -> Result<()> {
@@ -150,7 +186,7 @@ impl Preflight {
             .username()
             .unwrap_or("default")
             .to_owned();
-        let refused = match dry_run(conn, &user, &names, timeout).await? {
+        let refused = match dry_run(conn, &user, &names, &needed(false), timeout).await? {
             Some(refused) => refused,
             None => probe(client, conn, pubsub, &names, timeout).await?,
         };
@@ -163,7 +199,90 @@ impl Preflight {
         ))
     }
 
-    async fn check_eviction(&self, conn: &mut ConnectionManager, timeout: Duration) -> Result<()> {
+    /// Runs both checks on a Redis Cluster: on every master (found with `CLUSTER SLOTS`
+    /// on `conn`), over a connection of its own with the seed's credentials, the eviction
+    /// policy and `ACL DRYRUN` (ACL users are per node). A user who may not run `ACL
+    /// DRYRUN` is probed on the probe key's slot (the probe script by `EVAL`, and
+    /// `SSUBSCRIBE` + `SUNSUBSCRIBE` of the probe channel).
+    pub(crate) async fn run_cluster(
+        &self,
+        nodes: &[String],
+        conn: &mut ClusterConnection,
+        timeout: Duration,
+    ) -> Result<()> {
+        let seed = nodes
+            .first()
+            .ok_or_else(|| Error::invalid("a redis cluster url names at least one node"))?;
+        let seed = Client::open(seed.as_str())
+            .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
+        let info = seed.get_connection_info().clone();
+        let user = info
+            .redis_settings()
+            .username()
+            .unwrap_or("default")
+            .to_owned();
+        let slots = bounded(
+            "connect check (cluster slots)",
+            timeout,
+            redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async::<Value>(conn),
+        )
+        .await?;
+        let names = ProbeNames::new(&self.prefix);
+        let needed = needed(true);
+        let mut refused: Vec<Refused> = Vec::new();
+        let mut dry_run_refused = false;
+        for (host, port) in masters(&slots) {
+            let addr = match info.addr() {
+                redis::ConnectionAddr::TcpTls {
+                    insecure,
+                    tls_params,
+                    ..
+                } => redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure: *insecure,
+                    tls_params: tls_params.clone(),
+                },
+                _ => redis::ConnectionAddr::Tcp(host, port),
+            };
+            let client = build_client(info.clone().set_addr(addr), &self.tls)?;
+            let mut node = bounded(
+                "connect check (cluster master)",
+                timeout,
+                client.get_multiplexed_async_connection(),
+            )
+            .await?;
+            self.check_eviction(&mut node, timeout).await?;
+            match dry_run(&mut node, &user, &names, &needed, timeout).await? {
+                Some(found) => {
+                    for r in found {
+                        if !refused.contains(&r) {
+                            refused.push(r);
+                        }
+                    }
+                }
+                None => dry_run_refused = true,
+            }
+        }
+        if dry_run_refused {
+            refused = probe_cluster(nodes, &self.tls, conn, &names, timeout).await?;
+        }
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Permission,
+            self.permission_message(&user, &refused),
+        ))
+    }
+
+    async fn check_eviction<C: ConnectionLike + Send>(
+        &self,
+        conn: &mut C,
+        timeout: Duration,
+    ) -> Result<()> {
         let Some(policy) = eviction_policy(conn, timeout).await? else {
             tracing::warn!(
                 "cannot read the redis maxmemory-policy (neither `INFO memory` nor \
@@ -311,15 +430,15 @@ impl ProbeNames {
 
 /// The server's eviction policy, or `None` if the user may read it neither way. Only a
 /// connection failure is an error.
-async fn eviction_policy(
-    conn: &mut ConnectionManager,
+async fn eviction_policy<C: ConnectionLike + Send>(
+    conn: &mut C,
     timeout: Duration,
 ) -> Result<Option<String>> {
-    let info = query::<String>(conn, redis::cmd("INFO").arg("memory"), timeout).await?;
+    let info = query::<String, C>(conn, redis::cmd("INFO").arg("memory"), timeout).await?;
     if let Some(policy) = info.ok().as_deref().and_then(policy_from_info) {
         return Ok(Some(policy));
     }
-    let config = query::<Value>(
+    let config = query::<Value, C>(
         conn,
         redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy"),
         timeout,
@@ -352,15 +471,16 @@ fn policy_from_config(reply: &Value) -> Option<String> {
 
 /// Asks `ACL DRYRUN` about every needed command. `None` when the user may not ask (or the
 /// server has no `ACL DRYRUN`, before Redis 7).
-async fn dry_run(
-    conn: &mut ConnectionManager,
+async fn dry_run<C: ConnectionLike + Send>(
+    conn: &mut C,
     user: &str,
     names: &ProbeNames,
+    needed: &[(&'static str, &'static [Arg])],
     timeout: Duration,
 ) -> Result<Option<Vec<Refused>>> {
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
-    for (_, args) in NEEDED {
+    for (_, args) in needed {
         let cmd = pipe.cmd("ACL").arg("DRYRUN").arg(user);
         for arg in *args {
             cmd.arg(names.arg(*arg));
@@ -372,11 +492,11 @@ async fn dry_run(
         pipe.query_async::<Vec<Value>>(conn),
     )
     .await?;
-    if replies.len() != NEEDED.len() || replies.iter().any(|r| matches!(r, Value::ServerError(_))) {
+    if replies.len() != needed.len() || replies.iter().any(|r| matches!(r, Value::ServerError(_))) {
         return Ok(None);
     }
     let mut refused = Vec::new();
-    for ((name, _), reply) in NEEDED.iter().zip(&replies) {
+    for ((name, _), reply) in needed.iter().zip(&replies) {
         match reply {
             Value::Okay => {}
             Value::SimpleString(s) if s == "OK" => {}
@@ -388,9 +508,9 @@ async fn dry_run(
 }
 
 /// Probes with real, harmless commands (see the module docs).
-async fn probe(
+async fn probe<C: ConnectionLike + Send>(
     client: &Client,
-    conn: &mut ConnectionManager,
+    conn: &mut C,
     pubsub: Option<&mut PubSub>,
     names: &ProbeNames,
     timeout: Duration,
@@ -447,6 +567,111 @@ async fn probe(
     Ok(refused)
 }
 
+/// The masters' addresses in a `CLUSTER SLOTS` reply (`[start, end, [host, port, id],
+/// replicas…]` per range), each once.
+fn masters(slots: &Value) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    let Value::Array(ranges) = slots else {
+        return out;
+    };
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            continue;
+        };
+        let Some(Value::Array(master)) = fields.get(2) else {
+            continue;
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => continue,
+        };
+        let Some(Value::Int(port)) = master.get(1) else {
+            continue;
+        };
+        let Ok(port) = u16::try_from(*port) else {
+            continue;
+        };
+        if !out.iter().any(|(h, p)| *h == host && *p == port) {
+            out.push((host, port));
+        }
+    }
+    out
+}
+
+/// The probe on a cluster: the probe script (its `SPUBLISH` variant) by `EVAL` routed by
+/// the probe key, and `SSUBSCRIBE` + `SUNSUBSCRIBE` of the probe channel on a RESP3
+/// cluster connection of its own.
+async fn probe_cluster(
+    nodes: &[String],
+    tls: &TlsFiles,
+    conn: &mut ClusterConnection,
+    names: &ProbeNames,
+    timeout: Duration,
+) -> Result<Vec<Refused>> {
+    let source = include_str!("../scripts/probe.lua").replace("'PUBLISH'", "'SPUBLISH'");
+    let mut refused = Vec::new();
+    let eval = query::<Value, _>(
+        conn,
+        redis::cmd("EVAL")
+            .arg(source)
+            .arg(2)
+            .arg(&names.key)
+            .arg(&names.zset)
+            .arg(&names.channel),
+        timeout,
+    )
+    .await?;
+    match eval {
+        Ok(Value::Array(items)) => {
+            for pair in items.chunks(2) {
+                let [Value::BulkString(name), Value::BulkString(text)] = pair else {
+                    continue;
+                };
+                refused.push(Refused::new(
+                    &String::from_utf8_lossy(name),
+                    &String::from_utf8_lossy(text),
+                ));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => refused.push(Refused::new("eval", e.message())),
+    }
+    let builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+        .use_protocol(redis::ProtocolVersion::RESP3);
+    let client = with_cluster_tls(builder, tls)
+        .build()
+        .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
+    let mut own = bounded(
+        "connect check (cluster pub/sub)",
+        timeout,
+        client.get_async_connection(),
+    )
+    .await?;
+    for (name, unsubscribe) in [("ssubscribe", false), ("sunsubscribe", true)] {
+        let sent = if unsubscribe {
+            tokio::time::timeout(timeout, own.sunsubscribe(&names.channel)).await
+        } else {
+            tokio::time::timeout(timeout, own.ssubscribe(&names.channel)).await
+        };
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+                refused.push(Refused::new(name, &e.to_string()));
+                break;
+            }
+            Ok(Err(e)) => return Err(Error::redis("connect check (pub/sub)", e)),
+            Err(_) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!("redis did not answer {name} within {timeout:?}"),
+                ))
+            }
+        }
+    }
+    Ok(refused)
+}
+
 /// `SUBSCRIBE` then `UNSUBSCRIBE` the probe channel, on `pubsub` or a connection of its
 /// own.
 async fn probe_subscribe(
@@ -500,8 +725,8 @@ fn server_error_text(e: &redis::ServerError) -> String {
 
 /// One command: its reply, or the server's refusal as `Ok(Err(..))`; a connection failure
 /// or timeout is the only `Err`.
-async fn query<T: redis::FromRedisValue>(
-    conn: &mut ConnectionManager,
+async fn query<T: redis::FromRedisValue, C: ConnectionLike + Send>(
+    conn: &mut C,
     cmd: &redis::Cmd,
     timeout: Duration,
 ) -> Result<std::result::Result<T, Error>> {
@@ -598,6 +823,41 @@ mod tests {
     }
 
     #[test]
+    fn every_command_a_cluster_script_runs_is_checked_and_probed() {
+        let probe = include_str!("../scripts/probe.lua").replace("'PUBLISH'", "'SPUBLISH'");
+        let needed = needed(true);
+        let rule = least_privilege_rule("u", "p");
+        for (script, source) in SCRIPTS {
+            let source = source.replace("'PUBLISH'", "'SPUBLISH'");
+            for command in called(&source) {
+                assert!(
+                    needed.iter().any(|(name, _)| *name == command),
+                    "{script}.lua runs {command} on a cluster, which the connect check does not check"
+                );
+                assert!(
+                    probe.contains(&format!("try('{}'", command.to_ascii_uppercase())),
+                    "{script}.lua runs {command} on a cluster, which probe.lua does not try"
+                );
+                assert!(rule.contains(&format!(" +{command}")), "{command}");
+            }
+        }
+        for name in [
+            "ssubscribe",
+            "sunsubscribe",
+            "spublish",
+            "eval",
+            "cluster|slots",
+            "cluster|shards",
+        ] {
+            assert!(
+                rule.contains(&format!(" +{name}")),
+                "the rule lacks +{name}: {rule}"
+            );
+        }
+        assert!(!needed.iter().any(|(name, _)| SINGLE_ONLY.contains(name)));
+    }
+
+    #[test]
     fn the_readme_documents_the_least_privilege_rule() {
         let readme = include_str!("../../README.md");
         let rule = least_privilege_rule("herdlock", "herdlock");
@@ -644,6 +904,7 @@ mod tests {
         let preflight = Preflight {
             prefix: "app".to_owned(),
             allow_eviction: false,
+            tls: TlsFiles::default(),
         };
         let message = preflight.permission_message(
             "u",

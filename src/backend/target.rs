@@ -14,7 +14,7 @@
 //!   first address whose server says it is a master (`ROLE`). A new address bumps the
 //!   target's *generation*.
 //!
-//! Everything built from a target checks the generation: [`Conn::get`] replaces its
+//! Everything built from a target checks the generation: [`Managed::get`] replaces its
 //! connection manager on the next call (the command connection and the watchdog's), and the
 //! Notifier's listener reconnects its pub/sub connection, re-subscribes every channel and
 //! sends every waiter a `Resync`.
@@ -45,8 +45,29 @@ pub(crate) struct TlsFiles {
 }
 
 impl TlsFiles {
-    fn is_empty(&self) -> bool {
+    /// Whether neither a CA nor a client certificate was given.
+    pub(crate) fn is_empty(&self) -> bool {
         self.ca.is_none() && self.client.is_none()
+    }
+
+    /// These files as redis-rs wants them.
+    #[cfg(feature = "tls-rustls")]
+    pub(crate) fn certificates(&self) -> redis::TlsCertificates {
+        // redis-rs builds its rustls config with the process's default crypto provider, or
+        // the one the enabled crate features name. herdlock enables ring; if another crate
+        // in the build enables aws-lc-rs too, neither is the default and rustls would
+        // panic: install ring unless the application installed a provider of its own.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        redis::TlsCertificates {
+            client_tls: self
+                .client
+                .as_ref()
+                .map(|(cert, key)| redis::ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+            root_cert: self.ca.clone(),
+        }
     }
 }
 
@@ -234,6 +255,11 @@ impl Target {
         (self.current().client.clone(), generation)
     }
 
+    /// The current generation: bumped each time the master moves (0 for one server).
+    pub(crate) fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
     /// Changes of the generation (a new master), for the pub/sub listener.
     pub(crate) fn watch(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
@@ -266,7 +292,7 @@ impl Target {
     }
 
     /// Re-resolves the master now (Sentinel targets; a no-op otherwise), bounded by `limit`.
-    /// A caller then takes a fresh connection ([`Conn::get`]): it is rebuilt if the master
+    /// A caller then takes a fresh connection ([`Managed::get`]): it is rebuilt if the master
     /// moved, by this call or by another.
     pub(crate) async fn refresh(&self, limit: Duration) {
         let _ = tokio::time::timeout(limit, self.resolve()).await;
@@ -316,7 +342,7 @@ pub(crate) fn is_suspicious(error: &Error) -> bool {
     false
 }
 
-fn parse_url(url: &str, what: &str) -> Result<ConnectionInfo> {
+pub(crate) fn parse_url(url: &str, what: &str) -> Result<ConnectionInfo> {
     if url.starts_with("rediss://") && !cfg!(feature = "tls-rustls") {
         return Err(Error::invalid(format!(
             "{what} is rediss:// (TLS), which needs herdlock's `tls-rustls` feature"
@@ -327,7 +353,7 @@ fn parse_url(url: &str, what: &str) -> Result<ConnectionInfo> {
 }
 
 /// A client for `info`, with the custom CA and client certificate when there are any.
-fn build_client(info: ConnectionInfo, tls: &TlsFiles) -> Result<Client> {
+pub(crate) fn build_client(info: ConnectionInfo, tls: &TlsFiles) -> Result<Client> {
     let is_tls = matches!(info.addr(), ConnectionAddr::TcpTls { .. });
     if tls.is_empty() {
         return Client::open(info)
@@ -341,24 +367,23 @@ fn build_client(info: ConnectionInfo, tls: &TlsFiles) -> Result<Client> {
     tls_client(info, tls)
 }
 
+/// `builder` with the custom CA and client certificate for every node, when there are any
+/// (the caller checked that the node urls are `rediss://`).
+pub(crate) fn with_cluster_tls(
+    builder: redis::cluster::ClusterClientBuilder,
+    tls: &TlsFiles,
+) -> redis::cluster::ClusterClientBuilder {
+    #[cfg(feature = "tls-rustls")]
+    if !tls.is_empty() {
+        return builder.certs(tls.certificates());
+    }
+    let _ = tls;
+    builder
+}
+
 #[cfg(feature = "tls-rustls")]
 fn tls_client(info: ConnectionInfo, tls: &TlsFiles) -> Result<Client> {
-    // redis-rs builds its rustls config with the process's default crypto provider, or the
-    // one the enabled crate features name. herdlock enables ring; if another crate in the
-    // build enables aws-lc-rs too, neither is the default and rustls would panic: install
-    // ring unless the application installed a provider of its own.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let certs = redis::TlsCertificates {
-        client_tls: tls
-            .client
-            .as_ref()
-            .map(|(cert, key)| redis::ClientTlsConfig {
-                client_cert: cert.clone(),
-                client_key: key.clone(),
-            }),
-        root_cert: tls.ca.clone(),
-    };
-    Client::build_with_tls(info, certs).map_err(|e| {
+    Client::build_with_tls(info, tls.certificates()).map_err(|e| {
         Error::with_source(
             ErrorKind::InvalidInput,
             "invalid TLS certificates (tls_ca / tls_client_cert want PEM)",
@@ -561,23 +586,23 @@ async fn next_message(
     None
 }
 
-/// The command connection of a target: a connection manager, replaced on the first call
-/// after the target's generation moved (a Sentinel failover).
-pub(crate) struct Conn {
+/// The one-node command connection of a target: a connection manager, replaced on the
+/// first call after the target's generation moved (a Sentinel failover).
+pub(crate) struct Managed {
     target: Arc<Target>,
     config: ConnectionManagerConfig,
     slot: Mutex<(u64, ConnectionManager)>,
 }
 
-impl Conn {
+impl Managed {
     /// Wraps `first`, made from the target's client of `generation`.
     pub(crate) fn new(
         target: Arc<Target>,
         config: ConnectionManagerConfig,
         first: ConnectionManager,
         generation: u64,
-    ) -> Conn {
-        Conn {
+    ) -> Managed {
+        Managed {
             target,
             config,
             slot: Mutex::new((generation, first)),
@@ -585,20 +610,16 @@ impl Conn {
     }
 
     /// A connection manager that connects on first use.
-    pub(crate) fn lazy(target: Arc<Target>, config: ConnectionManagerConfig) -> Result<Conn> {
+    pub(crate) fn lazy(target: Arc<Target>, config: ConnectionManagerConfig) -> Result<Managed> {
         let (client, generation) = target.client();
         let first = ConnectionManager::new_lazy_with_config(client, config.clone())
             .map_err(|e| Error::redis("connect", e))?;
-        Ok(Conn::new(target, config, first, generation))
+        Ok(Managed::new(target, config, first, generation))
     }
 
-    /// The target.
-    pub(crate) fn target(&self) -> &Arc<Target> {
-        &self.target
-    }
-
-    /// The connection manager of the current master (a cheap clone).
-    pub(crate) fn get(&self) -> Result<ConnectionManager> {
+    /// The connection manager of the current master (a cheap clone), and the generation
+    /// it was made for.
+    pub(crate) fn get(&self) -> Result<(ConnectionManager, u64)> {
         let mut slot = self
             .slot
             .lock()
@@ -609,6 +630,6 @@ impl Conn {
                 .map_err(|e| Error::redis("connect", e))?;
             *slot = (generation, conn);
         }
-        Ok(slot.1.clone())
+        Ok((slot.1.clone(), slot.0))
     }
 }
