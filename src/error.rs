@@ -132,6 +132,18 @@ impl Error {
         Error::with_source(kind, message, err)
     }
 
+    /// The same error with `hint` appended to its message.
+    pub(crate) fn with_hint(&self, hint: &str) -> Error {
+        Error {
+            inner: Arc::new(Inner {
+                kind: self.inner.kind,
+                message: format!("{}{hint}", self.inner.message),
+                source: self.inner.source.clone(),
+                job: self.inner.job.clone(),
+            }),
+        }
+    }
+
     /// What went wrong.
     pub fn kind(&self) -> ErrorKind {
         self.inner.kind

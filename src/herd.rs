@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::backend::memory::MemoryBackend;
 use crate::backend::preflight::Preflight;
 use crate::backend::redis::{ConnectSettings, RedisBackend};
+use crate::backend::target::{Endpoint, TlsFiles};
 use crate::backend::Backend;
 use crate::coalesce::Flights;
 use crate::error::{Error, Result};
@@ -79,6 +80,8 @@ pub struct Builder {
     connect_timeout: Duration,
     command_timeout: Duration,
     allow_eviction: bool,
+    tls: TlsFiles,
+    master_auth: Option<(Option<String>, String)>,
 }
 
 impl Default for Builder {
@@ -90,6 +93,8 @@ impl Default for Builder {
             connect_timeout: Duration::from_secs(2),
             command_timeout: Duration::from_secs(2),
             allow_eviction: false,
+            tls: TlsFiles::default(),
+            master_auth: None,
         }
     }
 }
@@ -157,7 +162,87 @@ impl Builder {
         self
     }
 
-    /// Connects to Redis at `url` (`redis://[user:password@]host:port[/db]`), checks that
+    /// Trusts this CA (PEM, one or more certificates) for `rediss://` connections, instead
+    /// of the built-in Mozilla roots (`webpki-roots`).
+    ///
+    /// Default: the built-in roots, which is right for a managed Redis with a public
+    /// certificate. Set it for a server whose certificate your own CA signed. Only for
+    /// `rediss://` URLs (and Sentinels reached over `rediss://`, and Redis Cluster nodes
+    /// given as `rediss://` or `rediss+cluster://`, every node trusting this CA): with a
+    /// `redis://` URL, connecting fails with [`InvalidInput`](crate::ErrorKind::InvalidInput).
+    #[cfg(feature = "tls-rustls")]
+    pub fn tls_ca(mut self, ca_pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.ca = Some(ca_pem.into());
+        self
+    }
+
+    /// Presents this client certificate and key (PEM; the key PKCS#8, PKCS#1 or SEC1) on
+    /// `rediss://` connections (a cluster's included): mutual TLS, for a server started
+    /// with `tls-auth-clients yes`.
+    ///
+    /// Default: no client certificate.
+    #[cfg(feature = "tls-rustls")]
+    pub fn tls_client_cert(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client = Some((cert_pem.into(), key_pem.into()));
+        self
+    }
+
+    /// The credentials of the master (and its replicas) for
+    /// [`connect_sentinel`](Builder::connect_sentinel); `username` `None` is the `default`
+    /// user. The Sentinel URLs carry the Sentinels' own credentials.
+    ///
+    /// Default: none (a master without `requirepass`).
+    pub fn master_auth(mut self, username: Option<&str>, password: impl Into<String>) -> Self {
+        self.master_auth = Some((username.map(str::to_owned), password.into()));
+        self
+    }
+
+    /// Connects to the master that the Sentinels at `sentinels` (`redis://host:port` or
+    /// `rediss://host:port`, all the same scheme) monitor as `master_name`, and follows it
+    /// across failovers.
+    ///
+    /// The master is the first address a Sentinel names whose server answers `ROLE` as a
+    /// master. It is reached over TLS when the Sentinels are (with the same
+    /// [`tls_ca`](Builder::tls_ca) and [`tls_client_cert`](Builder::tls_client_cert)), with
+    /// the credentials of [`master_auth`](Builder::master_auth), on database 0. Then the
+    /// herd follows it: it listens for `+switch-master` on one Sentinel, and a connection
+    /// error or a `READONLY` reply makes it ask the Sentinels again (every 100 ms until a
+    /// master answers); when the master moved, the command connection, the watchdog's and
+    /// the pub/sub connection are rebuilt on the new one and every waiter re-checks. Calls
+    /// made while no master answers fail with [`Connection`](crate::ErrorKind::Connection);
+    /// waiters keep their deadlines. The Sentinels' user needs only `SENTINEL
+    /// GET-MASTER-ADDR-BY-NAME`, `SUBSCRIBE +switch-master` and `PING`/`HELLO` (README,
+    /// "Running at scale").
+    ///
+    /// What a failover keeps: Redis replicates asynchronously, so a lock or result written
+    /// just before the master died may be missing on the promoted replica. A holder whose
+    /// lock is missing learns it at its next renewal
+    /// ([`LockLost`](crate::ErrorKind::LockLost)); one that took its lock with
+    /// [`LockOptions::replicas`](crate::LockOptions::replicas) keeps it.
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](Builder::connect), and [`Connection`](crate::ErrorKind::Connection)
+    /// when no Sentinel names a master that answers as one.
+    pub async fn connect_sentinel<S: AsRef<str>>(
+        self,
+        master_name: &str,
+        sentinels: &[S],
+    ) -> Result<Herd> {
+        let endpoint = Endpoint::Sentinel {
+            master: master_name.to_owned(),
+            sentinels: sentinels.iter().map(|s| s.as_ref().to_owned()).collect(),
+            auth: self.master_auth.clone(),
+        };
+        self.connect_to(&endpoint).await
+    }
+
+    /// Connects to Redis at `url` (`redis://[user:password@]host:port[/db]`, or
+    /// `rediss://…` for TLS with the `tls-rustls` feature), checks that
     /// both connections (commands and pub/sub) work, and checks the server and the user:
     ///
     /// - the server must not evict keys (`maxmemory-policy noeviction`, read from `INFO
@@ -178,8 +263,13 @@ impl Builder {
     /// something herdlock needs (the message names each missing right and the rule that
     /// grants it). Nothing is left running after an error.
     pub async fn connect(self, url: &str) -> Result<Herd> {
+        self.connect_to(&Endpoint::Url(url.to_owned())).await
+    }
+
+    async fn connect_to(self, endpoint: &Endpoint) -> Result<Herd> {
         let settings = self.settings()?;
-        let backend = RedisBackend::connect(url, settings, self.preflight()).await?;
+        let backend =
+            RedisBackend::connect(endpoint, self.tls.clone(), settings, self.preflight()).await?;
         let backend = Backend::Redis(backend);
         backend.ping().await?;
         Ok(self.finish(backend))
@@ -208,7 +298,8 @@ impl Builder {
                 "connect_cluster needs at least one node url",
             ));
         }
-        let backend = RedisBackend::connect_cluster(&nodes, settings, self.preflight()).await?;
+        let backend =
+            RedisBackend::connect_cluster(&nodes, &self.tls, settings, self.preflight()).await?;
         let backend = Backend::Redis(backend);
         backend.ping().await?;
         Ok(self.finish(backend))
@@ -231,7 +322,7 @@ impl Builder {
     /// [`InvalidInput`](crate::ErrorKind::InvalidInput) for a bad option or URL.
     pub fn connect_lazy(self, url: &str) -> Result<Herd> {
         let settings = self.settings()?;
-        let backend = RedisBackend::connect_lazy(url, settings, self.preflight())?;
+        let backend = RedisBackend::connect_lazy(url, &self.tls, settings, self.preflight())?;
         Ok(self.finish(Backend::Redis(backend)))
     }
 
@@ -290,6 +381,7 @@ impl Builder {
         Preflight {
             prefix: self.prefix.clone(),
             allow_eviction: self.allow_eviction,
+            tls: self.tls.clone(),
         }
     }
 

@@ -49,6 +49,13 @@ mod props;
 // Protocol v2 (issue 10): bounded footprint, fences across expiry, no coalescing misses,
 // Redis commands per lock cycle.
 mod protocol_v2;
+// TLS (`rediss://`): the smoke set, mutual TLS, plain/TLS mismatches (feature `tls-rustls`).
+#[cfg(feature = "tls-rustls")]
+mod tls;
+// Tenants: two prefixes (one a prefix of the other) on one Redis never see each other.
+mod tenants;
+// Sentinel: connect by master name, follow a failover (herds, held locks, waiters).
+mod sentinel;
 // Redis Cluster: the behaviour suites on a 3-master + 3-replica cluster, sharded pub/sub,
 // slot migration and failover.
 mod cluster;

@@ -9,6 +9,10 @@
 //! the sample kept is the one that makes it tightest, so a quiet moment's fast round trip
 //! serves a busy moment's calls. Used to tell, without a round trip, whether a fan-out
 //! run completed after a caller called (no coalescing misses, no stale results).
+//!
+//! Samples belong to a *generation* of the backend's target: a Sentinel failover moves the
+//! commands to another server, whose clock may read anything. A newer generation drops the
+//! samples of older ones ([`RedisClock::reset`]), and a sample of an older one is ignored.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -52,12 +56,23 @@ pub(crate) fn drift(gap: Duration) -> Duration {
 /// behind the load keeps the bound tight.
 #[derive(Debug, Default)]
 pub(crate) struct RedisClock {
-    best: Mutex<Option<Sample>>,
+    state: Mutex<State>,
     /// When fan-out last asked for the bound (ns since `probe_epoch`), 0: never.
     wanted: AtomicU64,
     /// Whether the probe thread runs.
     probing: AtomicBool,
 }
+
+#[derive(Debug, Default)]
+struct State {
+    /// The target generation the samples come from.
+    generation: u64,
+    best: Option<Sample>,
+}
+
+/// Where the probe thread connects: the current server's client and the target
+/// generation it belongs to, read again on every round; `None` once the backend is gone.
+pub(crate) type ClientSource = Box<dyn Fn() -> Option<(redis::Client, u64)> + Send>;
 
 /// How often the probe thread samples the clock while fan-out is in use.
 pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(100);
@@ -76,18 +91,42 @@ fn since_epoch() -> u64 {
 }
 
 impl RedisClock {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drops every sample: the next bound needs a new one.
+    pub(crate) fn reset(&self) {
+        self.state().best = None;
+    }
+
+    /// Moves to target `generation` if it is newer than the samples' (a Sentinel
+    /// failover): their server is no longer the one commands go to, so they are dropped.
+    pub(crate) fn follow(&self, generation: u64) {
+        let mut state = self.state();
+        if generation > state.generation {
+            state.generation = generation;
+            drop(state);
+            self.reset();
+        }
+    }
+
     /// Records a reply carrying Redis time `redis_us`, to a request sent at `sent` and
-    /// answered at `received`.
-    pub(crate) fn sample(&self, sent: Instant, received: Instant, redis_us: u64) {
+    /// answered at `received`, from the server of target `generation`.
+    pub(crate) fn sample(&self, generation: u64, sent: Instant, received: Instant, redis_us: u64) {
+        self.follow(generation);
         let new = Sample {
             sent,
             rtt: received.saturating_duration_since(sent),
             redis_us,
         };
-        let mut best = self
-            .best
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state();
+        if generation < state.generation {
+            return; // a server commands no longer go to
+        }
+        let best = &mut state.best;
         // Keep whichever bounds the present more tightly; drop the old one outright when
         // it is stale, or when Redis's clock now reads later than it allowed for (another
         // server after a reconnect, or a clock step): a bound must never be too low.
@@ -101,18 +140,23 @@ impl RedisClock {
         }
     }
 
-    /// Notes that fan-out needs the bound, and starts the probe thread (on its own
-    /// connection from `client`) if it is not running.
-    pub(crate) fn wanted(self: &Arc<Self>, client: &redis::Client, timeout: Duration) {
+    /// Notes that fan-out needs the bound, and starts the probe thread if it is not
+    /// running. The thread connects to the client `source` names, and again when the
+    /// generation it names changes (a Sentinel failover).
+    pub(crate) fn wanted(
+        self: &Arc<Self>,
+        source: impl FnOnce() -> ClientSource,
+        timeout: Duration,
+    ) {
         self.wanted.store(since_epoch(), Ordering::Relaxed);
         if self.probing.swap(true, Ordering::AcqRel) {
             return;
         }
         let clock = Arc::downgrade(self);
-        let client = client.clone();
+        let source = source();
         let spawned = std::thread::Builder::new()
             .name("herdlock-clock".to_owned())
-            .spawn(move || probe_loop(&clock, &client, timeout));
+            .spawn(move || probe_loop(&clock, &source, timeout));
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "the clock probe thread could not be started");
             self.probing.store(false, Ordering::Release);
@@ -122,18 +166,15 @@ impl RedisClock {
     /// An upper bound on Redis's clock (µs) at local instant `x`, if a recent sample is
     /// known.
     pub(crate) fn upper_bound_us(&self, x: Instant) -> Option<u64> {
-        let best = (*self
-            .best
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner))?;
+        let best = self.state().best?;
         (x.saturating_duration_since(best.sent) <= MAX_SAMPLE_AGE).then(|| bound(best, x))
     }
 }
 
 /// Samples Redis's clock every [`PROBE_EVERY`] with a blocking `TIME` on a connection of
 /// its own, while fan-out asked for the bound within [`PROBE_IDLE`] and the backend lives.
-fn probe_loop(clock: &Weak<RedisClock>, client: &redis::Client, timeout: Duration) {
-    let mut conn = None;
+fn probe_loop(clock: &Weak<RedisClock>, source: &ClientSource, timeout: Duration) {
+    let mut conn: Option<(u64, redis::Connection)> = None;
     loop {
         std::thread::sleep(PROBE_EVERY);
         let Some(clock) = clock.upgrade() else { return };
@@ -151,16 +192,29 @@ fn probe_loop(clock: &Weak<RedisClock>, client: &redis::Client, timeout: Duratio
                 return;
             }
         }
+        let Some((client, generation)) = source() else {
+            clock.probing.store(false, Ordering::Release);
+            return;
+        };
+        if conn.as_ref().is_some_and(|(g, _)| *g != generation) {
+            // The master moved: probe the new one, and forget the old one's clock.
+            conn = None;
+            clock.follow(generation);
+        }
         if conn.is_none() {
             conn = client
                 .get_connection_with_timeout(timeout)
                 .ok()
-                .filter(|c| c.set_read_timeout(Some(timeout)).is_ok());
+                .filter(|c| c.set_read_timeout(Some(timeout)).is_ok())
+                .map(|c| (generation, c));
         }
-        let Some(c) = conn.as_mut() else { continue };
+        let Some((generation, c)) = conn.as_mut() else {
+            continue;
+        };
         let sent = Instant::now();
         match redis::cmd("TIME").query::<(u64, u64)>(c) {
             Ok((secs, us)) => clock.sample(
+                *generation,
                 sent,
                 Instant::now(),
                 secs.saturating_mul(1_000_000).saturating_add(us),
@@ -201,7 +255,7 @@ mod tests {
         let base = Instant::now();
         let clock = RedisClock::default();
         let true_us = |x: Instant| 1_000_000 + (x - base).as_micros() as u64 - 3_000;
-        clock.sample(base, base + Duration::from_millis(10), 1_000_000);
+        clock.sample(0, base, base + Duration::from_millis(10), 1_000_000);
         for offset_ms in [0, 1, 3, 10, 500, 5_000] {
             let x = base + Duration::from_millis(offset_ms);
             let bound = clock.upper_bound_us(x).expect("sampled");
@@ -211,6 +265,7 @@ mod tests {
         // A faster round trip later replaces it; a slower one does not.
         let later = base + Duration::from_secs(1);
         clock.sample(
+            0,
             later,
             later + Duration::from_millis(50),
             true_us(later) + 100,
@@ -221,6 +276,7 @@ mod tests {
             "kept the tighter sample"
         );
         clock.sample(
+            0,
             later,
             later + Duration::from_micros(200),
             true_us(later) + 100,
@@ -234,6 +290,7 @@ mod tests {
         // A server whose clock reads later than the bound allowed replaces the sample.
         let jump = later + Duration::from_millis(1);
         clock.sample(
+            0,
             jump,
             jump + Duration::from_millis(40),
             true_us(jump) + 60_000_000,
@@ -242,5 +299,32 @@ mod tests {
         assert!(bound >= true_us(jump) + 60_000_000);
         // Samples older than MAX_SAMPLE_AGE give no bound.
         assert!(clock.upper_bound_us(jump + MAX_SAMPLE_AGE * 2).is_none());
+    }
+
+    #[test]
+    fn a_new_generation_drops_the_old_servers_samples() {
+        // The old master's clock reads 60 s ahead of the new one's (a failover to a
+        // server whose clock is behind): its bound would be far too high on the new one.
+        let base = Instant::now();
+        let clock = RedisClock::default();
+        clock.sample(0, base, base + Duration::from_millis(1), 61_000_000);
+        assert!(clock.upper_bound_us(base).is_some());
+        clock.follow(1);
+        assert!(clock.upper_bound_us(base).is_none(), "dropped on failover");
+        // A late reply from the old master (generation 0) is ignored.
+        clock.sample(0, base, base + Duration::from_millis(1), 61_000_000);
+        assert!(clock.upper_bound_us(base).is_none());
+        // The new master's samples count; a repeated follow of the same generation keeps
+        // them; reset drops them.
+        clock.sample(1, base, base + Duration::from_millis(1), 1_000_000);
+        clock.follow(1);
+        let bound = clock.upper_bound_us(base).expect("sampled");
+        assert!(bound < 1_010_000, "{bound}");
+        clock.reset();
+        assert!(clock.upper_bound_us(base).is_none());
+        // A newer generation's sample moves the clock on by itself.
+        clock.sample(2, base, base + Duration::from_millis(1), 2_000_000);
+        clock.sample(1, base, base + Duration::from_millis(1), 1_000_000);
+        assert!(clock.upper_bound_us(base).expect("sampled") >= 2_000_000);
     }
 }

@@ -9,6 +9,7 @@ mod clock;
 pub(crate) mod memory;
 pub(crate) mod preflight;
 pub(crate) mod redis;
+pub(crate) mod target;
 pub(crate) mod wire;
 
 use std::future::Future;

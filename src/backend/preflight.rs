@@ -29,14 +29,17 @@ use redis::aio::{ConnectionLike, PubSub};
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, Script, Value};
 
+use super::target::{build_client, with_cluster_tls, TlsFiles};
 use crate::error::{Error, ErrorKind, Result};
 
 /// What a Redis herd checks at connect: its prefix (the keys and channels it needs) and
-/// whether the user accepted an evicting server.
+/// whether the user accepted an evicting server; the TLS certificates its own connections
+/// to a cluster's masters use.
 #[derive(Debug, Clone)]
 pub(crate) struct Preflight {
     pub(crate) prefix: String,
     pub(crate) allow_eviction: bool,
+    pub(crate) tls: TlsFiles,
 }
 
 /// An argument of a command herdlock runs, for `ACL DRYRUN`.
@@ -244,8 +247,7 @@ impl Preflight {
                 },
                 _ => redis::ConnectionAddr::Tcp(host, port),
             };
-            let client = Client::open(info.clone().set_addr(addr))
-                .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
+            let client = build_client(info.clone().set_addr(addr), &self.tls)?;
             let mut node = bounded(
                 "connect check (cluster master)",
                 timeout,
@@ -265,7 +267,7 @@ impl Preflight {
             }
         }
         if dry_run_refused {
-            refused = probe_cluster(nodes, conn, &names, timeout).await?;
+            refused = probe_cluster(nodes, &self.tls, conn, &names, timeout).await?;
         }
         if refused.is_empty() {
             return Ok(());
@@ -601,6 +603,7 @@ fn masters(slots: &Value) -> Vec<(String, u16)> {
 /// cluster connection of its own.
 async fn probe_cluster(
     nodes: &[String],
+    tls: &TlsFiles,
     conn: &mut ClusterConnection,
     names: &ProbeNames,
     timeout: Duration,
@@ -633,8 +636,9 @@ async fn probe_cluster(
         Ok(_) => {}
         Err(e) => refused.push(Refused::new("eval", e.message())),
     }
-    let client = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
-        .use_protocol(redis::ProtocolVersion::RESP3)
+    let builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
+        .use_protocol(redis::ProtocolVersion::RESP3);
+    let client = with_cluster_tls(builder, tls)
         .build()
         .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
     let mut own = bounded(
@@ -899,6 +903,7 @@ mod tests {
         let preflight = Preflight {
             prefix: "app".to_owned(),
             allow_eviction: false,
+            tls: TlsFiles::default(),
         };
         let message = preflight.permission_message(
             "u",

@@ -3,7 +3,7 @@
 //! scripts through [`Lua`] and [`Invocation`].
 //!
 //! - One node: a redis-rs `ConnectionManager`, which reconnects on its own after an I/O
-//!   error. A script is sent by `EVALSHA`; on `NOSCRIPT` (a restarted or flushed server)
+//!   error, and is replaced when a Sentinel master moves (`backend/target.rs`). A script is sent by `EVALSHA`; on `NOSCRIPT` (a restarted or flushed server)
 //!   it is loaded with `SCRIPT LOAD` and sent again, once.
 //! - Redis Cluster: a redis-rs `ClusterConnection` (one multiplexed connection per node,
 //!   commands routed by their first key's slot, `MOVED`/`ASK` followed, the slot map
@@ -19,6 +19,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Script, ToRedisArgs, Value};
 
 use super::ConnectSettings;
+use crate::backend::target::{parse_url, with_cluster_tls, Managed, TlsFiles};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The command connection of one engine variant. Cheap to clone (every variant is a
@@ -55,6 +56,29 @@ impl ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where the command steps get their [`Conn`]: one node's connection manager, rebuilt
+/// on a new master after a Sentinel failover, or the cluster connection.
+pub(super) enum Commands {
+    /// One Redis node (or a Sentinel group's master).
+    Single(Managed),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl Commands {
+    /// The connection to run a command on now (a cheap clone), and the generation of the
+    /// target it belongs to (always 0 on a cluster).
+    pub(super) fn get(&self) -> Result<(Conn, u64)> {
+        match self {
+            Commands::Single(managed) => {
+                let (conn, generation) = managed.get()?;
+                Ok((Conn::Single(conn), generation))
+            }
+            Commands::Cluster(conn) => Ok((Conn::Cluster(conn.clone()), 0)),
         }
     }
 }
@@ -161,11 +185,19 @@ pub(super) fn cluster_config(settings: ConnectSettings) -> redis::cluster::Clust
 
 /// A Redis Cluster client for `nodes` (the seed URLs); `push` makes it speak RESP3 and
 /// hand every push (sharded messages, unsubscribes, disconnections) to that channel.
+///
+/// `tls`, when not empty, is the CA and client certificate for `rediss://` nodes (all of
+/// them must be).
 pub(super) fn cluster_client(
     nodes: &[String],
     settings: ConnectSettings,
+    tls: &TlsFiles,
     push: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
 ) -> Result<redis::cluster::ClusterClient> {
+    for node in nodes {
+        // Refuses rediss:// without the feature, with the same message as one node.
+        parse_url(node, "redis cluster node url")?;
+    }
     let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.to_vec())
         .connection_timeout(settings.connect_timeout)
         // Every call is bounded by the command timeout; within it, redis-rs retries
@@ -173,6 +205,13 @@ pub(super) fn cluster_client(
         .retries(8)
         .min_retry_wait(10)
         .max_retry_wait(500);
+    if !tls.is_empty() && !nodes.iter().all(|n| n.starts_with("rediss://")) {
+        return Err(Error::invalid(
+            "TLS certificates were given (tls_ca / tls_client_cert) but the cluster urls are not rediss://",
+        ));
+    }
+    // The CA and client certificate for every node.
+    builder = with_cluster_tls(builder, tls);
     if let Some(push) = push {
         builder = builder
             .use_protocol(redis::ProtocolVersion::RESP3)

@@ -12,6 +12,11 @@
 //!   it reconnects on its own (a few retries with exponential backoff, each bounded by the
 //!   connect timeout). Every command is also bounded by the command timeout.
 //! - One listener task per herd owns the notifier's connection (see [`notifier`]).
+//! - A one-node engine reaches its server through a `backend/target.rs` target: one URL
+//!   (TLS for `rediss://`), or the master of a Sentinel group. Errors that may mean the
+//!   master moved are reported to it (`noticed`); when it moves, the command connection
+//!   (and the watchdog's), the notifier's pub/sub connection and the clock probe's
+//!   connection are rebuilt on the new master, and the clock's old samples are dropped.
 //! - A lazy backend runs the connect checks (`preflight.rs`) before its first command;
 //!   concurrent first calls wait for that one check, and a refusal is repeated for 5 s
 //!   before the next call checks again.
@@ -23,14 +28,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Value};
+use redis::aio::ConnectionManager;
+use redis::Value;
 
-use self::conn::{bounded, manager_config, Conn, Invocation, Lua};
+use self::conn::{bounded, manager_config, Commands, Conn, Invocation, Lua};
 pub(crate) use self::notifier::ChannelGuard;
 use self::notifier::Notifier;
 use super::clock::RedisClock;
 use super::preflight::Preflight;
+use super::target::{self, Endpoint, Managed, TlsFiles};
 use super::wire::{
     array, int, malformed, parse_acquire, parse_check, parse_multi_acquire, parse_multi_extend,
     parse_semaphore, parse_status,
@@ -62,8 +68,8 @@ pub(crate) struct RedisBackend {
 /// connect checks).
 #[derive(Clone)]
 enum Target {
-    /// One Redis node.
-    Single(Client),
+    /// One Redis node, or the master of a Sentinel group (followed across failovers).
+    Single(Arc<target::Target>),
     /// A Redis Cluster: its seed node URLs and the command client.
     Cluster {
         nodes: Arc<[String]>,
@@ -79,12 +85,13 @@ impl Target {
 
 struct Inner {
     target: Target,
-    conn: Conn,
+    conn: Commands,
     /// A bound on the server's clock, from the replies that carry it.
     clock: Arc<RedisClock>,
     /// A connection of its own for clock probes, opened on the first probe: under load
     /// the command connection's queue would make every probe as slow as the load.
-    probe: tokio::sync::OnceCell<redis::aio::MultiplexedConnection>,
+    /// With the target generation it was made for: a Sentinel failover replaces it.
+    probe: tokio::sync::Mutex<Option<(u64, redis::aio::MultiplexedConnection)>>,
     /// Held while the first clock sample is taken.
     first_probe: tokio::sync::Mutex<()>,
     scripts: Scripts,
@@ -156,26 +163,36 @@ impl RedisBackend {
     /// permissions). Nothing keeps running when this fails. A cluster URL
     /// (`redis+cluster://…`, see [`conn::cluster_nodes`]) connects to a Redis Cluster.
     pub(crate) async fn connect(
-        url: &str,
+        endpoint: &Endpoint,
+        tls: TlsFiles,
         settings: ConnectSettings,
         preflight: Preflight,
     ) -> Result<RedisBackend> {
-        if let Some(nodes) = conn::cluster_nodes(url) {
-            return RedisBackend::connect_cluster(&nodes?, settings, preflight).await;
+        if let Endpoint::Url(url) = endpoint {
+            if let Some(nodes) = conn::cluster_nodes(url) {
+                return RedisBackend::connect_cluster(&nodes?, &tls, settings, preflight).await;
+            }
         }
-        let (client, config) = client_config(url, settings)?;
-        let mut conn = bounded(
-            "connect",
-            settings.connect_timeout * 2,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
-        .await?;
+        let target = target::Target::new(endpoint, tls, settings.connect_timeout).await?;
+        let (client, generation) = target.client();
+        let config = manager_config(settings);
+        // The pub/sub connection first: one attempt within the connect timeout, so that a
+        // server that never answers (a rediss:// url on a plain port: Redis waits for the
+        // end of an inline command that never comes) fails within the connect timeout.
         let mut pubsub = bounded(
-            "connect (pub/sub)",
+            "connect",
             settings.connect_timeout,
             client.get_async_pubsub(),
         )
-        .await?;
+        .await
+        .map_err(|e| target.explain(e))?;
+        let mut conn = bounded(
+            "connect",
+            settings.connect_timeout * 2,
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
+        )
+        .await
+        .map_err(|e| target.explain(e))?;
         preflight
             .run(
                 &client,
@@ -184,17 +201,20 @@ impl RedisBackend {
                 settings.command_timeout,
             )
             .await?;
-        let notifier = Notifier::start(client.clone(), Some(pubsub), settings);
+        let notifier = Notifier::start(Arc::clone(&target), Some(pubsub), settings);
+        let managed = Managed::new(Arc::clone(&target), config, conn, generation);
         let backend = RedisBackend::assemble(
-            Target::Single(client),
-            Conn::Single(conn),
+            Target::Single(target),
+            Commands::Single(managed),
             notifier,
             settings,
             None,
         );
         // One sample of Redis's clock now, while the process is likely quiet: a fan-out
         // right after connecting (in a busy process) then starts with a tight bound.
-        sample_clock(&backend.inner, &mut backend.inner.conn.clone()).await;
+        if let Ok((mut conn, generation)) = backend.inner.conn.get() {
+            sample_clock(&backend.inner, &mut conn, generation).await;
+        }
         Ok(backend)
     }
 
@@ -203,10 +223,11 @@ impl RedisBackend {
     /// sharded pub/sub, and the connect checks on every master.
     pub(crate) async fn connect_cluster(
         nodes: &[String],
+        tls: &TlsFiles,
         settings: ConnectSettings,
         preflight: Preflight,
     ) -> Result<RedisBackend> {
-        let client = conn::cluster_client(nodes, settings, None)?;
+        let client = conn::cluster_client(nodes, settings, tls, None)?;
         let mut commands = bounded(
             "connect (cluster)",
             settings.connect_timeout * 2,
@@ -214,7 +235,7 @@ impl RedisBackend {
         )
         .await?;
         let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
-        let sub_client = conn::cluster_client(nodes, settings, Some(push_tx))?;
+        let sub_client = conn::cluster_client(nodes, settings, tls, Some(push_tx))?;
         let subscriber = bounded(
             "connect (cluster pub/sub)",
             settings.connect_timeout * 2,
@@ -230,7 +251,7 @@ impl RedisBackend {
                 nodes: nodes.into(),
                 client: Box::new(client),
             },
-            Conn::Cluster(commands),
+            Commands::Cluster(commands),
             notifier,
             settings,
             None,
@@ -242,6 +263,7 @@ impl RedisBackend {
     /// starts now).
     pub(crate) fn connect_lazy(
         url: &str,
+        tls: &TlsFiles,
         settings: ConnectSettings,
         preflight: Preflight,
     ) -> Result<RedisBackend> {
@@ -252,11 +274,11 @@ impl RedisBackend {
         };
         if let Some(nodes) = conn::cluster_nodes(url) {
             let nodes = nodes?;
-            let client = conn::cluster_client(&nodes, settings, None)?;
+            let client = conn::cluster_client(&nodes, settings, tls, None)?;
             let commands =
                 client.get_pending_async_connection_with_config(conn::cluster_config(settings));
             let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
-            let subscriber = conn::cluster_client(&nodes, settings, Some(push_tx))?
+            let subscriber = conn::cluster_client(&nodes, settings, tls, Some(push_tx))?
                 .get_pending_async_connection_with_config(conn::cluster_config(settings));
             let notifier = Notifier::start_sharded(subscriber, push_rx, settings);
             return Ok(RedisBackend::assemble(
@@ -264,19 +286,18 @@ impl RedisBackend {
                     nodes: nodes.into(),
                     client: Box::new(client),
                 },
-                Conn::Cluster(commands),
+                Commands::Cluster(commands),
                 notifier,
                 settings,
                 Some(checks),
             ));
         }
-        let (client, config) = client_config(url, settings)?;
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| Error::redis("connect", e))?;
-        let notifier = Notifier::start(client.clone(), None, settings);
+        let target = target::Target::direct(url, tls.clone(), settings.connect_timeout)?;
+        let managed = Managed::lazy(Arc::clone(&target), manager_config(settings))?;
+        let notifier = Notifier::start(Arc::clone(&target), None, settings);
         Ok(RedisBackend::assemble(
-            Target::Single(client),
-            Conn::Single(conn),
+            Target::Single(target),
+            Commands::Single(managed),
             notifier,
             settings,
             Some(checks),
@@ -285,7 +306,7 @@ impl RedisBackend {
 
     fn assemble(
         target: Target,
-        conn: Conn,
+        conn: Commands,
         notifier: Notifier,
         settings: ConnectSettings,
         checks: Option<LazyChecks>,
@@ -293,7 +314,7 @@ impl RedisBackend {
         RedisBackend {
             inner: Arc::new(Inner {
                 clock: Arc::default(),
-                probe: tokio::sync::OnceCell::new(),
+                probe: tokio::sync::Mutex::new(None),
                 first_probe: tokio::sync::Mutex::new(()),
                 notifier: Some(notifier),
                 scripts: Scripts::load(target.sharded()),
@@ -323,15 +344,20 @@ impl RedisBackend {
             }
         }
         let timeout = self.inner.settings.command_timeout;
-        let outcome = match (&self.inner.target, self.inner.conn.clone()) {
+        let outcome = match (&self.inner.target, self.inner.conn.get()?.0) {
             (Target::Cluster { nodes, .. }, Conn::Cluster(mut conn)) => {
                 checks
                     .preflight
                     .run_cluster(nodes, &mut conn, timeout)
                     .await
             }
-            (Target::Single(client), mut conn) => {
-                checks.preflight.run(client, &mut conn, None, timeout).await
+            (Target::Single(target), mut conn) => {
+                let client = target.client().0;
+                let outcome = checks
+                    .preflight
+                    .run(&client, &mut conn, None, timeout)
+                    .await;
+                self.noticed(outcome)
             }
             (Target::Cluster { .. }, Conn::Single(_)) => Err(Error::new(
                 ErrorKind::Redis,
@@ -357,15 +383,12 @@ impl RedisBackend {
     /// first use from whatever runtime uses it: the watchdog thread's.
     pub(crate) fn detached(&self) -> Result<RedisBackend> {
         let conn = match &self.inner.target {
-            Target::Single(client) => {
-                let config = manager_config(self.inner.settings);
-                Conn::Single(
-                    ConnectionManager::new_lazy_with_config(client.clone(), config)
-                        .map_err(|e| Error::redis("connect", e))?,
-                )
-            }
+            Target::Single(target) => Commands::Single(Managed::lazy(
+                Arc::clone(target),
+                manager_config(self.inner.settings),
+            )?),
             Target::Cluster { client, .. } => {
-                Conn::Cluster(client.get_pending_async_connection_with_config(
+                Commands::Cluster(client.get_pending_async_connection_with_config(
                     conn::cluster_config(self.inner.settings),
                 ))
             }
@@ -373,7 +396,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 clock: Arc::default(),
-                probe: tokio::sync::OnceCell::new(),
+                probe: tokio::sync::Mutex::new(None),
                 first_probe: tokio::sync::Mutex::new(()),
                 target: self.inner.target.clone(),
                 conn,
@@ -400,8 +423,10 @@ impl RedisBackend {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(millis(timeout));
         let limit = timeout + self.inner.settings.command_timeout;
-        let acked: i64 = match self.inner.conn.clone() {
-            Conn::Single(mut conn) => bounded("wait", limit, cmd.query_async(&mut conn)).await?,
+        let acked: i64 = match self.inner.conn.get()?.0 {
+            Conn::Single(mut conn) => {
+                self.noticed(bounded("wait", limit, cmd.query_async(&mut conn)).await)?
+            }
             Conn::Cluster(mut conn) => {
                 let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                     Route::with_key(keys.lock.as_bytes(), SlotAddr::Master),
@@ -427,7 +452,7 @@ impl RedisBackend {
     /// [`through_failover`](RedisBackend::through_failover).
     async fn invoke(&self, what: &str, inv: &Invocation<'_>) -> Result<Value> {
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get()?.0;
         let limit = self.inner.settings.command_timeout;
         if let Conn::Cluster(_) = conn {
             return self
@@ -441,7 +466,24 @@ impl RedisBackend {
                 )
                 .await;
         }
-        bounded(what, limit, inv.invoke_async(&mut conn)).await
+        self.noticed(bounded(what, limit, inv.invoke_async(&mut conn)).await)
+    }
+
+    /// The generation of the target (bumped by each Sentinel failover; 0 otherwise).
+    fn generation(&self) -> u64 {
+        match &self.inner.target {
+            Target::Single(target) => target.generation(),
+            Target::Cluster { .. } => 0,
+        }
+    }
+
+    /// Passes `result` through, telling a one-node target about an error that may mean
+    /// the master moved (a Sentinel failover).
+    fn noticed<T>(&self, result: Result<T>) -> Result<T> {
+        if let (Err(e), Target::Single(target)) = (&result, &self.inner.target) {
+            target.noticed(e);
+        }
+        result
     }
 
     /// Runs `attempt` on a cluster, retrying the errors `transient` accepts (50 ms doubling
@@ -495,7 +537,7 @@ impl RedisBackend {
     /// transit (see [`through_failover`](RedisBackend::through_failover)).
     async fn invoke_idempotent(&self, what: &str, inv: &Invocation<'_>) -> Result<Value> {
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get()?.0;
         let limit = self.inner.settings.command_timeout;
         if let Conn::Cluster(_) = conn {
             return self
@@ -516,9 +558,16 @@ impl RedisBackend {
                 .await;
         }
         let first = tokio::time::timeout(limit, inv.invoke_async(&mut conn)).await;
-        match first {
+        let result = match first {
             Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
                 tracing::debug!(what, error = %e, "connection dropped; retrying once");
+                if let Target::Single(target) = &self.inner.target {
+                    if target.is_sentinel() {
+                        // The master may have moved: retry on the one the Sentinels name now.
+                        target.refresh(limit).await;
+                        conn = self.inner.conn.get()?.0;
+                    }
+                }
                 bounded(what, limit, inv.invoke_async(&mut conn)).await
             }
             Ok(Ok(v)) => Ok(v),
@@ -527,18 +576,21 @@ impl RedisBackend {
                 ErrorKind::Connection,
                 format!("redis did not answer {what} within {limit:?}"),
             )),
-        }
+        };
+        self.noticed(result)
     }
 
     pub(crate) async fn ping(&self) -> Result<()> {
         self.ready().await?;
-        let mut conn = self.inner.conn.clone();
-        let pong: String = bounded(
-            "ping",
-            self.inner.settings.command_timeout,
-            redis::cmd("PING").query_async(&mut conn),
-        )
-        .await?;
+        let mut conn = self.inner.conn.get()?.0;
+        let pong: String = self.noticed(
+            bounded(
+                "ping",
+                self.inner.settings.command_timeout,
+                redis::cmd("PING").query_async(&mut conn),
+            )
+            .await,
+        )?;
         if pong == "PONG" {
             Ok(())
         } else {
@@ -578,6 +630,10 @@ impl RedisBackend {
         let max_age = ages
             .cache_age
             .map_or(-1, |age| i64::try_from(micros(age)).unwrap_or(i64::MAX));
+        // A Sentinel failover moved the commands to another server: forget the old one's
+        // clock before bounding anything.
+        let generation = self.generation();
+        self.inner.clock.follow(generation);
         if self
             .inner
             .clock
@@ -599,10 +655,14 @@ impl RedisBackend {
         // The bound is of one server's clock: on a cluster, where each job lives on its own
         // master and the masters' clocks need not agree, no bound is sent, and only the
         // time since the call (one server's clock against itself) proves a result fresh.
-        let call_at = if let Target::Single(client) = &self.inner.target {
-            self.inner
-                .clock
-                .wanted(client, self.inner.settings.command_timeout);
+        let call_at = if let Target::Single(target) = &self.inner.target {
+            // The thread reads the target's current client each round: after a failover it
+            // probes the new master.
+            let target = Arc::downgrade(target);
+            self.inner.clock.wanted(
+                move || Box::new(move || target.upgrade().map(|t| t.client())),
+                self.inner.settings.command_timeout,
+            );
             self.inner
                 .clock
                 .upper_bound_us(ages.newest_call.into_std())
@@ -628,7 +688,12 @@ impl RedisBackend {
         let what = "fanout acquire";
         let items = array(&reply, 4, what)?;
         let redis_us = u64::try_from(int(&items[3], what)?).map_err(|_| malformed(what))?;
-        self.inner.clock.sample(sent, received, redis_us);
+        // Only a reply from the server of this generation samples its clock.
+        if self.generation() == generation {
+            self.inner
+                .clock
+                .sample(generation, sent, received, redis_us);
+        }
         parse_acquire(&items[..3], what)
     }
 
@@ -783,42 +848,44 @@ impl RedisBackend {
     }
 }
 
-fn client_config(
-    url: &str,
-    settings: ConnectSettings,
-) -> Result<(Client, ConnectionManagerConfig)> {
-    let client = Client::open(url)
-        .map_err(|e| Error::with_source(ErrorKind::InvalidInput, "invalid redis url", e))?;
-    Ok((client, manager_config(settings)))
-}
-
-/// Samples the server's clock with one `TIME` on the probe connection (opened on first use).
+/// Samples the server's clock with one `TIME` on the probe connection (opened on first use,
+/// and again on a new master after a Sentinel failover).
 async fn probe(inner: &Inner) {
     let limit = inner.settings.command_timeout;
     match &inner.target {
-        Target::Single(client) => {
-            let conn = inner
-                .probe
-                .get_or_try_init(|| async {
-                    match tokio::time::timeout(limit, client.get_multiplexed_async_connection())
-                        .await
-                    {
-                        Ok(Ok(conn)) => Ok(conn),
-                        _ => Err(()),
-                    }
-                })
-                .await;
-            let Ok(conn) = conn else { return };
-            sample_clock(inner, &mut conn.clone()).await;
+        Target::Single(target) => {
+            let mut slot = inner.probe.lock().await;
+            let (client, generation) = target.client();
+            if slot.as_ref().is_none_or(|(g, _)| *g != generation) {
+                *slot = None;
+                if let Ok(Ok(conn)) =
+                    tokio::time::timeout(limit, client.get_multiplexed_async_connection()).await
+                {
+                    *slot = Some((generation, conn));
+                }
+            }
+            let Some((generation, conn)) = slot.clone() else {
+                return;
+            };
+            drop(slot);
+            sample_clock(inner, &mut conn.clone(), generation).await;
         }
         // One connection per node already: `TIME` goes to any master. The bound assumes
         // the masters' clocks agree (NTP), as fencing across a failover does.
-        Target::Cluster { .. } => sample_clock(inner, &mut inner.conn.clone()).await,
+        Target::Cluster { .. } => {
+            if let Ok((mut conn, generation)) = inner.conn.get() {
+                sample_clock(inner, &mut conn, generation).await;
+            }
+        }
     }
 }
 
 /// One `TIME` on `conn`, as a sample of the server's clock.
-async fn sample_clock<C: redis::aio::ConnectionLike + Send>(inner: &Inner, conn: &mut C) {
+async fn sample_clock<C: redis::aio::ConnectionLike + Send>(
+    inner: &Inner,
+    conn: &mut C,
+    generation: u64,
+) {
     let sent = std::time::Instant::now();
     let time = tokio::time::timeout(
         inner.settings.command_timeout,
@@ -828,6 +895,7 @@ async fn sample_clock<C: redis::aio::ConnectionLike + Send>(inner: &Inner, conn:
     if let Ok(Ok((secs, us))) = time {
         let received = std::time::Instant::now();
         inner.clock.sample(
+            generation,
             sent,
             received,
             secs.saturating_mul(1_000_000).saturating_add(us),

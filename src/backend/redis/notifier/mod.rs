@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use redis::aio::{PubSub, PubSubSink};
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, PushInfo, RedisResult};
+use redis::{PushInfo, RedisResult};
 use tokio::sync::{broadcast, oneshot};
 
 use super::ConnectSettings;
@@ -171,9 +171,10 @@ impl NotifierShared {
 }
 
 impl Notifier {
-    /// Starts a one-node notifier; `first` is a pub/sub connection made at connect.
+    /// Starts a one-node notifier on `target` (followed to a new master after a Sentinel
+    /// failover); `first` is a pub/sub connection made at connect.
     pub(super) fn start(
-        client: Client,
+        target: Arc<crate::backend::target::Target>,
         first: Option<PubSub>,
         settings: ConnectSettings,
     ) -> Notifier {
@@ -187,7 +188,7 @@ impl Notifier {
         });
         tokio::spawn(single::listen(
             Arc::downgrade(&shared),
-            client,
+            target,
             first,
             shutdown_rx,
             settings.connect_timeout,

@@ -1,16 +1,19 @@
 //! The one-node listener: a dedicated pub/sub connection (`SUBSCRIBE`), reconnected with
 //! backoff; every reconnect re-subscribes every known channel and resyncs every waiter.
+//! It also moves to a new master when the target's generation moves (a Sentinel failover),
+//! and reports its connection failures to the target (which may re-resolve the master).
 
 use std::sync::atomic::Ordering;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::aio::PubSub;
-use redis::Client;
 use tokio::sync::oneshot;
 
 use super::{NotifierShared, Sink, IDLE_UNSUBSCRIBE};
+use crate::backend::target::Target;
+use crate::error::{Error, ErrorKind};
 
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
@@ -20,10 +23,11 @@ const RESUBSCRIBE_MIN: Duration = Duration::from_millis(100);
 const RESUBSCRIBE_MAX: Duration = Duration::from_secs(5);
 
 /// The listener task: owns the pub/sub stream, reconnects, re-subscribes and resyncs, and
-/// sweeps idle channels.
+/// sweeps idle channels; follows the target to a new master.
+#[allow(clippy::too_many_lines)] // one reconnect loop
 pub(super) async fn listen(
     weak: Weak<NotifierShared>,
-    client: Client,
+    target: Arc<Target>,
     mut first: Option<PubSub>,
     mut shutdown: oneshot::Receiver<()>,
     connect_timeout: Duration,
@@ -31,10 +35,13 @@ pub(super) async fn listen(
     let mut backoff = RECONNECT_MIN;
     let mut resubscribe_backoff = RESUBSCRIBE_MIN;
     let mut epoch = 0u64;
+    let mut moved = target.watch();
     loop {
+        moved.borrow_and_update();
         let pubsub = if let Some(p) = first.take() {
             p
         } else {
+            let client = target.client().0;
             let attempt = tokio::time::timeout(connect_timeout, client.get_async_pubsub());
             let outcome = tokio::select! {
                 _ = &mut shutdown => return,
@@ -46,6 +53,10 @@ pub(super) async fn listen(
                     if let Ok(Err(e)) = other {
                         tracing::debug!(error = %e, "pub/sub reconnect failed");
                     }
+                    target.noticed(&Error::new(
+                        ErrorKind::Connection,
+                        "pub/sub reconnect failed",
+                    ));
                     tokio::select! {
                         _ = &mut shutdown => return,
                         () = tokio::time::sleep(backoff) => {}
@@ -105,10 +116,16 @@ pub(super) async fn listen(
         backoff = RECONNECT_MIN;
         let mut sweep = tokio::time::interval(IDLE_UNSUBSCRIBE);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut master_moved = false;
         loop {
             let msg = tokio::select! {
                 _ = &mut shutdown => return,
                 msg = stream.next() => msg,
+                // A new master (Sentinel failover): reconnect there, re-subscribe, resync.
+                _ = moved.changed() => {
+                    master_moved = true;
+                    None
+                }
                 _ = sweep.tick() => {
                     let Some(shared) = weak.upgrade() else { return };
                     shared.sweep().await;
@@ -119,7 +136,15 @@ pub(super) async fn listen(
             let Some(shared) = weak.upgrade() else { return };
             shared.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
         }
-        tracing::debug!("pub/sub connection lost; reconnecting");
+        if master_moved {
+            tracing::debug!("sentinel master moved; pub/sub reconnecting there");
+        } else {
+            tracing::debug!("pub/sub connection lost; reconnecting");
+            target.noticed(&Error::new(
+                ErrorKind::Connection,
+                "pub/sub connection lost",
+            ));
+        }
         let Some(shared) = weak.upgrade() else { return };
         let mut slot = shared.sink.lock().await;
         *slot = None;
