@@ -496,49 +496,48 @@ mod finite {
         }
     }
 
-    impl ser::SerializeSeq for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Done {
-            Ok(())
-        }
+    /// The compound serializers: every element (or field) is probed the same way.
+    macro_rules! probe_elements {
+        ($($trait:ident :: $method:ident),* $(,)?) => {$(
+            impl ser::$trait for Probe {
+                type Ok = ();
+                type Error = NonFinite;
+                fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
+                    value.serialize(Probe)
+                }
+                fn end(self) -> Done {
+                    Ok(())
+                }
+            }
+        )*};
     }
+    probe_elements!(
+        SerializeSeq::serialize_element,
+        SerializeTuple::serialize_element,
+        SerializeTupleStruct::serialize_field,
+        SerializeTupleVariant::serialize_field,
+    );
 
-    impl ser::SerializeTuple for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Done {
-            Ok(())
-        }
+    /// The same for the serializers whose fields are named.
+    macro_rules! probe_fields {
+        ($($trait:ident),* $(,)?) => {$(
+            impl ser::$trait for Probe {
+                type Ok = ();
+                type Error = NonFinite;
+                fn serialize_field<T: Serialize + ?Sized>(
+                    &mut self,
+                    _: &'static str,
+                    value: &T,
+                ) -> Done {
+                    value.serialize(Probe)
+                }
+                fn end(self) -> Done {
+                    Ok(())
+                }
+            }
+        )*};
     }
-
-    impl ser::SerializeTupleStruct for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Done {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeTupleVariant for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Done {
-            Ok(())
-        }
-    }
+    probe_fields!(SerializeStruct, SerializeStructVariant);
 
     impl ser::SerializeMap for Probe {
         type Ok = ();
@@ -547,28 +546,6 @@ mod finite {
             key.serialize(Probe)
         }
         fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Done {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Done {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeStruct for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Done {
-            value.serialize(Probe)
-        }
-        fn end(self) -> Done {
-            Ok(())
-        }
-    }
-
-    impl ser::SerializeStructVariant for Probe {
-        type Ok = ();
-        type Error = NonFinite;
-        fn serialize_field<T: Serialize + ?Sized>(&mut self, _: &'static str, value: &T) -> Done {
             value.serialize(Probe)
         }
         fn end(self) -> Done {
