@@ -525,16 +525,30 @@ async fn lead(
     // after the call — never a result that completed before it called.
     herd.inner.flights.remove(&keys.key, slot);
     let bytes = Envelope::encode(fence, &token, &body);
-    match backend
-        .complete(
-            keys,
-            &token,
-            &bytes,
-            body.status == Status::Ok,
-            settings.linger,
-        )
-        .await
-    {
+    // Retried through a dropped connection within the command timeout, like a release: a
+    // repeat that finds the lock gone but this run's result stored did complete.
+    let completed = backend
+        .retry_release("complete", || {
+            backend.complete(
+                keys,
+                &token,
+                &bytes,
+                body.status == Status::Ok,
+                settings.linger,
+            )
+        })
+        .await;
+    let completed = match completed {
+        Ok(reply) if !reply.value && reply.after_error => match backend.fanout_check(keys).await {
+            Ok(check) => Ok(check.envelope.is_some_and(|stored| {
+                Envelope::decode(&stored).is_ok_and(|env| env.generation == fence)
+            })),
+            Err(e) => Err(e),
+        },
+        Ok(reply) => Ok(reply.value),
+        Err(e) => Err(e),
+    };
+    match completed {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
             job = %keys.key,

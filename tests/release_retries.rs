@@ -392,3 +392,86 @@ per_kind!(
     reply_cut,
     retry_finds_another_holder
 );
+
+/// A fan-out leader's completion whose request is held and then cut (it never reached
+/// Redis) is retried on a new connection: a follower in another herd gets the result at
+/// once, not after the run's 30 s TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_through_a_cut_connection_is_retried() {
+    let server = server::shared();
+    let prefix = server::unique_prefix("complete_cut");
+    let proxy = Proxy::start(server);
+    let leader = herd(&prefix, "leader", &proxy.url()).await;
+    let follower = herd(&prefix, "follower", &server.url()).await;
+    let options = herdlock::FanoutOptions::new()
+        .ttl(Duration::from_secs(30))
+        .timeout(Duration::from_secs(60));
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let leading = tokio::spawn({
+        let options = options.clone();
+        async move {
+            leader
+                .fanout_with("job", &options, move || async move {
+                    let _ = go_rx.await;
+                    Ok::<_, herdlock::JobError>(42u32)
+                })
+                .await
+        }
+    });
+    let mut conn = raw(server).await;
+    let lock = lock_key(&prefix, "job");
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&lock)
+            .query_async(&mut conn)
+            .await
+            .expect("exists");
+        if exists {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let following = tokio::spawn(async move {
+        follower
+            .fanout_with("job", &options, || async {
+                Ok::<_, herdlock::JobError>(0u32)
+            })
+            .await
+    });
+    // The follower marked the run as waited for: it is subscribed and waiting.
+    loop {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&lock)
+            .query_async(&mut conn)
+            .await
+            .expect("get");
+        if value.is_some_and(|v| v.split(':').nth(3) == Some("1")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    proxy.freeze();
+    let _ = go_tx.send(());
+    proxy.wait_held(Direction::ToServer, 1, STEP_TIMEOUT).await;
+    proxy.cut();
+    proxy.thaw();
+    let followed = within(Duration::from_secs(10), "follower", following)
+        .await
+        .expect("task")
+        .expect("the follower gets the result");
+    assert_eq!(followed.value, 42);
+    let led = within(Duration::from_secs(10), "leader", leading)
+        .await
+        .expect("task")
+        .expect("the leader has its value");
+    assert_eq!(led.value, 42);
+}
