@@ -525,30 +525,8 @@ async fn lead(
     // after the call — never a result that completed before it called.
     herd.inner.flights.remove(&keys.key, slot);
     let bytes = Envelope::encode(fence, &token, &body);
-    // Retried through a dropped connection within the command timeout, like a release: a
-    // repeat that finds the lock gone but this run's result stored did complete.
-    let completed = backend
-        .retry_release("complete", || {
-            backend.complete(
-                keys,
-                &token,
-                &bytes,
-                body.status == Status::Ok,
-                settings.linger,
-            )
-        })
-        .await;
-    let completed = match completed {
-        Ok(reply) if !reply.value && reply.after_error => match backend.fanout_check(keys).await {
-            Ok(check) => Ok(check.envelope.is_some_and(|stored| {
-                Envelope::decode(&stored).is_ok_and(|env| env.generation == fence)
-            })),
-            Err(e) => Err(e),
-        },
-        Ok(reply) => Ok(reply.value),
-        Err(e) => Err(e),
-    };
-    match completed {
+    let ok = body.status == Status::Ok;
+    match complete(backend, keys, (&token, fence), &bytes, ok, settings.linger).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
             job = %keys.key,
@@ -561,6 +539,32 @@ async fn lead(
         result: decode_stored(&keys.key, &bytes).map(Arc::new),
         how: How::Led,
     }
+}
+
+/// Stores and publishes a run's envelope and releases its lock (`complete.lua`), retried
+/// through a dropped connection within the command timeout like a release: a repeat that
+/// finds the lock gone but this run's result stored did complete. `false`: the run no
+/// longer held its lock (nothing was written).
+async fn complete(
+    backend: &Backend,
+    keys: &JobKeys,
+    (token, fence): (&str, u64),
+    bytes: &[u8],
+    ok: bool,
+    linger: Duration,
+) -> Result<bool> {
+    let reply = backend
+        .retry_release("complete", || {
+            backend.complete(keys, token, bytes, ok, linger)
+        })
+        .await?;
+    if reply.value || !reply.after_error {
+        return Ok(reply.value);
+    }
+    let check = backend.fanout_check(keys).await?;
+    Ok(check
+        .envelope
+        .is_some_and(|stored| Envelope::decode(&stored).is_ok_and(|env| env.generation == fence)))
 }
 
 /// Runs the job, catching a panic and reporting it, never propagating it. The job runs

@@ -464,11 +464,11 @@ async fn a_completion_through_a_cut_connection_is_retried() {
     proxy.wait_held(Direction::ToServer, 1, STEP_TIMEOUT).await;
     proxy.cut();
     proxy.thaw();
-    let followed = within(Duration::from_secs(10), "follower", following)
+    let got = within(Duration::from_secs(10), "follower", following)
         .await
         .expect("task")
         .expect("the follower gets the result");
-    assert_eq!(followed.value, 42);
+    assert_eq!(got.value, 42);
     let led = within(Duration::from_secs(10), "leader", leading)
         .await
         .expect("task")
