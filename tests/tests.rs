@@ -59,3 +59,5 @@ mod sentinel;
 // Redis Cluster: the behaviour suites on a 3-master + 3-replica cluster, sharded pub/sub,
 // slot migration and failover.
 mod cluster;
+// Least privilege at scale: the README ACL rules on a Redis Cluster and through Sentinel.
+mod acl_scale;

@@ -416,7 +416,8 @@ async fn resolve_master(
                 .query_async::<Option<(String, u16)>>(&mut conn)
                 .await
         })
-        .await;
+        .await
+        .map_err(|e| refused_hint(e, "may not run `sentinel|get-master-addr-by-name` on a sentinel (its user needs the sentinel rule in README.md, \"Sentinel\")"));
         let (host, port) = match named {
             Ok(Some(addr)) => addr,
             Ok(None) => {
@@ -451,7 +452,8 @@ async fn resolve_master(
                 .query_async::<redis::Value>(&mut conn)
                 .await
         })
-        .await;
+        .await
+        .map_err(|e| refused_hint(e, "may not run `role` on the master (its user needs the least-privilege rule plus `+role`)"));
         match role {
             Ok(redis::Value::Array(items)) if matches!(items.first(), Some(redis::Value::BulkString(b)) if b == b"master") =>
             {
@@ -467,6 +469,16 @@ async fn resolve_master(
         }
     }
     Err(last.unwrap_or_else(|| Error::new(ErrorKind::Connection, "no sentinel answered")))
+}
+
+/// A permission refusal during the master lookup, with what was refused and the right to
+/// grant; other errors as they are.
+fn refused_hint(error: Error, what: &str) -> Error {
+    if error.kind() == ErrorKind::Permission {
+        error.with_hint(&format!(": {what}"))
+    } else {
+        error
+    }
 }
 
 async fn bounded<T>(

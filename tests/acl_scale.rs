@@ -1,0 +1,383 @@
+//! Issue 11, test 6 (least privilege at scale): a user restricted to exactly the README's
+//! rule for a Redis Cluster (its cluster part) runs the smoke set on a 3-master cluster,
+//! and so do a master user restricted to the one-node rule plus `+role` and a Sentinel user
+//! restricted to the README's Sentinel rule; one right less is refused at connect with
+//! `ErrorKind::Permission` naming it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herdlock::{Error, ErrorKind, FanoutOptions, Herd, JobError, LockOptions, SemaphoreOptions};
+
+use crate::common::cluster::RedisCluster;
+use crate::common::sentinel::SentinelGroup;
+use crate::common::server::unique_prefix;
+use crate::fixture::within;
+
+const PASSWORD: &str = "s3cret-pass";
+/// The TTL and wait of the smoke set: far longer than a pub/sub wake-up takes.
+const LONG: Duration = Duration::from_secs(30);
+/// What a pub/sub wake-up must take less than.
+const QUICK: Duration = Duration::from_secs(5);
+
+/// The commands of the README rule a Redis Cluster does not use (one-node pub/sub).
+const ONE_NODE_ONLY: &[&str] = &["+subscribe", "+unsubscribe", "+publish"];
+/// The cluster part of the README rule.
+const CLUSTER_ONLY: &[&str] = &[
+    "+ssubscribe",
+    "+sunsubscribe",
+    "+spublish",
+    "+eval",
+    "+cluster|slots",
+    "+cluster|shards",
+];
+
+/// The rule README.md documents for `user` (its `ACL SETUSER user reset on >PASSWORD …`
+/// line), as the arguments after `reset >PASSWORD`, with `herdlock:*` replaced by
+/// `prefix:*`.
+fn readme_rule(user: &str, prefix: &str) -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = format!("ACL SETUSER {user} reset on >PASSWORD ");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with(&start))
+        .unwrap_or_else(|| panic!("README.md documents `{start}…`"));
+    line.split_whitespace()
+        .skip(3)
+        .filter(|w| *w != "reset" && *w != ">PASSWORD")
+        .map(|w| w.replace("herdlock:*", &format!("{prefix}:*")))
+        .collect()
+}
+
+/// The README rule without `drop`, plus `add`.
+fn edit(rule: Vec<String>, drop: &[&str], add: &[&str]) -> Vec<String> {
+    let mut rule: Vec<String> = rule
+        .into_iter()
+        .filter(|r| !drop.contains(&r.as_str()))
+        .collect();
+    rule.extend(add.iter().map(|r| (*r).to_owned()));
+    rule
+}
+
+fn cluster_rule(prefix: &str) -> Vec<String> {
+    edit(readme_rule("herdlock", prefix), ONE_NODE_ONLY, &[])
+}
+
+fn master_rule(prefix: &str) -> Vec<String> {
+    edit(readme_rule("herdlock", prefix), CLUSTER_ONLY, &["+role"])
+}
+
+fn sentinel_rule() -> Vec<String> {
+    readme_rule("herdlock-sentinel", "herdlock")
+}
+
+/// The channel of `key` under `prefix` (src/keys.rs: a key with a hash tag `{t}` keeps it).
+fn channel(prefix: &str, key: &str) -> String {
+    match key.strip_prefix('{').and_then(|rest| rest.split_once('}')) {
+        Some((tag, _)) => format!("{prefix}:{{{tag}}}:{key}"),
+        None => format!("{prefix}:{{{key}}}"),
+    }
+}
+
+fn strs(rule: &[String]) -> Vec<&str> {
+    rule.iter().map(String::as_str).collect()
+}
+
+fn builder(prefix: &str, owner: &str) -> herdlock::Builder {
+    Herd::builder()
+        .prefix(prefix)
+        .owner(owner)
+        .connect_timeout(Duration::from_secs(2))
+        .command_timeout(Duration::from_secs(2))
+}
+
+fn expect_permission(result: Result<Herd, Error>, what: &str, needles: &[&str]) {
+    match result {
+        Ok(_) => panic!("{what}: connect succeeded, expected Permission"),
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Permission, "{what}: {e}");
+            let text = format!("{e} / {e:?}");
+            for needle in needles {
+                assert!(text.contains(needle), "{what}: no {needle:?} in {text}");
+            }
+            eprintln!("{what}: {e}");
+        }
+    }
+}
+
+/// Waits until `subscribed()` says a waiter is subscribed, runs `release`, and returns what
+/// the waiter got, checking it was woken well before the holder's TTL.
+async fn woken<T>(
+    what: &str,
+    subscribed: impl Fn() -> bool,
+    waiter: tokio::task::JoinHandle<Result<T, Error>>,
+    release: impl std::future::Future<Output = ()>,
+) -> T {
+    let deadline = Instant::now() + QUICK;
+    while !subscribed() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the waiter never subscribed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let released = Instant::now();
+    release.await;
+    let got = within(LONG, what, waiter)
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let took = released.elapsed();
+    eprintln!("{what}: woken {took:?} after the release");
+    assert!(took < QUICK, "{what}: woken {took:?} after the release");
+    got
+}
+
+/// 5 callers on each of two herds: one run; the leader finishes only once the other herd
+/// follows, so its result crosses pub/sub.
+async fn fanout(a: &Herd, b: &Herd) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let options = FanoutOptions::new().timeout(LONG).ttl(LONG);
+    let mut callers = Vec::new();
+    for herd in [a, b] {
+        for _ in 0..5 {
+            let (herd, a, b) = (herd.clone(), a.clone(), b.clone());
+            let (runs, options) = (Arc::clone(&runs), options.clone());
+            callers.push(tokio::spawn(async move {
+                herd.fanout_with("job", &options, move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while a.stats().following + b.stats().following == 0 {
+                        assert!(Instant::now() < deadline, "the other herd never followed");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Ok::<_, JobError>(42u32)
+                })
+                .await
+            }));
+        }
+    }
+    let started = Instant::now();
+    for caller in callers {
+        let fanned = within(LONG, "fan-out caller", caller)
+            .await
+            .expect("task")
+            .expect("fanout");
+        assert_eq!(fanned.value, 42);
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let took = started.elapsed();
+    eprintln!("fan-out: 10 callers, 1 run, {took:?}");
+    assert!(took < QUICK, "fan-out took {took:?}");
+}
+
+/// b waits for a lock a holds; a's release wakes it.
+async fn lock(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) {
+    let options = LockOptions::new().ttl(LONG);
+    let held = a.lock_with("l", QUICK, &options).await.expect("a locks");
+    let status = b.lock_status("l").await.expect("status");
+    assert_eq!(status.holder.expect("held").owner, "a");
+    let b = b.clone();
+    let waiter = tokio::spawn(async move { b.lock("l", LONG).await });
+    let got = woken("lock", || subscribed("l"), waiter, async {
+        held.release().await.expect("release");
+    })
+    .await;
+    got.release().await.expect("release");
+}
+
+/// b waits for a multi-lock sharing a key (and the hash tag) with a's.
+async fn multi(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) {
+    let options = LockOptions::new().ttl(LONG);
+    let held = a
+        .try_multi_with(&["{m}:1", "{m}:2"], &options)
+        .await
+        .expect("try_multi")
+        .acquired()
+        .expect("free");
+    let b = b.clone();
+    let waiter = tokio::spawn(async move { b.multi(&["{m}:2", "{m}:3"], LONG).await });
+    let got = woken("multi", || subscribed("{m}:2"), waiter, async {
+        held.release().await.expect("release");
+    })
+    .await;
+    got.release().await.expect("release");
+}
+
+/// One permit (its status seen by the other herd); a waiter woken by the release.
+async fn semaphore(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) {
+    let options = SemaphoreOptions::new().lease(LONG);
+    let sem_a = a.semaphore_with("s", 1, &options).expect("semaphore");
+    let sem_b = b.semaphore_with("s", 1, &options).expect("semaphore");
+    let permit = sem_a
+        .try_acquire()
+        .await
+        .expect("try")
+        .acquired()
+        .expect("free");
+    assert_eq!(sem_b.status().await.expect("status").in_use, 1);
+    let waiter = tokio::spawn(async move { sem_b.acquire(LONG).await });
+    let got = woken("semaphore", || subscribed("s"), waiter, async {
+        permit.release().await.expect("release");
+    })
+    .await;
+    got.release().await.expect("release");
+}
+
+// ---------------------------------------------------------------------------------------
+// Redis Cluster
+// ---------------------------------------------------------------------------------------
+
+/// Issue 11, test 6 on a cluster: a user restricted to exactly the README rule's cluster
+/// part (created on every node) runs the smoke set through `connect_cluster`; the same rule
+/// without `SPUBLISH`, without `SSUBSCRIBE` or without channels is refused at connect with
+/// `Permission` naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_least_privilege_user_runs_the_smoke_set() {
+    let started = Instant::now();
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .expect("cluster");
+    eprintln!("cluster started in {:?}", cluster.started_in());
+    let prefix = unique_prefix("acl-cluster");
+    let urls = cluster.acl_user("app", PASSWORD, &strs(&cluster_rule(&prefix)));
+    let a = builder(&prefix, "a")
+        .connect_cluster(&urls)
+        .await
+        .expect("a connects as the least-privileged user");
+    let b = builder(&prefix, "b")
+        .connect_cluster(&urls)
+        .await
+        .expect("b connects as the least-privileged user");
+    let subscribed = |key: &str| {
+        cluster
+            .shard_subscribers(&channel(&prefix, key))
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<u64>()
+            >= 1
+    };
+    fanout(&a, &b).await;
+    lock(&a, &b, subscribed).await;
+    multi(&a, &b, subscribed).await;
+    semaphore(&a, &b, subscribed).await;
+    drop((a, b));
+
+    let channels = format!("&{prefix}:*");
+    let cases: [(&str, Vec<String>, &[&str]); 3] = [
+        (
+            "nospublish",
+            edit(cluster_rule(&prefix), &["+spublish"], &[]),
+            &["`spublish` (command not allowed)", "+spublish"],
+        ),
+        (
+            "nossubscribe",
+            edit(cluster_rule(&prefix), &["+ssubscribe"], &[]),
+            &["`ssubscribe` (command not allowed)", "+ssubscribe"],
+        ),
+        (
+            "nochannels",
+            edit(cluster_rule(&prefix), &[&channels], &[]),
+            &["(no access to channels", &channels],
+        ),
+    ];
+    for (name, rule, needles) in cases {
+        let urls = cluster.acl_user(name, PASSWORD, &strs(&rule));
+        let refused = builder(&prefix, name).connect_cluster(&urls).await;
+        let mut needles = needles.to_vec();
+        needles.push(name);
+        expect_permission(refused, name, &needles);
+    }
+    eprintln!("cluster acl test took {:?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// Sentinel
+// ---------------------------------------------------------------------------------------
+
+/// Issue 11, test 6 through Sentinel: a master user restricted to the one-node rule plus
+/// `+role` and Sentinels' user restricted to the README's Sentinel rule run a lock and a
+/// fan-out; the master rule without `+subscribe` or without `+role`, and the Sentinel rule
+/// without `+sentinel|get-master-addr-by-name`, are refused at connect with `Permission`
+/// naming the right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_least_privilege_users_run_the_smoke_set() {
+    let started = Instant::now();
+    let group = tokio::task::spawn_blocking(SentinelGroup::start)
+        .await
+        .expect("sentinel group");
+    eprintln!("sentinel group started in {:?}", group.started_in());
+    let prefix = unique_prefix("acl-sentinel");
+    let sentinel_rule = sentinel_rule();
+    let sentinel_urls: Vec<String> = (0..group.sentinel_urls().len())
+        .map(|i| {
+            group
+                .sentinel(i)
+                .acl_user("watcher", PASSWORD, &strs(&sentinel_rule))
+        })
+        .collect();
+    // ACL users are per server and not replicated: create it on the replica too, as a
+    // failover would need.
+    let master_rule = master_rule(&prefix);
+    for node in [group.master(), group.replica()] {
+        node.acl_user("app", PASSWORD, &strs(&master_rule));
+    }
+    let connect = |owner: &'static str, user: &'static str| {
+        builder(&prefix, owner)
+            .master_auth(Some(user), PASSWORD)
+            .connect_sentinel(group.master_name(), &sentinel_urls)
+    };
+    let a = connect("a", "app").await.expect("a connects");
+    let b = connect("b", "app").await.expect("b connects");
+    let subscribed = |key: &str| {
+        let reply = group
+            .master()
+            .cmd(&["PUBSUB", "NUMSUB", &channel(&prefix, key)]);
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n >= 1)
+    };
+    fanout(&a, &b).await;
+    lock(&a, &b, subscribed).await;
+    drop((a, b));
+
+    for (name, drop_rule, needles) in [
+        (
+            "nosubscribe",
+            "+subscribe",
+            &["`subscribe` (command not allowed)", "+subscribe"][..],
+        ),
+        (
+            "norole",
+            "+role",
+            &["may not run `role` on the master", "`+role`"][..],
+        ),
+    ] {
+        let rule = edit(master_rule.clone(), &[drop_rule], &[]);
+        group.master().acl_user(name, PASSWORD, &strs(&rule));
+        let refused = connect("c", name).await;
+        expect_permission(refused, name, needles);
+    }
+    // The Sentinels' user without the lookup.
+    let rule = edit(sentinel_rule, &["+sentinel|get-master-addr-by-name"], &[]);
+    let nolookup: Vec<String> = (0..sentinel_urls.len())
+        .map(|i| {
+            group
+                .sentinel(i)
+                .acl_user("nolookup", PASSWORD, &strs(&rule))
+        })
+        .collect();
+    let refused = builder(&prefix, "c")
+        .master_auth(Some("app"), PASSWORD)
+        .connect_sentinel(group.master_name(), &nolookup)
+        .await;
+    expect_permission(
+        refused,
+        "nolookup",
+        &["may not run `sentinel|get-master-addr-by-name` on a sentinel"],
+    );
+    eprintln!("sentinel acl test took {:?}", started.elapsed());
+}
