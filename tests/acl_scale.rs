@@ -80,6 +80,23 @@ fn channel(prefix: &str, key: &str) -> String {
     }
 }
 
+/// Asserts `acl_log` (a server's `ACL LOG`) holds no refusal but the connect check's
+/// `ACL DRYRUN` (and redis-rs's ignored `CLIENT SETINFO` on servers that have it).
+fn only_dry_runs_refused(what: &str, acl_log: &str) {
+    let objects: Vec<&str> = acl_log
+        .lines()
+        .zip(acl_log.lines().skip(1))
+        .filter(|(name, _)| *name == "object")
+        .map(|(_, value)| value)
+        .collect();
+    assert!(
+        objects
+            .iter()
+            .all(|o| *o == "acl|dryrun" || *o == "client|setinfo"),
+        "{what} refused: {objects:?}\n{acl_log}"
+    );
+}
+
 fn strs(rule: &[String]) -> Vec<&str> {
     rule.iter().map(String::as_str).collect()
 }
@@ -263,6 +280,12 @@ async fn cluster_least_privilege_user_runs_the_smoke_set() {
     multi(&a, &b, subscribed).await;
     semaphore(&a, &b, subscribed).await;
     drop((a, b));
+    for node in cluster.live() {
+        only_dry_runs_refused(
+            &format!("node {node}"),
+            &cluster.node(node).cmd(&["ACL", "LOG"]),
+        );
+    }
 
     let channels = format!("&{prefix}:*");
     let cases: [(&str, Vec<String>, &[&str]); 3] = [
@@ -343,6 +366,10 @@ async fn sentinel_least_privilege_users_run_the_smoke_set() {
     fanout(&a, &b).await;
     lock(&a, &b, subscribed).await;
     drop((a, b));
+    only_dry_runs_refused("the master", &group.master().cmd(&["ACL", "LOG"]));
+    for i in 0..sentinel_urls.len() {
+        only_dry_runs_refused("a sentinel", &group.sentinel(i).cmd(&["ACL", "LOG"]));
+    }
 
     for (name, drop_rule, needles) in [
         (
