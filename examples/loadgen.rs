@@ -1,7 +1,7 @@
 //! Load generator: herdlock against a raw redis-rs baseline measured in the same run.
 //!
 //! ```text
-//! cargo run --release --example loadgen -- [--quick] [--cycles N] [workload ...]
+//! cargo run --release --example loadgen -- [--quick] [--cycles N] [--cluster] [workload ...]
 //! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example loadgen -- once-cycles
 //! ```
 //!
@@ -28,6 +28,14 @@
 //!   process; baseline: one `EVALSHA` taking all 3 keys with `SET NX PX` or none (checked
 //!   with `EXISTS` first), then one owner-checked 3-key delete. ABBA segments as above.
 //!
+//! `--cluster` then runs `once-cycles` and `fanout-throughput` again on a private Redis
+//! Cluster (3 masters + 3 replicas on free loopback ports, formed with `redis-cli --cluster
+//! create`): herds connect with `connect_cluster`, the raw baselines with
+//! `redis::cluster_async`, and Redis commands and CPU are summed over the 3 masters. Each
+//! cluster report carries `"deployment": "cluster-3x3"`, the same run's standalone headline
+//! figures (`standalone_same_run`) and a note: on a 2-core machine it measures the cluster's
+//! overhead, not its speed-up. Without workloads named, `--cluster` runs just those two.
+//!
 //! Each workload prints one JSON object on stdout; progress goes to stderr. Without
 //! `REDIS_URL` a private `redis-server` is started on a free loopback port and killed at
 //! exit. `--quick` scales every count down 10× for a smoke run.
@@ -51,7 +59,8 @@ use futures::StreamExt;
 use herdlock::{
     FanoutOptions, Herd, JobError, KeyRelease, Role, SemaphoreOptions, TryLock, TryMulti,
 };
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -61,7 +70,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use raw::{set_nx, COMPARE_AND_DELETE, RAW_TTL_MS};
-use redis_server::RedisServer;
+use redis_server::{RedisCluster, RedisServer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -170,10 +179,13 @@ struct Args {
     workloads: Vec<Workload>,
     quick: bool,
     cycles: Option<u64>,
+    /// `--cluster`: also run the cluster-capable workloads on a 3+3 Redis Cluster.
+    cluster: bool,
     worker: Option<WorkerArgs>,
 }
 
-/// The hidden `--worker <workload> --url <url> --prefix <p> --index <i>` mode.
+/// The hidden `--worker <workload> --url <url> --prefix <p> --index <i>` mode (`<url>` is a
+/// comma-separated list of node URLs for a cluster).
 #[derive(Debug)]
 struct WorkerArgs {
     url: String,
@@ -181,9 +193,13 @@ struct WorkerArgs {
     index: usize,
 }
 
-const USAGE: &str = "usage: loadgen [--quick] [--cycles N] [once-cycles] [fanout-herd] \
+const USAGE: &str =
+    "usage: loadgen [--quick] [--cycles N] [--cluster] [once-cycles] [fanout-herd] \
 [fanout-throughput] [semaphore-handoff] [multi-cycles]
   --quick       scale every count down 10x (smoke run)
+  --cluster     after the standalone runs, run once-cycles and fanout-throughput again on a
+                private 3-master + 3-replica Redis Cluster (the default workloads become
+                those two)
   --cycles N    once-cycles: cycles per side (default 200000)
   REDIS_URL     use this Redis instead of starting a private redis-server";
 
@@ -196,6 +212,7 @@ impl Args {
             let mut value = |flag: &str| args.next().ok_or(format!("{flag} needs a value"));
             match arg.as_str() {
                 "--quick" => parsed.quick = true,
+                "--cluster" => parsed.cluster = true,
                 "--cycles" => parsed.cycles = Some(value("--cycles")?.parse()?),
                 "--worker" => {
                     Workload::parse(&value("--worker")?)?;
@@ -222,7 +239,11 @@ impl Args {
             });
         }
         if parsed.workloads.is_empty() {
-            parsed.workloads = Workload::ALL.to_vec();
+            parsed.workloads = if parsed.cluster {
+                vec![Workload::OnceCycles, Workload::FanoutThroughput]
+            } else {
+                Workload::ALL.to_vec()
+            };
         }
         if parsed.cycles == Some(0) {
             return Err("--cycles must be at least 1".into());
@@ -284,17 +305,25 @@ async fn parent_main(args: &Args) -> Res<()> {
         cores()
     );
     let work = async {
+        let probes = [url.clone()];
+        let mut standalone = BTreeMap::new();
         for workload in &args.workloads {
             eprintln!("loadgen: {} ...", workload.name());
             let prefix = format!("{prefix}{}", workload.name().replace('-', ""));
             let report = match workload {
-                Workload::OnceCycles => once_cycles(&url, &prefix, scale).await?,
+                Workload::OnceCycles => once_cycles(&url, &probes, &prefix, scale).await?,
                 Workload::FanoutHerd => fanout_herd(&url, &prefix, scale).await?,
-                Workload::FanoutThroughput => fanout_throughput(&url, &prefix, scale).await?,
+                Workload::FanoutThroughput => {
+                    fanout_throughput(&url, &probes, &prefix, scale).await?
+                }
                 Workload::SemaphoreHandoff => semaphore_handoff(&url, &prefix, scale).await?,
-                Workload::MultiCycles => multi_cycles(&url, &prefix, scale).await?,
+                Workload::MultiCycles => multi_cycles(&url, &probes, &prefix, scale).await?,
             };
             println!("{report}");
+            standalone.insert(workload.name(), report);
+        }
+        if args.cluster {
+            cluster_runs(args, scale, &prefix, &standalone).await?;
         }
         Ok::<(), BoxError>(())
     };
@@ -309,6 +338,93 @@ async fn parent_main(args: &Args) -> Res<()> {
     }
     drop(server); // kills the private redis-server (also on the error path above)
     result
+}
+
+/// What a 2-core machine can and cannot show about a cluster.
+const CLUSTER_NOTE: &str = "3 masters + 3 replicas on one machine: on 2 cores the cluster's \
+6 redis-server processes share the cores with the clients, so this measures the cluster's \
+overhead (routing, per-shard connections, sharded pub/sub), not its speed-up; Redis commands \
+and CPU are summed over the 3 masters (replicas not counted)";
+
+/// `--cluster`: starts a private 3+3 cluster and runs the cluster-capable workloads on it,
+/// each report next to the same run's standalone figures.
+async fn cluster_runs(
+    args: &Args,
+    scale: Scale,
+    prefix: &str,
+    standalone: &BTreeMap<&str, Value>,
+) -> Res<()> {
+    eprintln!("loadgen: starting a 3-master + 3-replica Redis Cluster ...");
+    let started = Instant::now();
+    let cluster = tokio::task::block_in_place(RedisCluster::start)?;
+    let urls = cluster.urls().join(",");
+    let masters = cluster.master_urls()?;
+    eprintln!(
+        "loadgen: cluster ready in {:.1} s, masters {masters:?}",
+        started.elapsed().as_secs_f64()
+    );
+    for workload in &args.workloads {
+        let prefix = format!("{prefix}c{}", workload.name().replace('-', ""));
+        let mut report = match workload {
+            Workload::OnceCycles => {
+                eprintln!("loadgen: cluster {} ...", workload.name());
+                once_cycles(&urls, &masters, &prefix, scale).await?
+            }
+            Workload::FanoutThroughput => {
+                eprintln!("loadgen: cluster {} ...", workload.name());
+                fanout_throughput(&urls, &masters, &prefix, scale).await?
+            }
+            other => {
+                eprintln!("loadgen: {} runs standalone only", other.name());
+                continue;
+            }
+        };
+        report["deployment"] = json!("cluster-3x3");
+        report["note"] = json!(CLUSTER_NOTE);
+        report["masters"] = json!(masters.len());
+        if let Some(base) = standalone.get(workload.name()) {
+            report["standalone_same_run"] = headline(base);
+        }
+        println!("{report}");
+    }
+    drop(cluster); // kills every node
+    Ok(())
+}
+
+/// A report's headline figures, to print next to another deployment's.
+fn headline(report: &Value) -> Value {
+    let pick = |side: &str, keys: &[&str]| -> Value {
+        let mut out = serde_json::Map::new();
+        for k in keys {
+            if let Some(v) = report[side].get(*k) {
+                out.insert((*k).to_owned(), v.clone());
+            }
+        }
+        Value::Object(out)
+    };
+    let herd = [
+        "jobs_per_s",
+        "calls_per_s",
+        "cycles_per_s",
+        "misses",
+        "late_reruns",
+        "overlapping_runs",
+        "timeouts",
+        "errors",
+        "redis_commands_per_job",
+        "redis_cpu_us_per_job",
+        "redis_commands_per_cycle",
+        "redis_cpu_us_per_cycle",
+    ];
+    let base = [
+        "ops_per_s",
+        "cycles_per_s",
+        "redis_commands_per_op",
+        "redis_cpu_us_per_op",
+        "redis_commands_per_cycle",
+        "redis_cpu_us_per_cycle",
+    ];
+    json!({"herdlock": pick("herdlock", &herd), "baseline": pick("baseline", &base)})
 }
 
 /// A key prefix unique to this run, so runs against a shared Redis never collide.
@@ -339,7 +455,7 @@ fn cores() -> usize {
 
 /// Deletes this run's keys from an external Redis.
 async fn cleanup(url: &str, prefix: &str) -> Res<()> {
-    let mut conn = raw_connection(url).await?;
+    let mut conn = single_connection(url).await?;
     let mut cursor: u64 = 0;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -363,17 +479,102 @@ async fn cleanup(url: &str, prefix: &str) -> Res<()> {
     }
 }
 
-async fn raw_connection(url: &str) -> Res<MultiplexedConnection> {
+async fn single_connection(url: &str) -> Res<MultiplexedConnection> {
     let client = redis::Client::open(url)?;
     Ok(client.get_multiplexed_async_connection().await?)
 }
 
+/// The raw baselines' connection: one multiplexed connection to a standalone Redis, or a
+/// `redis::cluster_async` connection when `url` lists several nodes (comma-separated).
+#[derive(Clone)]
+enum RawConn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RawConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RawConn::Single(c) => c.req_packed_command(cmd),
+            RawConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RawConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RawConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RawConn::Single(c) => c.get_db(),
+            RawConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Node URLs when `url` is a comma-separated cluster list.
+fn cluster_nodes(url: &str) -> Option<Vec<&str>> {
+    url.contains(',').then(|| url.split(',').collect())
+}
+
+async fn raw_connection(url: &str) -> Res<RawConn> {
+    Ok(match cluster_nodes(url) {
+        Some(nodes) => RawConn::Cluster(
+            redis::cluster::ClusterClient::new(nodes)?
+                .get_async_connection()
+                .await?,
+        ),
+        None => RawConn::Single(single_connection(url).await?),
+    })
+}
+
 async fn connect_herd(url: &str, prefix: &str, owner: &str) -> Res<Herd> {
-    Ok(Herd::builder()
-        .prefix(prefix)
-        .owner(owner)
-        .connect(url)
-        .await?)
+    let builder = Herd::builder().prefix(prefix).owner(owner);
+    Ok(match cluster_nodes(url) {
+        Some(nodes) => builder.connect_cluster(&nodes).await?,
+        None => builder.connect(url).await?,
+    })
+}
+
+/// One connection to each node whose `INFO commandstats` / `INFO cpu` a workload sums
+/// (the standalone server, or every cluster master).
+struct Probes(Vec<MultiplexedConnection>);
+
+impl Probes {
+    async fn connect(urls: &[String]) -> Res<Probes> {
+        let mut conns = Vec::new();
+        for url in urls {
+            conns.push(single_connection(url).await?);
+        }
+        Ok(Probes(conns))
+    }
+
+    /// (Redis CPU, commands run) so far, summed over the nodes.
+    async fn sample(&mut self) -> (Option<Duration>, Option<u64>) {
+        let (mut cpu, mut calls) = (Some(Duration::ZERO), Some(0));
+        for conn in &mut self.0 {
+            let c = redis_calls(conn).await.map(|m| m.values().sum::<u64>());
+            calls = calls.zip(c).map(|(a, b)| a + b);
+            cpu = cpu.zip(redis_cpu(conn).await).map(|(a, b)| a + b);
+        }
+        (cpu, calls)
+    }
+
+    /// The commands one [`Probes::sample`] itself adds to the next one.
+    fn own_calls(&self) -> u64 {
+        2 * self.0.len() as u64
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -432,8 +633,8 @@ enum Side {
     Floor,
 }
 
-async fn once_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
-    let ctx = CycleCtx::connect(CycleKind::Once, url, prefix).await?;
+async fn once_cycles(url: &str, probes: &[String], prefix: &str, scale: Scale) -> Res<Value> {
+    let ctx = CycleCtx::connect(CycleKind::Once, url, probes, prefix).await?;
     let (herd_total, raw_total, floor_total, segments) = ctx.abba(scale.cycles).await;
     let ratio = herd_total.rate() / raw_total.rate();
     Ok(json!({
@@ -485,17 +686,19 @@ struct RawScripts {
 struct CycleCtx {
     kind: CycleKind,
     herd: Herd,
-    raw: MultiplexedConnection,
+    raw: RawConn,
+    probes: tokio::sync::Mutex<Probes>,
     scripts: Arc<RawScripts>,
     prefix: String,
 }
 
 impl CycleCtx {
-    async fn connect(kind: CycleKind, url: &str, prefix: &str) -> Res<CycleCtx> {
+    async fn connect(kind: CycleKind, url: &str, probes: &[String], prefix: &str) -> Res<CycleCtx> {
         Ok(CycleCtx {
             kind,
             herd: connect_herd(url, prefix, "loadgen").await?,
             raw: raw_connection(url).await?,
+            probes: tokio::sync::Mutex::new(Probes::connect(probes).await?),
             scripts: Arc::new(RawScripts {
                 compare_and_delete: redis::Script::new(COMPARE_AND_DELETE),
                 fenced_set_nx: redis::Script::new(FENCED_SET_NX),
@@ -557,9 +760,9 @@ impl CycleCtx {
 
     /// `cycles` lock/unlock cycles of distinct keys on `CYCLE_IN_FLIGHT` tasks.
     async fn run(&self, side: Side, tag: &str, cycles: u64) -> Segment {
-        let mut info = self.raw.clone();
-        let calls_before = redis_calls(&mut info).await;
-        let (client_before, redis_before) = (process_cpu(), redis_cpu(&mut info).await);
+        let mut probes = self.probes.lock().await;
+        let (redis_before, calls_before) = probes.sample().await;
+        let client_before = process_cpu();
         let next = Arc::new(AtomicU64::new(0));
         let deadline = Instant::now() + PHASE_BUDGET;
         let started = Instant::now();
@@ -620,14 +823,15 @@ impl CycleCtx {
         if let (Some(before), Some(after)) = (client_before, process_cpu()) {
             total.client_cpu = after.saturating_sub(before);
         }
-        if let (Some(before), Some(after)) = (redis_before, redis_cpu(&mut info).await) {
+        let (redis_after, calls_after) = probes.sample().await;
+        if let (Some(before), Some(after)) = (redis_before, redis_after) {
             total.redis_cpu = after.saturating_sub(before);
         }
-        if let (Some(before), Some(after)) = (calls_before, redis_calls(&mut info).await) {
-            let sum = |m: &BTreeMap<String, u64>| m.values().sum::<u64>();
-            // Less the measurement's own calls: this INFO commandstats' predecessor and the
-            // two INFO cpu.
-            total.redis_commands = sum(&after).saturating_sub(sum(&before)).saturating_sub(3);
+        if let (Some(before), Some(after)) = (calls_before, calls_after) {
+            // Less the measurement's own calls (the INFO commands of the first sample).
+            total.redis_commands = after
+                .saturating_sub(before)
+                .saturating_sub(probes.own_calls());
         }
         total
     }
@@ -647,7 +851,7 @@ async fn herd_cycle(herd: &Herd, key: &str) -> Res<bool> {
 /// One baseline cycle: `SET key tok NX PX ttl` (or, for the fenced floor, the minimal
 /// fenced acquire script), then the owner-checked delete.
 async fn raw_cycle(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RawConn,
     scripts: &RawScripts,
     prefix: &str,
     key: &str,
@@ -686,8 +890,8 @@ async fn raw_cycle(
 // ---------------------------------------------------------------------------------------
 // multi-cycles
 
-async fn multi_cycles(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
-    let ctx = CycleCtx::connect(CycleKind::Multi, url, prefix).await?;
+async fn multi_cycles(url: &str, probes: &[String], prefix: &str, scale: Scale) -> Res<Value> {
+    let ctx = CycleCtx::connect(CycleKind::Multi, url, probes, prefix).await?;
     let (herd_total, raw_total, _, segments) = ctx.abba(scale.multi_cycles).await;
     let ratio = herd_total.rate() / raw_total.rate();
     Ok(json!({
@@ -731,7 +935,7 @@ async fn herd_multi_cycle(herd: &Herd, keys: &[String; MULTI_KEYS]) -> Res<bool>
 /// One baseline multi cycle: the all-or-none `SET NX PX` script, then the owner-checked
 /// delete script.
 async fn raw_multi_cycle(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RawConn,
     scripts: &RawScripts,
     prefix: &str,
     keys: &[String; MULTI_KEYS],
@@ -884,7 +1088,7 @@ struct WorkerCtx {
     herd: Herd,
     /// This worker's `--index`.
     index: usize,
-    raw: MultiplexedConnection,
+    raw: RawConn,
     prefix: String,
     stdin: Lines<BufReader<Stdin>>,
     /// Latest raw pub/sub message: (round, publisher's send time, reader's receive time).
@@ -915,23 +1119,26 @@ async fn worker_main(args: WorkerArgs) -> Res<()> {
     let owner = format!("worker{}", args.index);
     let herd = connect_herd(&args.url, &args.prefix, &owner).await?;
     let raw = raw_connection(&args.url).await?;
-    // The raw pub/sub baseline's subscriber: one dedicated connection per process.
-    let client = redis::Client::open(args.url.as_str())?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(pub_channel(&args.prefix)).await?;
     let (tx, published) = watch::channel((-1_i64, 0_u64, 0_u64));
-    tokio::spawn(async move {
-        let mut stream = pubsub.into_on_message();
-        while let Some(msg) = stream.next().await {
-            let received = now_us();
-            let payload: String = msg.get_payload().unwrap_or_default();
-            if let Some((round, sent)) = payload.split_once(':') {
-                if let (Ok(round), Ok(sent)) = (round.parse(), sent.parse()) {
-                    tx.send_replace((round, sent, received));
+    // The raw pub/sub baseline's subscriber: one dedicated connection per process
+    // (standalone only: fanout-herd does not run on a cluster).
+    if cluster_nodes(&args.url).is_none() {
+        let client = redis::Client::open(args.url.as_str())?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.subscribe(pub_channel(&args.prefix)).await?;
+        tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(msg) = stream.next().await {
+                let received = now_us();
+                let payload: String = msg.get_payload().unwrap_or_default();
+                if let Some((round, sent)) = payload.split_once(':') {
+                    if let (Ok(round), Ok(sent)) = (round.parse(), sent.parse()) {
+                        tx.send_replace((round, sent, received));
+                    }
                 }
             }
-        }
-    });
+        });
+    }
     let mut ctx = WorkerCtx {
         herd,
         index: args.index,
@@ -1098,7 +1305,7 @@ async fn pub_round(ctx: &mut WorkerCtx, round: usize, waiters: usize) -> Res<Pub
 async fn fanout_herd(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
     let per_process = scale.herd_callers / PROCESSES;
     let mut workers = Workers::spawn(Workload::FanoutHerd, url, prefix).await?;
-    let mut raw = raw_connection(url).await?;
+    let mut raw = single_connection(url).await?;
     let channel = pub_channel(prefix);
     let mut agg = HerdAgg::default();
     for round in 0..scale.herd_rounds {
@@ -1456,8 +1663,16 @@ fn phase(reports: &[TputReport]) -> (TputReport, Duration) {
     (sum, Duration::from_micros(end.saturating_sub(start)))
 }
 
-async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
+async fn fanout_throughput(
+    url: &str,
+    probe_urls: &[String],
+    prefix: &str,
+    scale: Scale,
+) -> Res<Value> {
     let mut workers = Workers::spawn(Workload::FanoutThroughput, url, prefix).await?;
+    let mut probes = Probes::connect(probe_urls).await?;
+    // Redis (CPU, commands) per side, summed over the probed nodes: [herdlock, baseline].
+    let mut redis_cost = [(Duration::ZERO, 0_u64); 2];
     let half = scale.tput_ids / 2;
     let (mut herd, mut herd_time, mut base, mut base_time) = (
         TputReport::default(),
@@ -1472,6 +1687,7 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
     // coordination, is not counted).
     for (round, cmd) in [(0, "setnx"), (0, "tput"), (1, "tput"), (1, "setnx")] {
         let (mut sum, mut time) = (TputReport::default(), Duration::ZERO);
+        let (cpu_before, calls_before) = probes.sample().await;
         for start in (0..half).step_by(TPUT_IN_FLIGHT) {
             let len = TPUT_IN_FLIGHT.min(half - start);
             let reports: Vec<TputReport> = workers
@@ -1480,6 +1696,18 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
             let (wave, wave_time) = phase(&reports);
             sum.add(&wave);
             time += wave_time;
+        }
+        let (cpu_after, calls_after) = probes.sample().await;
+        // Between waves only the workers' own idle traffic reaches Redis, so the round's
+        // whole span is charged to it.
+        let cost = &mut redis_cost[usize::from(cmd != "tput")];
+        if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+            cost.0 += after.saturating_sub(before);
+        }
+        if let (Some(before), Some(after)) = (calls_before, calls_after) {
+            cost.1 += after
+                .saturating_sub(before)
+                .saturating_sub(probes.own_calls());
         }
         let rate = sum.calls as f64 / time.as_secs_f64().max(1e-9);
         if cmd == "tput" {
@@ -1526,6 +1754,8 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
             "errors": herd.errors,
             "overlapping_runs": kinds.overlaps,
             "unfinished": herd.unfinished,
+            "redis_commands_per_job": round3(redis_cost[0].1 as f64 / ids.max(1) as f64),
+            "redis_cpu_us_per_job": round3(per_cycle(redis_cost[0].0, ids)),
         },
         "baseline": {
             "what": "SET NX PX on the same ids, same processes and concurrency",
@@ -1533,6 +1763,8 @@ async fn fanout_throughput(url: &str, prefix: &str, scale: Scale) -> Res<Value> 
             "ops_per_s": base_ops_s.round(),
             "errors": base.errors,
             "unfinished": base.unfinished,
+            "redis_commands_per_op": round3(redis_cost[1].1 as f64 / base.calls.max(1) as f64),
+            "redis_cpu_us_per_op": round3(per_cycle(redis_cost[1].0, base.calls)),
         },
         "calls_ratio": round3(herd_calls_s / base_ops_s.max(1e-9)),
         "timeouts_ok": herd.timeouts == 0,
@@ -1774,7 +2006,7 @@ async fn sem_hold(
 /// One baseline hold: `SET key tok NX PX ttl` every `RAW_RETRY` until it succeeds, then
 /// the owner-checked delete.
 async fn raw_hold(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RawConn,
     script: &redis::Script,
     key: &str,
     token: &str,
@@ -1837,7 +2069,7 @@ async fn handoff_phase(
 
 async fn semaphore_handoff(url: &str, prefix: &str, scale: Scale) -> Res<Value> {
     let mut workers = Workers::spawn(Workload::SemaphoreHandoff, url, prefix).await?;
-    let mut info = raw_connection(url).await?;
+    let mut info = single_connection(url).await?;
     // Warm up every side (script loads, pub/sub connections), one hold per client.
     for side in [Handoff::Raw, Handoff::Unfair, Handoff::Fair] {
         handoff_phase(&mut workers, &mut info, side, "warm", 1).await?;

@@ -2,7 +2,7 @@
 //! herdlock against: a hand-written Redis lock with no library around it (included by
 //! `#[path]`, like `redis_server.rs`).
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::ConnectionLike;
 
 /// TTL of the baseline's raw locks.
 pub(crate) const RAW_TTL_MS: u64 = 10_000;
@@ -13,8 +13,8 @@ pub(crate) const COMPARE_AND_DELETE: &str =
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// `SET key token NX PX RAW_TTL_MS`: whether the lock was taken.
-pub(crate) async fn set_nx(
-    conn: &mut MultiplexedConnection,
+pub(crate) async fn set_nx<C: ConnectionLike + Send>(
+    conn: &mut C,
     key: &str,
     token: &str,
 ) -> redis::RedisResult<bool> {

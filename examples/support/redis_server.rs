@@ -29,9 +29,14 @@ impl RedisServer {
     /// Starts `redis-server` (or `$REDIS_SERVER_BIN`) on `127.0.0.1:<free port>` and waits
     /// until it answers `PING`.
     pub(crate) fn start() -> io::Result<RedisServer> {
+        RedisServer::start_with(&[])
+    }
+
+    /// Like [`RedisServer::start`], with `extra` arguments for `redis-server`.
+    pub(crate) fn start_with(extra: &[String]) -> io::Result<RedisServer> {
         let mut last_error = None;
         for _ in 0..START_ATTEMPTS {
-            match RedisServer::try_start() {
+            match RedisServer::try_start(extra) {
                 Ok(server) => return Ok(server),
                 Err(e) => last_error = Some(e),
             }
@@ -44,7 +49,13 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    fn try_start() -> io::Result<RedisServer> {
+    /// The port it listens on.
+    #[allow(dead_code)] // used by loadgen's cluster, not by the benches
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn try_start(extra: &[String]) -> io::Result<RedisServer> {
         let port = free_port()?;
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -64,6 +75,11 @@ impl RedisServer {
             .arg(&dir)
             .arg("--logfile")
             .arg(dir.join("redis.log"))
+            .args(
+                extra
+                    .iter()
+                    .map(|a| a.replace("{dir}", &dir.to_string_lossy())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -140,4 +156,113 @@ fn ping(port: u16) -> io::Result<()> {
     } else {
         Err(io::Error::other(format!("unexpected PING reply {line:?}")))
     }
+}
+
+/// How long a fresh cluster may take to say `cluster_state:ok` on every node.
+#[allow(dead_code)]
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A throwaway Redis Cluster of 3 masters and 3 replicas on free loopback ports, formed
+/// with `redis-cli --cluster create`; every node is killed on drop.
+#[allow(dead_code)] // used by loadgen, not by the benches
+#[derive(Debug)]
+pub(crate) struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+#[allow(dead_code)]
+impl RedisCluster {
+    /// Starts 6 nodes (`--cluster-enabled yes`, each with its own config file in its own
+    /// directory, a 1 s node timeout), joins them with `redis-cli --cluster create …
+    /// --cluster-replicas 1`, and waits until every node says `cluster_state:ok`.
+    pub(crate) fn start() -> io::Result<RedisCluster> {
+        let args: Vec<String> = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "{dir}/nodes.conf",
+            "--cluster-node-timeout",
+            "1000",
+            "--cluster-announce-ip",
+            "127.0.0.1",
+            "--repl-diskless-sync-delay",
+            "0",
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+        let nodes = (0..6)
+            .map(|_| RedisServer::start_with(&args))
+            .collect::<io::Result<Vec<_>>>()?;
+        let cluster = RedisCluster { nodes };
+        let mut create = Command::new(cli_bin());
+        create.args(["--cluster", "create"]);
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let output = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() || !stdout.contains("All 16384 slots covered") {
+            return Err(io::Error::other(format!(
+                "redis-cli --cluster create failed ({}): {stdout}",
+                output.status
+            )));
+        }
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        for node in &cluster.nodes {
+            loop {
+                let info = cli(node.port, &["CLUSTER", "INFO"])?;
+                let replication = cli(node.port, &["INFO", "replication"])?;
+                let ready = info.lines().any(|l| l.trim_end() == "cluster_state:ok")
+                    && (replication.contains("role:master")
+                        || replication.contains("master_link_status:up"));
+                if ready {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("cluster node {} not ready: {info}", node.port),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(cluster)
+    }
+
+    /// Every node's `redis://127.0.0.1:<port>/`.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The URLs of the nodes that are masters now (`INFO replication` says `role:master`).
+    pub(crate) fn master_urls(&self) -> io::Result<Vec<String>> {
+        let mut masters = Vec::new();
+        for node in &self.nodes {
+            if cli(node.port, &["INFO", "replication"])?.contains("role:master") {
+                masters.push(node.url());
+            }
+        }
+        Ok(masters)
+    }
+}
+
+#[allow(dead_code)]
+fn cli_bin() -> String {
+    std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".to_owned())
+}
+
+/// One command through `redis-cli -p <port>`; its stdout.
+#[allow(dead_code)]
+fn cli(port: u16, args: &[&str]) -> io::Result<String> {
+    let output = Command::new(cli_bin())
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
