@@ -378,22 +378,14 @@ async fn commands_do_not_grow_with_callers() {
 /// `UNSUBSCRIBE` (the sweep of channels idle for a second) and `CLIENT SETINFO` (sent by
 /// redis-rs when a connection is made, on servers that have it).
 fn counted_calls(server: &RedisServer) -> std::collections::BTreeMap<String, u64> {
-    server
-        .cmd(&["INFO", "commandstats"])
-        .lines()
-        .filter_map(|line| {
-            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = stats
-                .split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse()
-                .ok()?;
-            (!matches!(name, "info" | "time" | "unsubscribe" | "client|setinfo"))
-                .then(|| (name.to_owned(), calls))
-        })
-        .collect()
+    let mut calls = crate::protocol_v2::command_stats(server);
+    calls.retain(|name, _| {
+        !matches!(
+            name.as_str(),
+            "info" | "time" | "unsubscribe" | "client|setinfo"
+        )
+    });
+    calls
 }
 
 /// DESIGN invariant 6: a paused server and a killed pub/sub connection during a herd;

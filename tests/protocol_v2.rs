@@ -1184,7 +1184,7 @@ const CYCLES: u64 = 100;
 const MAX_COMMANDS_PER_CYCLE: u64 = 5;
 
 /// Calls per command from `INFO commandstats`.
-fn command_stats(server: &RedisServer) -> BTreeMap<String, u64> {
+pub(crate) fn command_stats(server: &RedisServer) -> BTreeMap<String, u64> {
     server
         .cmd(&["INFO", "commandstats"])
         .lines()

@@ -274,22 +274,13 @@ async fn a_waiter_taking_the_lock_after_a_lost_reply_is_no_loss() {
     let waiter = tokio::spawn(async move { other.lock("k", STEP_TIMEOUT).await });
     // The waiter is subscribed once its mark is on the holder value.
     let mut conn = raw(server).await;
-    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-    loop {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(lock_key(&prefix, "k"))
-            .query_async(&mut conn)
-            .await
-            .expect("get");
-        if value.is_some_and(|v| v.split(':').nth(3) == Some("1")) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the waiter never marked the lock"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_lock(
+        &mut conn,
+        &lock_key(&prefix, "k"),
+        "the waiter marked the lock",
+        marked,
+    )
+    .await;
     proxy.freeze_replies();
     let releasing = tokio::spawn(release(Held::Lock(held)));
     let taken = within(STEP_TIMEOUT, "waiter", waiter)
@@ -420,22 +411,7 @@ async fn a_completion_through_a_cut_connection_is_retried() {
     });
     let mut conn = raw(server).await;
     let lock = lock_key(&prefix, "job");
-    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-    loop {
-        let exists: bool = redis::cmd("EXISTS")
-            .arg(&lock)
-            .query_async(&mut conn)
-            .await
-            .expect("exists");
-        if exists {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the run never started"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_lock(&mut conn, &lock, "the run started", |v| v.is_some()).await;
     let following = tokio::spawn(async move {
         follower
             .fanout_with("job", &options, || async {
@@ -444,21 +420,7 @@ async fn a_completion_through_a_cut_connection_is_retried() {
             .await
     });
     // The follower marked the run as waited for: it is subscribed and waiting.
-    loop {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(&lock)
-            .query_async(&mut conn)
-            .await
-            .expect("get");
-        if value.is_some_and(|v| v.split(':').nth(3) == Some("1")) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower never waited"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_lock(&mut conn, &lock, "the follower waited", marked).await;
     proxy.freeze();
     let _ = go_tx.send(());
     proxy.wait_held(Direction::ToServer, 1, STEP_TIMEOUT).await;
@@ -474,4 +436,34 @@ async fn a_completion_through_a_cut_connection_is_retried() {
         .expect("task")
         .expect("the leader has its value");
     assert_eq!(led.value, 42);
+}
+
+/// Whether a holder value carries the waited-for mark (its fourth field).
+fn marked(value: Option<&str>) -> bool {
+    value.is_some_and(|v| v.split(':').nth(3) == Some("1"))
+}
+
+/// Polls (bounded by `STEP_TIMEOUT`) until the lock key's value satisfies `done`.
+async fn wait_for_lock(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    what: &str,
+    done: impl Fn(Option<&str>) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .expect("get");
+        if done(value.as_deref()) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {STEP_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
