@@ -456,14 +456,7 @@ impl RedisBackend {
         let limit = self.inner.settings.command_timeout;
         if let Conn::Cluster(_) = conn {
             return self
-                .through_failover(
-                    what,
-                    || {
-                        let mut conn = conn.clone();
-                        async move { inv.invoke_async(&mut conn).await }
-                    },
-                    redis::RedisError::is_cluster_error,
-                )
+                .script_through_failover(what, &conn, inv, redis::RedisError::is_cluster_error)
                 .await;
         }
         self.noticed(bounded(what, limit, inv.invoke_async(&mut conn)).await)
@@ -484,6 +477,26 @@ impl RedisBackend {
             target.noticed(e);
         }
         result
+    }
+
+    /// Runs the script `inv` on the cluster connection `conn`, through a failover (see
+    /// [`through_failover`](RedisBackend::through_failover)).
+    async fn script_through_failover(
+        &self,
+        what: &str,
+        conn: &Conn,
+        inv: &Invocation<'_>,
+        transient: impl Fn(&redis::RedisError) -> bool,
+    ) -> Result<Value> {
+        self.through_failover(
+            what,
+            || {
+                let mut conn = conn.clone();
+                async move { inv.invoke_async(&mut conn).await }
+            },
+            transient,
+        )
+        .await
     }
 
     /// Runs `attempt` on a cluster, retrying the errors `transient` accepts (50 ms doubling
@@ -541,20 +554,13 @@ impl RedisBackend {
         let limit = self.inner.settings.command_timeout;
         if let Conn::Cluster(_) = conn {
             return self
-                .through_failover(
-                    what,
-                    || {
-                        let mut conn = conn.clone();
-                        async move { inv.invoke_async(&mut conn).await }
-                    },
-                    |e| {
-                        e.is_cluster_error()
-                            || e.is_connection_dropped()
-                            || e.is_io_error()
-                            || e.is_connection_refusal()
-                            || e.is_timeout()
-                    },
-                )
+                .script_through_failover(what, &conn, inv, |e| {
+                    e.is_cluster_error()
+                        || e.is_connection_dropped()
+                        || e.is_io_error()
+                        || e.is_connection_refusal()
+                        || e.is_timeout()
+                })
                 .await;
         }
         let first = tokio::time::timeout(limit, inv.invoke_async(&mut conn)).await;
