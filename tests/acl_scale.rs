@@ -4,22 +4,16 @@
 //! restricted to the README's Sentinel rule; one right less is refused at connect with
 //! `ErrorKind::Permission` naming it.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herdlock::{Error, ErrorKind, FanoutOptions, Herd, JobError, LockOptions, SemaphoreOptions};
+use herdlock::{Error, ErrorKind, Herd};
 
 use crate::common::cluster::RedisCluster;
 use crate::common::sentinel::SentinelGroup;
 use crate::common::server::unique_prefix;
-use crate::fixture::within;
+use crate::smoke::{self, channel};
 
 const PASSWORD: &str = "s3cret-pass";
-/// The TTL and wait of the smoke set: far longer than a pub/sub wake-up takes.
-const LONG: Duration = Duration::from_secs(30);
-/// What a pub/sub wake-up must take less than.
-const QUICK: Duration = Duration::from_secs(5);
 
 /// The commands of the README rule a Redis Cluster does not use (one-node pub/sub).
 const ONE_NODE_ONLY: &[&str] = &["+subscribe", "+unsubscribe", "+publish"];
@@ -72,14 +66,6 @@ fn sentinel_rule() -> Vec<String> {
     readme_rule("herdlock-sentinel", "herdlock")
 }
 
-/// The channel of `key` under `prefix` (src/keys.rs: a key with a hash tag `{t}` keeps it).
-fn channel(prefix: &str, key: &str) -> String {
-    match key.strip_prefix('{').and_then(|rest| rest.split_once('}')) {
-        Some((tag, _)) => format!("{prefix}:{{{tag}}}:{key}"),
-        None => format!("{prefix}:{{{key}}}"),
-    }
-}
-
 /// Asserts `acl_log` (a server's `ACL LOG`) holds no refusal but the connect check's
 /// `ACL DRYRUN` (and redis-rs's ignored `CLIENT SETINFO` on servers that have it).
 fn only_dry_runs_refused(what: &str, acl_log: &str) {
@@ -123,125 +109,6 @@ fn expect_permission(result: Result<Herd, Error>, what: &str, needles: &[&str]) 
     }
 }
 
-/// Waits until `subscribed()` says a waiter is subscribed, runs `release`, and returns what
-/// the waiter got, checking it was woken well before the holder's TTL.
-async fn woken<T>(
-    what: &str,
-    subscribed: impl Fn() -> bool,
-    waiter: tokio::task::JoinHandle<Result<T, Error>>,
-    release: impl std::future::Future<Output = ()>,
-) -> T {
-    let deadline = Instant::now() + QUICK;
-    while !subscribed() {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the waiter never subscribed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let released = Instant::now();
-    release.await;
-    let got = within(LONG, what, waiter)
-        .await
-        .expect("task")
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let took = released.elapsed();
-    eprintln!("{what}: woken {took:?} after the release");
-    assert!(took < QUICK, "{what}: woken {took:?} after the release");
-    got
-}
-
-/// 5 callers on each of two herds: one run; the leader finishes only once the other herd
-/// follows, so its result crosses pub/sub.
-async fn fanout(a: &Herd, b: &Herd) {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let options = FanoutOptions::new().timeout(LONG).ttl(LONG);
-    let mut callers = Vec::new();
-    for herd in [a, b] {
-        for _ in 0..5 {
-            let (herd, a, b) = (herd.clone(), a.clone(), b.clone());
-            let (runs, options) = (Arc::clone(&runs), options.clone());
-            callers.push(tokio::spawn(async move {
-                herd.fanout_with("job", &options, move || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    let deadline = Instant::now() + Duration::from_secs(10);
-                    while a.stats().following + b.stats().following == 0 {
-                        assert!(Instant::now() < deadline, "the other herd never followed");
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Ok::<_, JobError>(42u32)
-                })
-                .await
-            }));
-        }
-    }
-    let started = Instant::now();
-    for caller in callers {
-        let fanned = within(LONG, "fan-out caller", caller)
-            .await
-            .expect("task")
-            .expect("fanout");
-        assert_eq!(fanned.value, 42);
-    }
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
-    let took = started.elapsed();
-    eprintln!("fan-out: 10 callers, 1 run, {took:?}");
-    assert!(took < QUICK, "fan-out took {took:?}");
-}
-
-/// b waits for a lock a holds; a's release wakes it.
-async fn lock(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) {
-    let options = LockOptions::new().ttl(LONG);
-    let held = a.lock_with("l", QUICK, &options).await.expect("a locks");
-    let status = b.lock_status("l").await.expect("status");
-    assert_eq!(status.holder.expect("held").owner, "a");
-    let b = b.clone();
-    let waiter = tokio::spawn(async move { b.lock("l", LONG).await });
-    let got = woken("lock", || subscribed("l"), waiter, async {
-        held.release().await.expect("release");
-    })
-    .await;
-    got.release().await.expect("release");
-}
-
-/// b waits for a multi-lock sharing a key (and the hash tag) with a's.
-async fn multi(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) {
-    let options = LockOptions::new().ttl(LONG);
-    let held = a
-        .try_multi_with(&["{m}:1", "{m}:2"], &options)
-        .await
-        .expect("try_multi")
-        .acquired()
-        .expect("free");
-    let b = b.clone();
-    let waiter = tokio::spawn(async move { b.multi(&["{m}:2", "{m}:3"], LONG).await });
-    let got = woken("multi", || subscribed("{m}:2"), waiter, async {
-        held.release().await.expect("release");
-    })
-    .await;
-    got.release().await.expect("release");
-}
-
-/// One permit (its status seen by the other herd); a waiter woken by the release.
-async fn semaphore(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) {
-    let options = SemaphoreOptions::new().lease(LONG);
-    let sem_a = a.semaphore_with("s", 1, &options).expect("semaphore");
-    let sem_b = b.semaphore_with("s", 1, &options).expect("semaphore");
-    let permit = sem_a
-        .try_acquire()
-        .await
-        .expect("try")
-        .acquired()
-        .expect("free");
-    assert_eq!(sem_b.status().await.expect("status").in_use, 1);
-    let waiter = tokio::spawn(async move { sem_b.acquire(LONG).await });
-    let got = woken("semaphore", || subscribed("s"), waiter, async {
-        permit.release().await.expect("release");
-    })
-    .await;
-    got.release().await.expect("release");
-}
-
 // ---------------------------------------------------------------------------------------
 // Redis Cluster
 // ---------------------------------------------------------------------------------------
@@ -275,10 +142,10 @@ async fn cluster_least_privilege_user_runs_the_smoke_set() {
             .sum::<u64>()
             >= 1
     };
-    fanout(&a, &b).await;
-    lock(&a, &b, subscribed).await;
-    multi(&a, &b, subscribed).await;
-    semaphore(&a, &b, subscribed).await;
+    smoke::fanout(&a, &b).await;
+    smoke::lock(&a, &b, subscribed).await;
+    smoke::multi(&a, &b, subscribed).await;
+    smoke::semaphore(&a, &b, false, subscribed).await;
     drop((a, b));
     for node in cluster.live() {
         only_dry_runs_refused(
@@ -353,18 +220,9 @@ async fn sentinel_least_privilege_users_run_the_smoke_set() {
     };
     let a = connect("a", "app").await.expect("a connects");
     let b = connect("b", "app").await.expect("b connects");
-    let subscribed = |key: &str| {
-        let reply = group
-            .master()
-            .cmd(&["PUBSUB", "NUMSUB", &channel(&prefix, key)]);
-        reply
-            .lines()
-            .nth(1)
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .is_some_and(|n| n >= 1)
-    };
-    fanout(&a, &b).await;
-    lock(&a, &b, subscribed).await;
+    let subscribed = |key: &str| group.master().subscribers(&channel(&prefix, key)) >= 1;
+    smoke::fanout(&a, &b).await;
+    smoke::lock(&a, &b, subscribed).await;
     drop((a, b));
     only_dry_runs_refused("the master", &group.master().cmd(&["ACL", "LOG"]));
     for i in 0..sentinel_urls.len() {

@@ -5,15 +5,15 @@
 //! a step without leaving it half done.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use herdlock::{Error, ErrorKind, FanoutOptions, Herd, JobError, Outcome, SemaphoreOptions};
+use herdlock::{Error, ErrorKind, FanoutOptions, Herd, JobError, SemaphoreOptions};
 
 use crate::common::server::{unique_prefix, RedisServer, ServerConfig};
 use crate::fixture::within;
+use crate::smoke;
 
 const PASSWORD: &str = "s3cret-pass";
 
@@ -250,18 +250,15 @@ async fn least_privilege_user_runs_the_smoke_set() {
     let server = RedisServer::start();
     let prefix = unique_prefix("least-priv");
     let url = user(&server, "app", &least_privilege(&prefix));
-    let smoke = Smoke {
-        a: builder(&prefix).owner("a").connect(&url).await.expect("a"),
-        b: builder(&prefix).owner("b").connect(&url).await.expect("b"),
-        server: &server,
-        prefix: prefix.clone(),
-    };
-    smoke.fanout().await;
-    smoke.lock().await;
-    smoke.once().await;
-    smoke.multi().await;
-    smoke.semaphore(false).await;
-    smoke.semaphore(true).await;
+    let a = builder(&prefix).owner("a").connect(&url).await.expect("a");
+    let b = builder(&prefix).owner("b").connect(&url).await.expect("b");
+    let subscribed = |key: &str| server.subscribers(&smoke::channel(&prefix, key)) >= 1;
+    smoke::fanout(&a, &b).await;
+    smoke::lock(&a, &b, subscribed).await;
+    smoke::once(&a, &b).await;
+    smoke::multi(&a, &b, subscribed).await;
+    smoke::semaphore(&a, &b, false, subscribed).await;
+    smoke::semaphore(&a, &b, true, subscribed).await;
 
     // Refused: nothing but the connect check's `ACL DRYRUN` (and, on servers that have it,
     // the `CLIENT SETINFO` redis-rs sends on every connect and ignores when refused).
@@ -283,8 +280,8 @@ async fn least_privilege_user_runs_the_smoke_set() {
         "refused: {objects:?}\n{acl_log}"
     );
     // Nothing is left (the probe's keys are gone again, and no key lives forever).
-    drop(smoke);
-    let deadline = Instant::now() + QUICK;
+    drop((a, b));
+    let deadline = Instant::now() + smoke::QUICK;
     while !server.keys_under(&prefix).is_empty() {
         assert!(
             Instant::now() < deadline,
@@ -292,158 +289,6 @@ async fn least_privilege_user_runs_the_smoke_set() {
             server.keys_under(&prefix)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The TTL and wait of the smoke set: far longer than a pub/sub wake-up takes.
-const LONG: Duration = Duration::from_secs(30);
-/// What a pub/sub wake-up must take less than.
-const QUICK: Duration = Duration::from_secs(5);
-
-/// Two herds of the least-privileged user, and the server to watch.
-struct Smoke<'a> {
-    server: &'a RedisServer,
-    prefix: String,
-    a: Herd,
-    b: Herd,
-}
-
-impl Smoke<'_> {
-    fn channel(&self, key: &str) -> String {
-        format!("{}:{{{key}}}", self.prefix)
-    }
-
-    /// Waits until `waiter` is subscribed to `key`, runs `release`, and returns what the
-    /// waiter got, checking it was woken well before the holder's TTL.
-    async fn woken<T>(
-        &self,
-        key: &str,
-        waiter: tokio::task::JoinHandle<Result<T, Error>>,
-        release: impl std::future::Future<Output = ()>,
-    ) -> T {
-        self.server.wait_subscribers(&self.channel(key), 1, QUICK);
-        let released = Instant::now();
-        release.await;
-        let got = within(LONG, key, waiter)
-            .await
-            .expect("task")
-            .unwrap_or_else(|e| panic!("{key}: {e}"));
-        let took = released.elapsed();
-        assert!(took < QUICK, "{key}: woken {took:?} after the release");
-        got
-    }
-
-    /// 5 callers on each herd, one run; the leader finishes only once the other herd
-    /// follows, so its result crosses pub/sub.
-    async fn fanout(&self) {
-        let runs = Arc::new(AtomicUsize::new(0));
-        let options = FanoutOptions::new().timeout(LONG).ttl(LONG);
-        let mut callers = Vec::new();
-        for herd in [&self.a, &self.b] {
-            for _ in 0..5 {
-                let (herd, a, b) = (herd.clone(), self.a.clone(), self.b.clone());
-                let (runs, options) = (Arc::clone(&runs), options.clone());
-                callers.push(tokio::spawn(async move {
-                    herd.fanout_with("job", &options, move || async move {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        let deadline = Instant::now() + Duration::from_secs(10);
-                        while a.stats().following + b.stats().following == 0 {
-                            assert!(Instant::now() < deadline, "the other herd never followed");
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                        }
-                        Ok::<_, JobError>(42u32)
-                    })
-                    .await
-                }));
-            }
-        }
-        let started = Instant::now();
-        for caller in callers {
-            let fanned = within(LONG, "fan-out caller", caller)
-                .await
-                .expect("task")
-                .expect("fanout");
-            assert_eq!(fanned.value, 42);
-        }
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
-        let took = started.elapsed();
-        assert!(took < QUICK, "fan-out took {took:?}");
-    }
-
-    /// b waits for a lock a holds (status shows a); a's release wakes it.
-    async fn lock(&self) {
-        let options = herdlock::LockOptions::new().ttl(LONG);
-        let held = self
-            .a
-            .lock_with("l", QUICK, &options)
-            .await
-            .expect("a locks");
-        let status = self.b.lock_status("l").await.expect("status");
-        assert_eq!(status.holder.expect("held").owner, "a");
-        let b = self.b.clone();
-        let waiter = tokio::spawn(async move { b.lock("l", LONG).await });
-        let got = self
-            .woken("l", waiter, async {
-                held.release().await.expect("release");
-            })
-            .await;
-        got.release().await.expect("release");
-    }
-
-    /// `once` runs here while the same key is busy for the other herd.
-    async fn once(&self) {
-        let outcome = self
-            .a
-            .once("o", || async {
-                let busy = self.b.once("o", || async { Ok::<_, Error>(()) }).await?;
-                assert!(matches!(busy, Outcome::Busy(_)), "{busy:?}");
-                Ok::<_, Error>(1)
-            })
-            .await
-            .expect("once");
-        assert_eq!(outcome.into_value(), Some(1));
-    }
-
-    /// b waits for a multi-lock sharing a key with a's.
-    async fn multi(&self) {
-        let options = herdlock::LockOptions::new().ttl(LONG);
-        let held = self
-            .a
-            .try_multi_with(&["m1", "m2"], &options)
-            .await
-            .expect("try_multi")
-            .acquired()
-            .expect("free");
-        let b = self.b.clone();
-        let waiter = tokio::spawn(async move { b.multi(&["m2", "m3"], LONG).await });
-        let got = self
-            .woken("m2", waiter, async {
-                held.release().await.expect("release");
-            })
-            .await;
-        got.release().await.expect("release");
-    }
-
-    /// One permit (its status seen by the other herd); a waiter woken by the release.
-    async fn semaphore(&self, fair: bool) {
-        let key = if fair { "fair" } else { "unfair" };
-        let options = SemaphoreOptions::new().lease(LONG).fair(fair);
-        let sem_a = self.a.semaphore_with(key, 1, &options).expect("semaphore");
-        let sem_b = self.b.semaphore_with(key, 1, &options).expect("semaphore");
-        let permit = sem_a
-            .try_acquire()
-            .await
-            .expect("try")
-            .acquired()
-            .expect("free");
-        assert_eq!(sem_b.status().await.expect("status").in_use, 1);
-        let waiter = tokio::spawn(async move { sem_b.acquire(LONG).await });
-        let got = self
-            .woken(key, waiter, async {
-                permit.release().await.expect("release");
-            })
-            .await;
-        got.release().await.expect("release");
     }
 }
 

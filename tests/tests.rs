@@ -61,3 +61,5 @@ mod sentinel;
 mod cluster;
 // Least privilege at scale: the README ACL rules on a Redis Cluster and through Sentinel.
 mod acl_scale;
+// The smoke set those permission tests run as restricted users.
+mod smoke;
