@@ -333,6 +333,33 @@ struct Busy {
 
 const FOLLOW_TIMEOUT: Duration = Duration::from_secs(20);
 
+impl Busy {
+    /// Lets the leader finish and checks that every follower got its result, before its
+    /// deadline and by notice (well within 3 s, not at a TTL re-check). Returns how long
+    /// the delivery took after the release, and how many runs there were.
+    async fn finish(self, leader_completes: &str) -> (Duration, usize) {
+        let completed = Instant::now();
+        self.go.send(()).expect("leader waits");
+        let led = within(Duration::from_secs(10), "leader", self.leader)
+            .await
+            .expect("task");
+        assert_eq!(led.expect(leader_completes), "leader");
+        for follower in self.followers {
+            let got = within(Duration::from_secs(10), "follower", follower)
+                .await
+                .expect("task");
+            assert_eq!(got.expect("follower"), "leader");
+            assert!(Instant::now() < self.deadline);
+        }
+        let delivered_in = completed.elapsed();
+        assert!(
+            delivered_in < Duration::from_secs(3),
+            "followers waited for a TTL re-check: {delivered_in:?}"
+        );
+        (delivered_in, self.runs.load(Ordering::SeqCst))
+    }
+}
+
 async fn busy_job(leader: &Herd, followers: &[Herd], job: &'static str) -> Busy {
     let runs = Arc::new(AtomicUsize::new(0));
     let (go, go_rx) = oneshot::channel();
@@ -412,25 +439,8 @@ async fn slot_migration_while_followers_wait() {
     // The followers' notifiers re-subscribe on the new owner by themselves.
     wait_subscribed(&cluster, to, &channel, 2).await;
     let healed_in = moved.elapsed();
-    let completed = Instant::now();
-    busy.go.send(()).expect("leader waits");
-    let led = within(Duration::from_secs(10), "leader", busy.leader)
-        .await
-        .expect("task");
-    assert_eq!(led.expect("leader completes on the new owner"), "leader");
-    for follower in busy.followers {
-        let got = within(Duration::from_secs(10), "follower", follower)
-            .await
-            .expect("task");
-        assert_eq!(got.expect("follower"), "leader");
-        assert!(Instant::now() < busy.deadline);
-    }
-    let delivered_in = completed.elapsed();
-    assert!(
-        delivered_in < Duration::from_secs(3),
-        "followers waited for a TTL re-check: {delivered_in:?}"
-    );
-    assert_eq!(busy.runs.load(Ordering::SeqCst), 1);
+    let (delivered_in, runs) = busy.finish("leader completes on the new owner").await;
+    assert_eq!(runs, 1);
     eprintln!(
         "cluster timing: slot {slot} migrated in {migrated_in:?}, re-subscribed on the new owner after {healed_in:?}, result delivered {delivered_in:?} after completion"
     );
@@ -486,25 +496,9 @@ async fn master_killed_while_followers_wait() {
     .await
     .expect("failover");
     wait_subscribed(&cluster, failover.promoted, &channel, 2).await;
-    let completed = Instant::now();
-    busy.go.send(()).expect("leader waits");
-    let led = within(Duration::from_secs(10), "leader", busy.leader)
-        .await
-        .expect("task");
-    let led = led.expect("the leader completes on the promoted replica");
-    assert_eq!(led, "leader");
-    for follower in busy.followers {
-        let got = within(Duration::from_secs(10), "follower", follower)
-            .await
-            .expect("task");
-        assert_eq!(got.expect("follower"), "leader");
-        assert!(Instant::now() < busy.deadline);
-    }
-    let delivered_in = completed.elapsed();
-    assert!(
-        delivered_in < Duration::from_secs(3),
-        "followers waited for a TTL re-check: {delivered_in:?}"
-    );
+    let (delivered_in, _) = busy
+        .finish("the leader completes on the promoted replica")
+        .await;
     eprintln!(
         "cluster timing: replica promoted {:?} after kill -9, cluster stable after {:?}, result delivered {delivered_in:?} after completion",
         failover.promoted_after, failover.stable_after
