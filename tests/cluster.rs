@@ -25,7 +25,7 @@ async fn herd(cluster: &RedisCluster, prefix: &str, owner: &str) -> Herd {
 }
 
 /// The cluster URL form: `redis+cluster://host:port,host:port/`.
-fn cluster_url(cluster: &RedisCluster) -> String {
+pub(crate) fn cluster_url(cluster: &RedisCluster) -> String {
     let hosts: Vec<String> = cluster
         .urls()
         .iter()

@@ -1078,7 +1078,22 @@ fn stale_calls(calls: &[Call]) -> Vec<&Call> {
 #[test]
 fn no_coalescing_misses_across_four_processes() {
     let server = RedisServer::start();
-    let prefix = unique_prefix("protocol_v2::misses");
+    no_coalescing_misses(&server.url(), "protocol_v2::misses");
+}
+
+/// Issue 11: the same on a Redis Cluster (3 masters + 3 replicas), where each job's script
+/// runs on its slot's master and each master's clock is bounded on its own.
+#[test]
+fn no_coalescing_misses_on_a_cluster() {
+    let cluster = crate::common::cluster::shared();
+    no_coalescing_misses(
+        &crate::cluster::cluster_url(cluster),
+        "protocol_v2::cluster_misses",
+    );
+}
+
+fn no_coalescing_misses(url: &str, label: &str) {
+    let prefix = unique_prefix(label);
     let started = Instant::now();
     let mut workers: Vec<Worker> = (0..MISS_WORKERS)
         .map(|w| {
@@ -1086,7 +1101,7 @@ fn no_coalescing_misses_across_four_processes() {
                 "workers::worker_entry",
                 "fanout_misses",
                 &[
-                    ("URL", server.url()),
+                    ("URL", url.to_owned()),
                     ("PREFIX", prefix.clone()),
                     ("OWNER", format!("w{w}")),
                 ],

@@ -163,6 +163,31 @@ impl RedisClock {
         }
     }
 
+    /// Whether a reply carrying Redis time `redis_us`, to a request sent at `sent`, reads
+    /// earlier than the kept sample allows: another server's clock (a Redis Cluster slot
+    /// that moved to another master) or a clock stepped back. A bound from the kept sample
+    /// may then be too low for the server that answered.
+    pub(crate) fn contradicts(&self, sent: Instant, redis_us: u64) -> bool {
+        let Some(best) = self.state().best else {
+            return false;
+        };
+        // The server read `best.redis_us` at some instant in [best.sent, best.sent + rtt],
+        // and the reply at some instant after `sent`: at least this much later.
+        let micros = |d: Duration| i128::try_from(d.as_micros()).unwrap_or(i128::MAX);
+        let gap = if sent >= best.sent {
+            micros(sent - best.sent)
+        } else {
+            -micros(best.sent - sent)
+        };
+        let gap_abs = if sent >= best.sent {
+            sent - best.sent
+        } else {
+            best.sent - sent
+        };
+        let lowest = i128::from(best.redis_us) + gap - micros(best.rtt) - micros(drift(gap_abs));
+        i128::from(redis_us) < lowest
+    }
+
     /// An upper bound on Redis's clock (µs) at local instant `x`, if a recent sample is
     /// known.
     pub(crate) fn upper_bound_us(&self, x: Instant) -> Option<u64> {
@@ -299,6 +324,29 @@ mod tests {
         assert!(bound >= true_us(jump) + 60_000_000);
         // Samples older than MAX_SAMPLE_AGE give no bound.
         assert!(clock.upper_bound_us(jump + MAX_SAMPLE_AGE * 2).is_none());
+    }
+
+    #[test]
+    fn a_reply_from_a_clock_behind_contradicts_the_sample() {
+        let base = Instant::now();
+        let clock = RedisClock::default();
+        assert!(
+            !clock.contradicts(base, 0),
+            "no sample, nothing to contradict"
+        );
+        // Read 1_000_000 µs somewhere in a 2 ms round trip at `base`.
+        clock.sample(0, base, base + Duration::from_millis(2), 1_000_000);
+        let later = base + Duration::from_millis(100);
+        // The same clock, read right at `later` (at most 2 ms + drift earlier than the
+        // sample's reading plus 100 ms): consistent.
+        assert!(!clock.contradicts(later, 1_098_500));
+        assert!(!clock.contradicts(later, 1_100_000));
+        assert!(
+            !clock.contradicts(later, 9_000_000),
+            "later is not a contradiction"
+        );
+        // A clock 10 ms behind: contradicts.
+        assert!(clock.contradicts(later, 1_090_000));
     }
 
     #[test]

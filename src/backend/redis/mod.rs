@@ -21,6 +21,7 @@
 //!   concurrent first calls wait for that one check, and a refusal is repeated for 5 s
 //!   before the next call checks again.
 
+mod clocks;
 mod conn;
 mod notifier;
 
@@ -31,6 +32,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::Value;
 
+use self::clocks::ClusterClocks;
 use self::conn::{bounded, manager_config, Commands, Conn, Invocation, Lua};
 pub(crate) use self::notifier::ChannelGuard;
 use self::notifier::Notifier;
@@ -70,10 +72,11 @@ pub(crate) struct RedisBackend {
 enum Target {
     /// One Redis node, or the master of a Sentinel group (followed across failovers).
     Single(Arc<target::Target>),
-    /// A Redis Cluster: its seed node URLs and the command client.
+    /// A Redis Cluster: its seed node URLs, the command client, and each master's clock.
     Cluster {
         nodes: Arc<[String]>,
         client: Box<redis::cluster::ClusterClient>,
+        clocks: Arc<ClusterClocks>,
     },
 }
 
@@ -250,6 +253,7 @@ impl RedisBackend {
             Target::Cluster {
                 nodes: nodes.into(),
                 client: Box::new(client),
+                clocks: Arc::new(ClusterClocks::new(nodes, tls)),
             },
             Commands::Cluster(commands),
             notifier,
@@ -283,6 +287,7 @@ impl RedisBackend {
             let notifier = Notifier::start_sharded(subscriber, push_rx, settings);
             return Ok(RedisBackend::assemble(
                 Target::Cluster {
+                    clocks: Arc::new(ClusterClocks::new(&nodes, tls)),
                     nodes: nodes.into(),
                     client: Box::new(client),
                 },
@@ -633,49 +638,137 @@ impl RedisBackend {
         ttl: Duration,
         ages: ResultAges,
     ) -> Result<FanoutReply> {
+        // The clock of the server that runs the script, and the generation (one server) or
+        // master (a cluster) it belongs to.
+        let generation = self.generation();
+        let (clock, node) = match &self.inner.target {
+            Target::Single(target) => {
+                // A Sentinel failover moved the commands to another server: forget the
+                // old one's clock before bounding anything.
+                self.inner.clock.follow(generation);
+                if self
+                    .inner
+                    .clock
+                    .upper_bound_us(std::time::Instant::now())
+                    .is_none()
+                {
+                    // The first fan-out of this backend (or after a long pause) waits for
+                    // one clock sample, so that even its first callers' results are
+                    // recognised.
+                    let _one = self.inner.first_probe.lock().await;
+                    if self
+                        .inner
+                        .clock
+                        .upper_bound_us(std::time::Instant::now())
+                        .is_none()
+                    {
+                        probe(&self.inner).await;
+                    }
+                }
+                // The thread reads the target's current client each round: after a
+                // failover it probes the new master.
+                let target = Arc::downgrade(target);
+                self.inner.clock.wanted(
+                    move || Box::new(move || target.upgrade().map(|t| t.client())),
+                    self.inner.settings.command_timeout,
+                );
+                (Some(Arc::clone(&self.inner.clock)), None)
+            }
+            Target::Cluster { clocks, .. } => match self.cluster_clock(clocks, keys).await {
+                Some((node, clock)) => (Some(clock), Some((Arc::clone(clocks), node))),
+                None => (None, None),
+            },
+        };
+        let call_at = clock
+            .as_ref()
+            .and_then(|c| c.upper_bound_us(ages.newest_call.into_std()))
+            .unwrap_or(0);
+        let (sent, received, redis_us, reply) = self
+            .fanout_acquire_step(keys, nonce, owner, ttl, ages, call_at)
+            .await?;
+        let Some(clock) = clock else {
+            return Ok(reply);
+        };
+        if let Some((clocks, node)) = node {
+            // A cluster: the slot's master may not be the one the bound is of.
+            if clock.contradicts(sent, redis_us) {
+                clocks.moved(&node);
+                if matches!(reply, FanoutReply::Fresh { .. }) {
+                    // Served on a bound of another clock: ask again on the server's own
+                    // clock only (the same nonce: a lock won meanwhile is found again).
+                    tracing::debug!(
+                        key = %keys.key,
+                        "fan-out reply from another master's clock; asking again without a bound"
+                    );
+                    let (.., reply) = self
+                        .fanout_acquire_step(keys, nonce, owner, ttl, ages, 0)
+                        .await?;
+                    return Ok(reply);
+                }
+                return Ok(reply);
+            }
+            clock.sample(0, sent, received, redis_us);
+        } else if self.generation() == generation {
+            // Only a reply from the server of this generation samples its clock.
+            clock.sample(generation, sent, received, redis_us);
+        }
+        Ok(reply)
+    }
+
+    /// The master that owns `keys`' slot and its clock, sampled once if it has no recent
+    /// sample, with its probe thread running.
+    async fn cluster_clock(
+        &self,
+        clocks: &Arc<ClusterClocks>,
+        keys: &JobKeys,
+    ) -> Option<(clocks::Node, Arc<RedisClock>)> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+        let Ok((Conn::Cluster(mut conn), _)) = self.inner.conn.get() else {
+            return None;
+        };
+        let timeout = self.inner.settings.command_timeout;
+        let (node, clock) = clocks.for_slot(&mut conn, keys.slot(), timeout).await?;
+        if clock.upper_bound_us(std::time::Instant::now()).is_none() {
+            let _one = self.inner.first_probe.lock().await;
+            if clock.upper_bound_us(std::time::Instant::now()).is_none() {
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: node.0.clone(),
+                    port: node.1,
+                });
+                let sent = std::time::Instant::now();
+                let time =
+                    tokio::time::timeout(timeout, conn.route_command(redis::cmd("TIME"), route))
+                        .await;
+                if let Ok(Ok(reply)) = time {
+                    if let Ok((secs, us)) = redis::from_redis_value::<(u64, u64)>(reply) {
+                        clock.sample(
+                            0,
+                            sent,
+                            std::time::Instant::now(),
+                            secs.saturating_mul(1_000_000).saturating_add(us),
+                        );
+                    }
+                }
+            }
+        }
+        clock.wanted(|| clocks.probe_source(&node), timeout);
+        Some((node, clock))
+    }
+
+    /// One `fanout_acquire.lua` call: when it was sent and answered, Redis's clock in the
+    /// reply, and the reply.
+    async fn fanout_acquire_step(
+        &self,
+        keys: &JobKeys,
+        nonce: &str,
+        owner: &str,
+        ttl: Duration,
+        ages: ResultAges,
+        call_at: u64,
+    ) -> Result<(std::time::Instant, std::time::Instant, u64, FanoutReply)> {
         let max_age = ages
             .cache_age
             .map_or(-1, |age| i64::try_from(micros(age)).unwrap_or(i64::MAX));
-        // A Sentinel failover moved the commands to another server: forget the old one's
-        // clock before bounding anything.
-        let generation = self.generation();
-        self.inner.clock.follow(generation);
-        if self
-            .inner
-            .clock
-            .upper_bound_us(std::time::Instant::now())
-            .is_none()
-        {
-            // The first fan-out of this backend (or after a long pause) waits for one clock
-            // sample, so that even its first callers' results are recognised.
-            let _one = self.inner.first_probe.lock().await;
-            if self
-                .inner
-                .clock
-                .upper_bound_us(std::time::Instant::now())
-                .is_none()
-            {
-                probe(&self.inner).await;
-            }
-        }
-        // The bound is of one server's clock: on a cluster, where each job lives on its own
-        // master and the masters' clocks need not agree, no bound is sent, and only the
-        // time since the call (one server's clock against itself) proves a result fresh.
-        let call_at = if let Target::Single(target) = &self.inner.target {
-            // The thread reads the target's current client each round: after a failover it
-            // probes the new master.
-            let target = Arc::downgrade(target);
-            self.inner.clock.wanted(
-                move || Box::new(move || target.upgrade().map(|t| t.client())),
-                self.inner.settings.command_timeout,
-            );
-            self.inner
-                .clock
-                .upper_bound_us(ages.newest_call.into_std())
-                .unwrap_or(0)
-        } else {
-            0
-        };
         // The time since the call, less what Redis's clock may run slower over it.
         let called = ages.newest_call.elapsed();
         let called = called.saturating_sub(super::clock::drift(called));
@@ -694,13 +787,7 @@ impl RedisBackend {
         let what = "fanout acquire";
         let items = array(&reply, 4, what)?;
         let redis_us = u64::try_from(int(&items[3], what)?).map_err(|_| malformed(what))?;
-        // Only a reply from the server of this generation samples its clock.
-        if self.generation() == generation {
-            self.inner
-                .clock
-                .sample(generation, sent, received, redis_us);
-        }
-        parse_acquire(&items[..3], what)
+        Ok((sent, received, redis_us, parse_acquire(&items[..3], what)?))
     }
 
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
@@ -876,13 +963,8 @@ async fn probe(inner: &Inner) {
             drop(slot);
             sample_clock(inner, &mut conn.clone(), generation).await;
         }
-        // One connection per node already: `TIME` goes to any master. The bound assumes
-        // the masters' clocks agree (NTP), as fencing across a failover does.
-        Target::Cluster { .. } => {
-            if let Ok((mut conn, generation)) = inner.conn.get() {
-                sample_clock(inner, &mut conn, generation).await;
-            }
-        }
+        // Each master has a clock of its own (`clocks.rs`), sampled where it is used.
+        Target::Cluster { .. } => {}
     }
 }
 
