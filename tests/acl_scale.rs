@@ -190,11 +190,13 @@ async fn cluster_least_privilege_user_runs_the_smoke_set() {
 /// `+role` and Sentinels' user restricted to the README's Sentinel rule run a lock and a
 /// fan-out; the master rule without `+subscribe` or without `+role`, and the Sentinel rule
 /// without `+sentinel|get-master-addr-by-name`, are refused at connect with `Permission`
-/// naming the right.
+/// naming the right. The restricted users also carry both herds through a failover (the
+/// master killed with `kill -9`, the replica promoted): the smoke set passes again on the
+/// new master.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_least_privilege_users_run_the_smoke_set() {
     let started = Instant::now();
-    let group = tokio::task::spawn_blocking(SentinelGroup::start)
+    let mut group = tokio::task::spawn_blocking(SentinelGroup::start)
         .await
         .expect("sentinel group");
     eprintln!("sentinel group started in {:?}", group.started_in());
@@ -213,16 +215,33 @@ async fn sentinel_least_privilege_users_run_the_smoke_set() {
     for node in [group.master(), group.replica()] {
         node.acl_user("app", PASSWORD, &strs(&master_rule));
     }
+    let master_name = group.master_name().to_owned();
     let connect = |owner: &'static str, user: &'static str| {
         builder(&prefix, owner)
             .master_auth(Some(user), PASSWORD)
-            .connect_sentinel(group.master_name(), &sentinel_urls)
+            .connect_sentinel(&master_name, &sentinel_urls)
     };
     let a = connect("a", "app").await.expect("a connects");
     let b = connect("b", "app").await.expect("b connects");
     let subscribed = |key: &str| group.master().subscribers(&channel(&prefix, key)) >= 1;
     smoke::fanout(&a, &b).await;
     smoke::lock(&a, &b, subscribed).await;
+    // A failover with the restricted users: both herds follow `+switch-master` (subscribed
+    // on a Sentinel as `watcher`), check the new master's role as `app`, and run the smoke
+    // set again there.
+    let failover = tokio::task::block_in_place(|| group.kill_master_and_wait_failover());
+    eprintln!(
+        "acl sentinel failover: promoted after {:?}",
+        failover.promoted_after
+    );
+    let recovered = Instant::now();
+    let subscribed = |key: &str| group.master().subscribers(&channel(&prefix, key)) >= 1;
+    smoke::fanout(&a, &b).await;
+    smoke::lock(&a, &b, subscribed).await;
+    eprintln!(
+        "acl sentinel: smoke set on the new master took {:?}",
+        recovered.elapsed()
+    );
     drop((a, b));
     only_dry_runs_refused("the master", &group.master().cmd(&["ACL", "LOG"]));
     for i in 0..sentinel_urls.len() {
