@@ -86,6 +86,8 @@ pub(crate) struct RunSettings {
     pub(crate) cache_age: Option<Duration>,
     pub(crate) max_duration: Option<Duration>,
     pub(crate) cancel_on_lost: bool,
+    /// Cancel the job when no caller anywhere waits for it any more.
+    pub(crate) cancel_when_abandoned: bool,
 }
 
 /// What a flight does when it wins the lock.
@@ -481,13 +483,24 @@ async fn lead(
     let body = match mode {
         Mode::Run(job) => {
             let run = run_job(job, settings.max_duration);
-            if settings.cancel_on_lost {
-                tokio::select! {
-                    body = run => body,
-                    () = lease.lost() => return lost_outcome(),
+            tokio::select! {
+                body = run => body,
+                () = lease.lost(), if settings.cancel_on_lost => return lost_outcome(),
+                () = abandoned_by_all(herd, keys, slot), if settings.cancel_when_abandoned => {
+                    drop(lease);
+                    tracing::debug!(job = %keys.key, generation = fence, "no caller waits for the run any more; cancelled");
+                    // Give the run up so a later caller starts a new one at once.
+                    if let Err(e) = backend.release(keys, &token, Duration::ZERO).await {
+                        tracing::warn!(job = %keys.key, error = %e, "releasing an abandoned run failed");
+                    }
+                    return FlightOutcome {
+                        result: Err(abandoned(&format!(
+                            "no caller waited for the run of job `{}` any more; it was cancelled",
+                            keys.key
+                        ))),
+                        how: How::Led,
+                    };
                 }
-            } else {
-                run.await
             }
         }
         Mode::Push(role) => {
@@ -538,6 +551,43 @@ async fn lead(
     FlightOutcome {
         result: decode_stored(&keys.key, &bytes).map(Arc::new),
         how: How::Led,
+    }
+}
+
+/// Resolves once nobody waits for the run any more: this process's callers are all gone
+/// (and the flight retired, so none can join) and no other process is subscribed to the
+/// job's channel. Pending forever when the subscriber count cannot be had (a missing
+/// permission): an unanswerable question never cancels a job.
+async fn abandoned_by_all(herd: &Herd, keys: &JobKeys, slot: &Arc<Slot>) {
+    let backend = herd.backend();
+    loop {
+        slot.closed().await;
+        loop {
+            if slot.receiver_count() > 0 {
+                break; // a local caller joined: wait for it to leave
+            }
+            match backend.subscribers(keys).await {
+                Ok(0) => {
+                    if herd.inner.flights.retire(&keys.key, slot) {
+                        return;
+                    }
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Permission || e.kind() == ErrorKind::Redis => {
+                    tracing::warn!(
+                        job = %keys.key,
+                        error = %e,
+                        "cannot count the run's waiters (PUBSUB NUMSUB refused); it will not be cancelled when abandoned"
+                    );
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    tracing::debug!(job = %keys.key, error = %e, "counting the run's waiters failed; trying again");
+                }
+            }
+            tokio::time::sleep(crate::fanout::ABANDON_CHECK_EVERY).await;
+        }
     }
 }
 

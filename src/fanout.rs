@@ -24,6 +24,10 @@ use crate::lock::FencingToken;
 /// for one string.
 pub const MAX_RESULT_SIZE_LIMIT: usize = 512 * 1024 * 1024;
 
+/// How often a leader whose callers are all gone checks whether another process still
+/// waits for its run ([`FanoutOptions::cancel_when_abandoned`]).
+pub const ABANDON_CHECK_EVERY: Duration = Duration::from_millis(500);
+
 /// How a caller obtained its fan-out result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -66,6 +70,7 @@ pub struct FanoutOptions {
     max_duration: Option<Duration>,
     max_result_size: usize,
     cancel_on_lost: bool,
+    cancel_when_abandoned: bool,
 }
 
 impl Default for FanoutOptions {
@@ -79,6 +84,7 @@ impl Default for FanoutOptions {
             max_duration: None,
             max_result_size: 1024 * 1024,
             cancel_on_lost: true,
+            cancel_when_abandoned: false,
         }
     }
 }
@@ -167,6 +173,25 @@ impl FanoutOptions {
         self
     }
 
+    /// Whether the leader cancels its job when nobody anywhere still waits for the run:
+    /// every caller in this process timed out or was dropped, and no other process is
+    /// subscribed to the job's channel (checked with `PUBSUB NUMSUB`, or `SHARDNUMSUB` on a
+    /// cluster, every [`ABANDON_CHECK_EVERY`](crate::ABANDON_CHECK_EVERY) while
+    /// this process has no caller left). The lock is then released at once and nothing is
+    /// stored or published; a caller that arrives later starts a new run.
+    ///
+    /// Default: off: the job finishes for whoever comes next (a caller that arrives while
+    /// it runs gets its result). Only the leader's option counts, and it needs no option
+    /// on the followers: every waiter, whatever its options, keeps the run alive. A
+    /// process's subscription outlives its last waiter by about a second, so cancelling
+    /// takes up to that long after the last caller left. On Redis the herd's user needs
+    /// `+pubsub|numsub` (`+pubsub|shardnumsub` on a cluster); without it the job is never
+    /// cancelled for this reason, and a warning is logged.
+    pub fn cancel_when_abandoned(mut self, on: bool) -> Self {
+        self.cancel_when_abandoned = on;
+        self
+    }
+
     fn validate(&self, herd: &Herd) -> Result<RunSettings> {
         keys::validate_wait(self.timeout).map_err(|_| {
             Error::invalid(format!(
@@ -196,6 +221,7 @@ impl FanoutOptions {
             cache_age: self.cache_age,
             max_duration: self.max_duration,
             cancel_on_lost: self.cancel_on_lost,
+            cancel_when_abandoned: self.cancel_when_abandoned,
         })
     }
 }

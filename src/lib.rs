@@ -59,7 +59,8 @@
 //!   opts into a [cache age](FanoutOptions::cache_age)).
 //! - **Every caller keeps its own deadline.** A caller's timeout fails that caller only; the
 //!   job, its lock and the other callers carry on. Dropping a caller's future (the leader's
-//!   included) never cancels the job: it runs on a task the herd owns.
+//!   included) never cancels the job: it runs on a task the herd owns, unless the run opts
+//!   into [cancelling when nobody waits any more](FanoutOptions::cancel_when_abandoned).
 //! - **Errors fan out.** A job's error reaches every caller as [`ErrorKind::JobFailed`] with
 //!   the same message, code and detail ([`Error::job_error`]); a panic as
 //!   [`ErrorKind::JobPanicked`]; an unserializable or oversized result as
@@ -134,7 +135,10 @@ mod watchdog;
 
 pub use codec::{Codec, JobError};
 pub use error::{Error, ErrorKind, Result};
-pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role, MAX_RESULT_SIZE_LIMIT};
+pub use fanout::{
+    Completer, Fanned, FanoutOptions, Follower, Push, Role, ABANDON_CHECK_EVERY,
+    MAX_RESULT_SIZE_LIMIT,
+};
 pub use herd::{Builder, Herd, HerdStats};
 pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
 pub use lock::{FencingToken, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock};

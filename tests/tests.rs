@@ -10,6 +10,8 @@ mod fixture;
 mod lock;
 // Fan-out and push in one process.
 mod fanout;
+// Abandoned runs: a job nobody waits for any more is cancelled (opt-in).
+mod abandon;
 // Real faults: killed/restarted/paused server, killed pub/sub, bad credentials, garbage.
 mod faults;
 // Cross-process behaviour with real OS processes.

@@ -41,6 +41,7 @@ fn worker_entry() {
             "flush_follower" => crate::data_loss::flush_follower().await,
             "fence_expiry" => crate::protocol_v2::fence_expiry().await,
             "fanout_misses" => crate::protocol_v2::fanout_misses().await,
+            "abandon_leader" => crate::abandon::abandon_leader().await,
             other => panic!("unknown worker role {other}"),
         }
     });

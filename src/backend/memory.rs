@@ -539,6 +539,14 @@ impl MemoryBackend {
         self.lock().len(Instant::now())
     }
 
+    /// How many subscriptions, across every herd of this engine, listen on `keys`' channel.
+    pub(crate) fn subscribers(&self, keys: &JobKeys) -> u64 {
+        self.lock()
+            .channels
+            .get(&keys.channel)
+            .map_or(0, |tx| tx.receiver_count() as u64)
+    }
+
     pub(crate) fn subscribe(&self, keys: &JobKeys) -> Subscription {
         let mut st = self.lock();
         let rx = if let Some(tx) = st.channels.get(&keys.channel) {

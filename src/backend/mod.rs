@@ -265,6 +265,15 @@ impl Backend {
         }
     }
 
+    /// How many subscriptions to the key's channel exist, in every process: waiters of a
+    /// run (and, for up to a second after they leave, their idle subscriptions).
+    pub(crate) async fn subscribers(&self, keys: &JobKeys) -> Result<u64> {
+        match self {
+            Backend::Redis(b) => b.subscribers(keys).await,
+            Backend::Memory(b) => Ok(b.subscribers(keys)),
+        }
+    }
+
     /// A confirmed subscription to the key's channel if it costs no round trip (the
     /// channel is already subscribed on the current connection), else `None`.
     pub(crate) fn subscribe_if_warm(&self, keys: &JobKeys) -> Option<Subscription> {

@@ -922,6 +922,36 @@ impl RedisBackend {
         parse_semaphore(&reply, op)
     }
 
+    /// How many connections, in every process, are subscribed to `keys`' channel
+    /// (`PUBSUB NUMSUB`; `PUBSUB SHARDNUMSUB` on the slot's master of a cluster).
+    pub(crate) async fn subscribers(&self, keys: &JobKeys) -> Result<u64> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        self.ready().await?;
+        let limit = self.inner.settings.command_timeout;
+        let reply = match self.inner.conn.get()?.0 {
+            Conn::Single(mut conn) => {
+                let mut cmd = redis::cmd("PUBSUB");
+                cmd.arg("NUMSUB").arg(&keys.channel);
+                self.noticed(bounded("pubsub numsub", limit, cmd.query_async(&mut conn)).await)?
+            }
+            Conn::Cluster(mut conn) => {
+                let mut cmd = redis::cmd("PUBSUB");
+                cmd.arg("SHARDNUMSUB").arg(&keys.channel);
+                let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                    Route::with_key(keys.lock.as_bytes(), SlotAddr::Master),
+                ));
+                bounded("pubsub shardnumsub", limit, conn.route_command(cmd, route)).await?
+            }
+        };
+        // `[channel, count]` (RESP2) or `{channel: count}` (RESP3).
+        let count = match &reply {
+            Value::Array(items) if items.len() == 2 => int(&items[1], "pubsub numsub")?,
+            Value::Map(pairs) if pairs.len() == 1 => int(&pairs[0].1, "pubsub numsub")?,
+            _ => return Err(malformed("pubsub numsub")),
+        };
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
     pub(crate) fn subscribe_if_warm(&self, keys: &JobKeys) -> Option<Subscription> {
         self.inner
             .notifier
