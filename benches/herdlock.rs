@@ -19,10 +19,8 @@
 //! none can be started, the Redis benches are skipped with a message and the in-memory
 //! ones still run.
 
-#[path = "../examples/support/raw.rs"]
+#[path = "../loadgen/src/raw.rs"]
 mod raw;
-#[path = "../examples/support/redis_server.rs"]
-mod redis_server;
 
 use std::time::Duration;
 
@@ -31,8 +29,8 @@ use herdlock::{Herd, JobError, TryLock};
 use redis::aio::MultiplexedConnection;
 use tokio::runtime::Runtime;
 
+use herdlock_testkit::RedisServer;
 use raw::{set_nx, COMPARE_AND_DELETE};
-use redis_server::RedisServer;
 
 /// KEYS: lock, result. ARGV: holder, result, linger ms, channel.
 const COMPARE_AND_COMPLETE: &str = "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
@@ -58,7 +56,7 @@ fn main() {
     // Keep the server alive until every bench has run; dropping it kills it.
     let (_server, url) = match std::env::var("REDIS_URL") {
         Ok(url) => (None, Some(url)),
-        Err(_) => match RedisServer::start() {
+        Err(_) => match RedisServer::try_start() {
             Ok(server) => {
                 let url = server.url();
                 (Some(server), Some(url))

@@ -2,7 +2,7 @@
 //! lock / semaphore work for a fixed number of operations while a driver `kill -9`s and
 //! restarts workers, kills pub/sub connections, pauses Redis, partitions workers (freezes a
 //! worker's path to Redis for longer than the 1 s TTL, then thaws it) and cuts their
-//! connections. Each worker reaches Redis through a proxy of its own (tests/common/proxy.rs);
+//! connections. Each worker reaches Redis through a proxy of its own (testkit/src/proxy.rs);
 //! the ledger, which stands for the resource the locks protect, stays reachable. Bounded in
 //! operations and time; prints its figures at the end.
 

@@ -687,38 +687,3 @@ async fn a_full_server_refuses_a_completion_before_it_publishes() {
     assert_eq!(server.cmd(&["EXISTS", "{j}:lock"]), "0");
     server.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
 }
-
-/// Issue 9: the command line refuses an evicting server with `EX_CONFIG` (78) unless
-/// given `--allow-eviction`, and a user without the rights with `EX_NOPERM` (77).
-#[test]
-fn the_command_line_reports_refusals_with_their_own_exit_codes() {
-    let cli = |url: &str, args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_herdlock"))
-            .args(["--url", url, "--prefix", "cli-refusals"])
-            .args(args)
-            .output()
-            .expect("the herdlock binary runs")
-    };
-    let server = server_with_policy("allkeys-lru");
-    let out = cli(&server.url(), &["status", "job"]);
-    assert_eq!(out.status.code(), Some(78), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("maxmemory-policy is `allkeys-lru`"),
-        "{out:?}"
-    );
-    let out = cli(&server.url(), &["--allow-eviction", "status", "job"]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-
-    let server = RedisServer::start();
-    let url = user(
-        &server,
-        "nochannels",
-        &rule_without("cli-refusals", &["&cli-refusals:*"], &[]),
-    );
-    let out = cli(&url, &["status", "job"]);
-    assert_eq!(out.status.code(), Some(77), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("`subscribe` (no access to channels"),
-        "{out:?}"
-    );
-}

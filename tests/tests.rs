@@ -32,8 +32,6 @@ mod cross_process_sem;
 mod workers_sem;
 // The chaos run: killed workers, killed pub/sub, paused Redis; ledger-checked.
 mod chaos;
-// The command line, as a real process.
-mod cli;
 // Connect checks: eviction refused, permissions checked, least privilege, nothing half done.
 mod permissions;
 // Partitions (a frozen TCP proxy) and stalls: the holder is told before anyone else acquires.

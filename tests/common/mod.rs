@@ -1,19 +1,15 @@
-//! The test harness: a real `redis-server` ([`server`]), a Redis Cluster ([`cluster`]), a
-//! Sentinel group ([`sentinel`]), TLS certificates made at test time ([`tls`]), worker
-//! processes ([`procs`]) and a freezable TCP proxy for partitions ([`proxy`]).
+//! The test harness, from `herdlock-testkit` (testkit/): a real `redis-server` ([`server`]), a
+//! Redis Cluster ([`cluster`]), a Sentinel group ([`sentinel`]), TLS certificates made at test
+//! time ([`tls`]), worker processes ([`procs`]) and a freezable TCP proxy for partitions
+//! ([`proxy`]). Re-exported here under the names the test modules use.
 //!
 //! Every test module uses some of these helpers and none uses all, so unused ones are not
 //! warnings here.
-#![allow(dead_code)]
-
-pub(crate) mod cluster;
-pub(crate) mod procs;
-pub(crate) mod proxy;
-pub(crate) mod sentinel;
-pub(crate) mod server;
-pub(crate) mod tls;
+#![allow(dead_code, unused_imports)]
 
 use std::time::Duration;
+
+pub(crate) use herdlock_testkit::{cluster, procs, proxy, sentinel, server, tls};
 
 pub(crate) use cluster::{ClusterConfig, RedisCluster};
 pub(crate) use procs::{

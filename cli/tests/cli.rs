@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use herdlock::{Herd, LockOptions};
 
-use crate::common::server;
+use herdlock_testkit::server::{self, RedisServer, ServerConfig};
 
 fn cli(prefix: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_herdlock"))
@@ -99,4 +99,51 @@ fn unreachable_redis_and_bad_input_have_their_exit_codes() {
     let prefix = server::unique_prefix("cli_bad");
     let out = cli(&prefix, &["status", ""]);
     assert_eq!(out.status.code(), Some(64));
+}
+
+/// Issue 9: the command line refuses an evicting server with `EX_CONFIG` (78) unless
+/// given `--allow-eviction`, and a user without the rights with `EX_NOPERM` (77).
+#[test]
+fn the_command_line_reports_refusals_with_their_own_exit_codes() {
+    let cli = |url: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_herdlock"))
+            .args(["--url", url, "--prefix", "cli-refusals"])
+            .args(args)
+            .output()
+            .expect("the herdlock binary runs")
+    };
+    let server = RedisServer::start_with(ServerConfig {
+        extra_args: vec!["--maxmemory-policy".to_owned(), "allkeys-lru".to_owned()],
+        ..ServerConfig::default()
+    });
+    let out = cli(&server.url(), &["status", "job"]);
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("maxmemory-policy is `allkeys-lru`"),
+        "{out:?}"
+    );
+    let out = cli(&server.url(), &["--allow-eviction", "status", "job"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    let server = RedisServer::start();
+    // The README's least-privilege rule for the prefix, without its channel rule.
+    let readme = include_str!("../../README.md");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("ACL SETUSER herdlock reset on >PASSWORD "))
+        .expect("README.md documents the least-privilege ACL rule");
+    let rule: Vec<String> = line
+        .split_whitespace()
+        .skip(3)
+        .filter(|w| !matches!(*w, "reset" | ">PASSWORD" | "&herdlock:*"))
+        .map(|w| w.replace("herdlock:*", "cli-refusals:*"))
+        .collect();
+    let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
+    let url = server.acl_user("nochannels", "secret", &rule);
+    let out = cli(&url, &["status", "job"]);
+    assert_eq!(out.status.code(), Some(77), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("`subscribe` (no access to channels"),
+        "{out:?}"
+    );
 }

@@ -21,17 +21,17 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::server::{RedisServer, ServerConfig};
-use super::tls::Tls;
+use crate::server::{RedisServer, ServerConfig};
+use crate::tls::Tls;
 
 /// How many hash slots a Redis Cluster has.
-pub(crate) const SLOTS: u16 = 16_384;
+pub const SLOTS: u16 = 16_384;
 
 /// How long a new cluster may take to be ready, and a change (migration, restart) to settle.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a replica may take to replace a killed master (measured: about 2.5 s).
-pub(crate) const FAILOVER_TIMEOUT: Duration = Duration::from_secs(20);
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The pause between two looks at the cluster while waiting for it.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -39,17 +39,17 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How a cluster is built. `ClusterConfig::default()`: 3 masters, 1 replica each, no
 /// password, plain TCP.
 #[derive(Debug, Clone)]
-pub(crate) struct ClusterConfig {
+pub struct ClusterConfig {
     /// How many masters share the slots (at least 3: `redis-cli --cluster create` wants 3).
-    pub(crate) masters: usize,
+    pub masters: usize,
     /// How many replicas each master has.
-    pub(crate) replicas_per_master: usize,
+    pub replicas_per_master: usize,
     /// `--requirepass` (and `--masterauth`) on every node.
-    pub(crate) password: Option<String>,
+    pub password: Option<String>,
     /// TLS on every node, the cluster bus and replication included.
-    pub(crate) tls: Option<Tls>,
+    pub tls: Option<Tls>,
     /// More `redis-server` arguments for every node.
-    pub(crate) extra_args: Vec<String>,
+    pub extra_args: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -69,7 +69,7 @@ impl Default for ClusterConfig {
 /// Nodes are addressed by index (`0..len()`), in start order; an index keeps naming the same
 /// node (port, dir, node id) whatever its role becomes.
 #[derive(Debug)]
-pub(crate) struct RedisCluster {
+pub struct RedisCluster {
     /// Every node, stopped ones included.
     nodes: Vec<RedisServer>,
     /// Each node's cluster node id (`CLUSTER MYID`), by index.
@@ -82,19 +82,19 @@ pub(crate) struct RedisCluster {
 
 /// One node as a node sees it: a line of `CLUSTER NODES`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct NodeEntry {
+pub struct NodeEntry {
     /// The node id.
-    pub(crate) id: String,
+    pub id: String,
     /// The client port (0 for a node without an address yet).
-    pub(crate) port: u16,
+    pub port: u16,
     /// `myself`, `master`, `slave`, `fail?`, `fail`, `handshake`, `noaddr`, …
-    pub(crate) flags: Vec<String>,
+    pub flags: Vec<String>,
     /// The master's id, for a replica.
-    pub(crate) master_id: Option<String>,
+    pub master_id: Option<String>,
     /// Whether the cluster bus link to it is up (`connected`).
-    pub(crate) connected: bool,
+    pub connected: bool,
     /// The slots it serves, as inclusive ranges (importing/migrating markers left out).
-    pub(crate) slots: Vec<(u16, u16)>,
+    pub slots: Vec<(u16, u16)>,
 }
 
 impl NodeEntry {
@@ -129,17 +129,17 @@ impl NodeEntry {
     }
 
     /// Whether it is a master (flag `master`).
-    pub(crate) fn is_master(&self) -> bool {
+    pub fn is_master(&self) -> bool {
         self.has_flag("master")
     }
 
     /// Whether it is marked failing (`fail` or `fail?`).
-    pub(crate) fn is_failing(&self) -> bool {
+    pub fn is_failing(&self) -> bool {
         self.has_flag("fail") || self.has_flag("fail?")
     }
 
     /// Whether it serves `slot`.
-    pub(crate) fn serves(&self, slot: u16) -> bool {
+    pub fn serves(&self, slot: u16) -> bool {
         self.slots
             .iter()
             .any(|&(start, end)| start <= slot && slot <= end)
@@ -148,37 +148,37 @@ impl NodeEntry {
 
 /// What [`RedisCluster::kill_master_and_wait_failover`] saw.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Failover {
+pub struct Failover {
     /// The index of the replica that took over the killed master's slots.
-    pub(crate) promoted: usize,
+    pub promoted: usize,
     /// From the kill until the replica said it is a master serving those slots.
-    pub(crate) promoted_after: Duration,
+    pub promoted_after: Duration,
     /// From the kill until every live node agreed and said `cluster_state:ok`.
-    pub(crate) stable_after: Duration,
+    pub stable_after: Duration,
 }
 
 /// A master [`RedisCluster::kill_master`] killed, for [`RedisCluster::wait_failover`].
 #[derive(Debug, Clone)]
-pub(crate) struct KilledMaster {
+pub struct KilledMaster {
     /// Its index.
-    pub(crate) index: usize,
+    pub index: usize,
     /// The slots it served.
-    pub(crate) slots: Vec<(u16, u16)>,
+    pub slots: Vec<(u16, u16)>,
     /// Its replicas when it died.
-    pub(crate) replicas: Vec<usize>,
+    pub replicas: Vec<usize>,
     /// When it was killed.
-    pub(crate) at: Instant,
+    pub at: Instant,
 }
 
 /// A slot on its way from one master to another: from [`RedisCluster::begin_slot_migration`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SlotMigration {
+pub struct SlotMigration {
     /// The slot.
-    pub(crate) slot: u16,
+    pub slot: u16,
     /// The index of the master it leaves.
-    pub(crate) from: usize,
+    pub from: usize,
     /// The index of the master it goes to.
-    pub(crate) to: usize,
+    pub to: usize,
 }
 
 impl RedisCluster {
@@ -188,7 +188,7 @@ impl RedisCluster {
     ///
     /// If a node cannot be started or the cluster is not ready within 30 s; the message says
     /// what was missing.
-    pub(crate) fn start() -> RedisCluster {
+    pub fn start() -> RedisCluster {
         RedisCluster::start_with(ClusterConfig::default())
     }
 
@@ -197,7 +197,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// Like [`RedisCluster::start`].
-    pub(crate) fn start_with(config: ClusterConfig) -> RedisCluster {
+    pub fn start_with(config: ClusterConfig) -> RedisCluster {
         assert!(
             config.masters >= 3,
             "redis-cli --cluster create needs at least 3 masters"
@@ -259,42 +259,43 @@ impl RedisCluster {
     }
 
     /// How long [`RedisCluster::start_with`] took, from the first spawn to ready.
-    pub(crate) fn started_in(&self) -> Duration {
+    pub fn started_in(&self) -> Duration {
         self.started_in
     }
 
-    /// How many nodes the cluster has, stopped ones included.
-    pub(crate) fn len(&self) -> usize {
+    /// How many nodes the cluster has, stopped ones included (a cluster is never empty).
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
         self.nodes.len()
     }
 
     /// Node `index`.
-    pub(crate) fn node(&self, index: usize) -> &RedisServer {
+    pub fn node(&self, index: usize) -> &RedisServer {
         &self.nodes[index]
     }
 
     /// Node `index`, to stop or restart it by hand (then call [`RedisCluster::wait_stable`]).
-    pub(crate) fn node_mut(&mut self, index: usize) -> &mut RedisServer {
+    pub fn node_mut(&mut self, index: usize) -> &mut RedisServer {
         &mut self.nodes[index]
     }
 
     /// Node `index`'s cluster node id.
-    pub(crate) fn node_id(&self, index: usize) -> &str {
+    pub fn node_id(&self, index: usize) -> &str {
         &self.ids[index]
     }
 
     /// The index of the node listening on `port`.
-    pub(crate) fn index_of_port(&self, port: u16) -> Option<usize> {
+    pub fn index_of_port(&self, port: u16) -> Option<usize> {
         self.nodes.iter().position(|node| node.port() == port)
     }
 
     /// Whether node `index` runs (it has not been killed).
-    pub(crate) fn is_alive(&self, index: usize) -> bool {
+    pub fn is_alive(&self, index: usize) -> bool {
         self.nodes[index].pid().is_some()
     }
 
     /// The indexes of the running nodes.
-    pub(crate) fn live(&self) -> Vec<usize> {
+    pub fn live(&self) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|&i| self.is_alive(i))
             .collect()
@@ -302,7 +303,7 @@ impl RedisCluster {
 
     /// The URL of every running node (`redis://127.0.0.1:PORT/`, with the password, or
     /// `rediss://`): what a cluster client is given as its initial nodes.
-    pub(crate) fn urls(&self) -> Vec<String> {
+    pub fn urls(&self) -> Vec<String> {
         self.live()
             .into_iter()
             .map(|i| self.nodes[i].url())
@@ -315,7 +316,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If a node rejects a rule.
-    pub(crate) fn acl_user(&self, user: &str, password: &str, rules: &[&str]) -> Vec<String> {
+    pub fn acl_user(&self, user: &str, password: &str, rules: &[&str]) -> Vec<String> {
         self.live()
             .into_iter()
             .map(|i| self.nodes[i].acl_user(user, password, rules))
@@ -328,7 +329,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If no node runs, or like [`RedisServer::cmd`].
-    pub(crate) fn cmd(&self, args: &[&str]) -> String {
+    pub fn cmd(&self, args: &[&str]) -> String {
         let entry = *self
             .live()
             .first()
@@ -343,7 +344,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If the node is stopped, or a line does not parse.
-    pub(crate) fn view(&self, index: usize) -> Vec<NodeEntry> {
+    pub fn view(&self, index: usize) -> Vec<NodeEntry> {
         self.nodes[index]
             .cmd(&["CLUSTER", "NODES"])
             .lines()
@@ -359,7 +360,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If the node is stopped.
-    pub(crate) fn own_entry(&self, index: usize) -> NodeEntry {
+    pub fn own_entry(&self, index: usize) -> NodeEntry {
         self.view(index)
             .into_iter()
             .find(|entry| entry.has_flag("myself"))
@@ -367,7 +368,7 @@ impl RedisCluster {
     }
 
     /// The running masters, by their own account.
-    pub(crate) fn masters(&self) -> Vec<usize> {
+    pub fn masters(&self) -> Vec<usize> {
         self.live()
             .into_iter()
             .filter(|&i| self.own_entry(i).is_master())
@@ -375,7 +376,7 @@ impl RedisCluster {
     }
 
     /// The running replicas, by their own account.
-    pub(crate) fn replicas(&self) -> Vec<usize> {
+    pub fn replicas(&self) -> Vec<usize> {
         self.live()
             .into_iter()
             .filter(|&i| !self.own_entry(i).is_master())
@@ -383,7 +384,7 @@ impl RedisCluster {
     }
 
     /// The running replicas of master `index`.
-    pub(crate) fn replicas_of(&self, index: usize) -> Vec<usize> {
+    pub fn replicas_of(&self, index: usize) -> Vec<usize> {
         let id = self.node_id(index);
         self.live()
             .into_iter()
@@ -396,7 +397,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If no node runs.
-    pub(crate) fn keyslot(&self, key: &str) -> u16 {
+    pub fn keyslot(&self, key: &str) -> u16 {
         let entry = *self.live().first().expect("a running node");
         let reply = self.nodes[entry].cmd(&["CLUSTER", "KEYSLOT", key]);
         reply
@@ -406,7 +407,7 @@ impl RedisCluster {
     }
 
     /// The running master that serves `slot`, by its own account, if one does.
-    pub(crate) fn slot_owner(&self, slot: u16) -> Option<usize> {
+    pub fn slot_owner(&self, slot: u16) -> Option<usize> {
         self.live().into_iter().find(|&i| {
             let own = self.own_entry(i);
             own.is_master() && own.serves(slot)
@@ -418,7 +419,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If no running master serves it (say, between a kill and the failover).
-    pub(crate) fn master_of_key(&self, key: &str) -> usize {
+    pub fn master_of_key(&self, key: &str) -> usize {
         let slot = self.keyslot(key);
         self.slot_owner(slot)
             .unwrap_or_else(|| panic!("no running master serves slot {slot} (key {key:?})"))
@@ -430,7 +431,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If the node is stopped.
-    pub(crate) fn shard_numsub(&self, index: usize, channel: &str) -> u64 {
+    pub fn shard_numsub(&self, index: usize, channel: &str) -> u64 {
         let reply = self.nodes[index].cmd(&["PUBSUB", "SHARDNUMSUB", channel]);
         reply
             .lines()
@@ -441,7 +442,7 @@ impl RedisCluster {
 
     /// `(index, PUBSUB SHARDNUMSUB channel)` for every running node: where a sharded
     /// subscription lives (the owning master, or one of its replicas).
-    pub(crate) fn shard_subscribers(&self, channel: &str) -> Vec<(usize, u64)> {
+    pub fn shard_subscribers(&self, channel: &str) -> Vec<(usize, u64)> {
         self.live()
             .into_iter()
             .map(|i| (i, self.shard_numsub(i, channel)))
@@ -451,7 +452,7 @@ impl RedisCluster {
     /// Calls each running node has counted for `commands` ([`RedisServer::command_calls`]),
     /// as `(index, calls)`: for instance how many `SPUBLISH` each shard ran (commands run by
     /// scripts count too).
-    pub(crate) fn command_calls(&self, commands: &[&str]) -> Vec<(usize, u64)> {
+    pub fn command_calls(&self, commands: &[&str]) -> Vec<(usize, u64)> {
         self.live()
             .into_iter()
             .map(|i| (i, self.nodes[i].command_calls(commands)))
@@ -465,7 +466,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// Like those.
-    pub(crate) fn kill_master_and_wait_failover(&mut self, index: usize) -> Failover {
+    pub fn kill_master_and_wait_failover(&mut self, index: usize) -> Failover {
         let killed = self.kill_master(index);
         self.wait_failover(&killed)
     }
@@ -477,7 +478,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If `index` is not a running master with a replica.
-    pub(crate) fn kill_master(&mut self, index: usize) -> KilledMaster {
+    pub fn kill_master(&mut self, index: usize) -> KilledMaster {
         let own = self.own_entry(index);
         assert!(own.is_master(), "node {index} is not a master: {own:?}");
         let replicas = self.replicas_of(index);
@@ -500,7 +501,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If that does not happen within [`FAILOVER_TIMEOUT`] of the kill.
-    pub(crate) fn wait_failover(&self, killed: &KilledMaster) -> Failover {
+    pub fn wait_failover(&self, killed: &KilledMaster) -> Failover {
         let deadline = killed.at + FAILOVER_TIMEOUT;
         let promoted = loop {
             let promoted = killed.replicas.iter().copied().find(|&r| {
@@ -535,7 +536,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If the node does not come back or the cluster does not settle within 30 s.
-    pub(crate) fn restart_node(&mut self, index: usize) {
+    pub fn restart_node(&mut self, index: usize) {
         self.nodes[index].restart();
         self.wait_stable(READY_TIMEOUT);
     }
@@ -547,7 +548,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// Like those.
-    pub(crate) fn migrate_slot(&self, slot: u16, to: usize) {
+    pub fn migrate_slot(&self, slot: u16, to: usize) {
         let migration = self.begin_slot_migration(slot, to);
         self.move_slot_keys(migration);
         self.finish_slot_migration(migration);
@@ -560,7 +561,7 @@ impl RedisCluster {
     ///
     /// If no running master serves `slot`, `to` serves it already or is not a master, or a
     /// node refuses.
-    pub(crate) fn begin_slot_migration(&self, slot: u16, to: usize) -> SlotMigration {
+    pub fn begin_slot_migration(&self, slot: u16, to: usize) -> SlotMigration {
         let from = self
             .slot_owner(slot)
             .unwrap_or_else(|| panic!("no running master serves slot {slot}"));
@@ -593,7 +594,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If `MIGRATE` fails.
-    pub(crate) fn move_slot_keys(&self, migration: SlotMigration) {
+    pub fn move_slot_keys(&self, migration: SlotMigration) {
         let source = &self.nodes[migration.from];
         let target_port = self.nodes[migration.to].port().to_string();
         let slot_arg = migration.slot.to_string();
@@ -628,7 +629,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If a node refuses, or the cluster does not settle within 30 s.
-    pub(crate) fn finish_slot_migration(&self, migration: SlotMigration) {
+    pub fn finish_slot_migration(&self, migration: SlotMigration) {
         let slot_arg = migration.slot.to_string();
         let target_id = self.node_id(migration.to).to_owned();
         let mut order = vec![migration.to, migration.from];
@@ -652,7 +653,7 @@ impl RedisCluster {
     /// # Panics
     ///
     /// If that does not happen within `timeout`; the message says what was missing.
-    pub(crate) fn wait_stable(&self, timeout: Duration) {
+    pub fn wait_stable(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let Err(why) = self.check_stable() else {
@@ -764,17 +765,17 @@ impl RedisCluster {
 }
 
 /// The cluster shared by every test in this test binary, started on first use: for
-/// behaviour tests that keep apart with [`unique_prefix`](super::server::unique_prefix)
+/// behaviour tests that keep apart with [`unique_prefix`](crate::server::unique_prefix)
 /// and never break it. Tests that kill, restart or migrate start their own. The nodes are
 /// killed when the test binary exits (their watchdogs do it).
 ///
 /// # Panics
 ///
 /// If the cluster cannot be started, or in a worker process.
-pub(crate) fn shared() -> &'static RedisCluster {
+pub fn shared() -> &'static RedisCluster {
     static SHARED: OnceLock<RedisCluster> = OnceLock::new();
     assert!(
-        super::procs::worker_role().is_none(),
+        crate::procs::worker_role().is_none(),
         "a worker process must not start its own shared cluster: pass the parent's `urls()` as a worker param"
     );
     SHARED.get_or_init(RedisCluster::start)
@@ -782,7 +783,7 @@ pub(crate) fn shared() -> &'static RedisCluster {
 
 /// Runs `start` `count` times on as many threads and returns the results in order. A panic
 /// in one is re-raised once all have finished (the others' servers are dropped, so killed).
-pub(crate) fn start_all<T: Send>(count: usize, start: impl Fn() -> T + Sync) -> Vec<T> {
+pub fn start_all<T: Send>(count: usize, start: impl Fn() -> T + Sync) -> Vec<T> {
     let results: Vec<std::thread::Result<T>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..count).map(|_| scope.spawn(&start)).collect();
         handles

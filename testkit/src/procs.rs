@@ -28,7 +28,7 @@
 //! [`worker_ready_and_wait_go`] on the worker side. A worker's stderr goes to the parent's
 //! stderr, so its panics show up in the test output.
 //!
-//! A worker must not call [`shared`](super::server::shared): it connects to the URL the parent
+//! A worker must not call [`shared`](crate::server::shared): it connects to the URL the parent
 //! passes as a param, and uses the key prefix the parent passes.
 
 use std::collections::VecDeque;
@@ -39,20 +39,20 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Env var holding a worker's role; unset in the parent test process.
-pub(crate) const ROLE_ENV: &str = "HERDLOCK_WORKER_ROLE";
+pub const ROLE_ENV: &str = "HERDLOCK_WORKER_ROLE";
 
 /// Prefix of the env vars holding a worker's params: param `url` is `HERDLOCK_WORKER_PARAM_url`.
-pub(crate) const PARAM_ENV_PREFIX: &str = "HERDLOCK_WORKER_PARAM_";
+pub const PARAM_ENV_PREFIX: &str = "HERDLOCK_WORKER_PARAM_";
 
 /// The exit code of a worker whose stdin closed while it was reading it: its parent is gone
 /// (see [`worker_read_line`]).
-pub(crate) const ORPHAN_EXIT_CODE: i32 = 70;
+pub const ORPHAN_EXIT_CODE: i32 = 70;
 
 /// A worker process: this test binary running one test in a role.
 ///
 /// Dropping it kills the process (SIGKILL) if it still runs, and reaps it.
 #[derive(Debug)]
-pub(crate) struct Worker {
+pub struct Worker {
     /// The role, for messages.
     role: String,
     /// The process.
@@ -69,17 +69,17 @@ pub(crate) struct Worker {
 
 /// What a worker printed and how it ended, from [`Worker::finish`].
 #[derive(Debug)]
-pub(crate) struct WorkerOutput {
+pub struct WorkerOutput {
     /// How the process ended: `success()` if the worker entry passed.
-    pub(crate) status: ExitStatus,
+    pub status: ExitStatus,
     /// Every protocol line not consumed by `wait_line_prefix`, in order; libtest's own lines
     /// are left out.
-    pub(crate) lines: Vec<String>,
+    pub lines: Vec<String>,
 }
 
 impl WorkerOutput {
     /// Panics, showing the lines, unless the worker exited with success.
-    pub(crate) fn assert_success(&self) {
+    pub fn assert_success(&self) {
         assert!(
             self.status.success(),
             "worker failed with {}; its lines: {:#?} (its stderr is above)",
@@ -89,7 +89,7 @@ impl WorkerOutput {
     }
 
     /// The values of the `KEY value` lines with this key, in order.
-    pub(crate) fn values(&self, key: &str) -> Vec<&str> {
+    pub fn values(&self, key: &str) -> Vec<&str> {
         self.lines
             .iter()
             .filter_map(|line| line.strip_prefix(key)?.strip_prefix(' '))
@@ -106,7 +106,7 @@ impl Worker {
     /// # Panics
     ///
     /// If a param name is not a valid env var name or the process cannot be spawned.
-    pub(crate) fn spawn(test_fn_path: &str, role: &str, params: &[(&str, String)]) -> Worker {
+    pub fn spawn(test_fn_path: &str, role: &str, params: &[(&str, String)]) -> Worker {
         let exe = std::env::current_exe().expect("the test binary can find its own path");
         let mut command = Command::new(exe);
         command
@@ -158,7 +158,7 @@ impl Worker {
     }
 
     /// The worker's process id.
-    pub(crate) fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -169,7 +169,7 @@ impl Worker {
     ///
     /// If no such line comes within `timeout`, or the worker closes its stdout first. (The
     /// worker is then killed when the `Worker` is dropped.)
-    pub(crate) fn wait_line_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
+    pub fn wait_line_prefix(&mut self, prefix: &str, timeout: Duration) -> String {
         if let Some(index) = self.backlog.iter().position(|l| l.starts_with(prefix)) {
             return self
                 .backlog
@@ -207,7 +207,7 @@ impl Worker {
     /// # Panics
     ///
     /// Like [`Worker::wait_line_prefix`].
-    pub(crate) fn wait_value(&mut self, key: &str, timeout: Duration) -> String {
+    pub fn wait_value(&mut self, key: &str, timeout: Duration) -> String {
         let line = self.wait_line_prefix(&format!("{key} "), timeout);
         line[key.len() + 1..].to_owned()
     }
@@ -217,7 +217,7 @@ impl Worker {
     /// # Panics
     ///
     /// If `line` contains a newline or the worker's stdin is closed (it exited).
-    pub(crate) fn send_line(&mut self, line: &str) {
+    pub fn send_line(&mut self, line: &str) {
         assert!(!line.contains('\n'), "a line has no newline: {line:?}");
         let role = &self.role;
         let pid = self.child.id();
@@ -237,7 +237,7 @@ impl Worker {
     /// # Panics
     ///
     /// If the process cannot be waited for.
-    pub(crate) fn kill9(&mut self) -> ExitStatus {
+    pub fn kill9(&mut self) -> ExitStatus {
         // On Unix `Child::kill` is SIGKILL; it fails only if the child was already reaped.
         let _ = self.child.kill();
         self.child.wait().expect("a killed worker can be reaped")
@@ -250,7 +250,7 @@ impl Worker {
     /// # Panics
     ///
     /// If the worker does not exit within `timeout`: it is killed and the lines so far shown.
-    pub(crate) fn finish(mut self, timeout: Duration) -> WorkerOutput {
+    pub fn finish(mut self, timeout: Duration) -> WorkerOutput {
         let deadline = Instant::now() + timeout;
         let mut lines: Vec<String> = self.backlog.drain(..).collect();
         loop {
@@ -304,7 +304,7 @@ impl Drop for Worker {
 /// # Panics
 ///
 /// If a worker is not ready in time.
-pub(crate) fn ready_then_go(workers: &mut [Worker], timeout: Duration) {
+pub fn ready_then_go(workers: &mut [Worker], timeout: Duration) {
     let deadline = Instant::now() + timeout;
     for worker in workers.iter_mut() {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -321,7 +321,7 @@ pub(crate) fn ready_then_go(workers: &mut [Worker], timeout: Duration) {
 }
 
 /// This process's worker role, or `None` in a normal test run.
-pub(crate) fn worker_role() -> Option<String> {
+pub fn worker_role() -> Option<String> {
     std::env::var(ROLE_ENV).ok()
 }
 
@@ -330,7 +330,7 @@ pub(crate) fn worker_role() -> Option<String> {
 /// # Panics
 ///
 /// If the parent did not pass it.
-pub(crate) fn worker_param(name: &str) -> String {
+pub fn worker_param(name: &str) -> String {
     std::env::var(format!("{PARAM_ENV_PREFIX}{name}"))
         .unwrap_or_else(|_| panic!("worker param {name:?} was not passed to Worker::spawn"))
 }
@@ -344,7 +344,7 @@ pub(crate) fn worker_param(name: &str) -> String {
 /// # Panics
 ///
 /// If `line` contains a newline or stdout is closed.
-pub(crate) fn emit(line: &str) {
+pub fn emit(line: &str) {
     assert!(!line.contains('\n'), "a line has no newline: {line:?}");
     // Straight to the stdout handle, which libtest never captures.
     let mut stdout = io::stdout().lock();
@@ -358,7 +358,7 @@ pub(crate) fn emit(line: &str) {
 /// # Panics
 ///
 /// If the parent sends another line first.
-pub(crate) fn worker_ready_and_wait_go() {
+pub fn worker_ready_and_wait_go() {
     emit("ready");
     let line = worker_read_line();
     assert_eq!(line, "go", "the parent sent {line:?} instead of go");
@@ -370,7 +370,7 @@ pub(crate) fn worker_ready_and_wait_go() {
 /// stdin is closed and every line sent before has been read, the parent is gone (its `Worker`
 /// was dropped, or the parent process died): this exits the process with [`ORPHAN_EXIT_CODE`]
 /// rather than wait forever, so a worker waiting for its parent never outlives the test.
-pub(crate) fn worker_read_line() -> String {
+pub fn worker_read_line() -> String {
     static LINES: OnceLock<Mutex<Receiver<String>>> = OnceLock::new();
     let lines = LINES.get_or_init(|| {
         let (sender, receiver) = mpsc::channel();

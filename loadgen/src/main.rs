@@ -1,8 +1,8 @@
 //! Load generator: herdlock against a raw redis-rs baseline measured in the same run.
 //!
 //! ```text
-//! cargo run --release --example loadgen -- [--quick] [--cycles N] [--cluster] [workload ...]
-//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release --example loadgen -- once-cycles
+//! cargo run --release -p herdlock-loadgen -- [--quick] [--cycles N] [--cluster] [workload ...]
+//! REDIS_URL=redis://127.0.0.1:6379/ cargo run --release -p herdlock-loadgen -- once-cycles
 //! ```
 //!
 //! Workloads (all five when none is named):
@@ -44,10 +44,7 @@
 //! parent and its workers talk in lines: a worker says `ready`, the parent says `go` to
 //! all of them at once, and each worker answers with one JSON line of measurements.
 
-#[path = "support/raw.rs"]
 mod raw;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -69,8 +66,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use herdlock_testkit::{RedisCluster, RedisServer};
 use raw::{set_nx, COMPARE_AND_DELETE, RAW_TTL_MS};
-use redis_server::{RedisCluster, RedisServer};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
@@ -287,7 +284,7 @@ async fn parent_main(args: &Args) -> Res<()> {
     let external = std::env::var("REDIS_URL").ok();
     let server = match external {
         Some(_) => None,
-        None => Some(RedisServer::start()?),
+        None => Some(RedisServer::try_start()?),
     };
     let url = match (&external, &server) {
         (Some(url), _) => url.clone(),
@@ -356,9 +353,13 @@ async fn cluster_runs(
 ) -> Res<()> {
     eprintln!("loadgen: starting a 3-master + 3-replica Redis Cluster ...");
     let started = Instant::now();
-    let cluster = tokio::task::block_in_place(RedisCluster::start)?;
+    let cluster = tokio::task::block_in_place(RedisCluster::start);
     let urls = cluster.urls().join(",");
-    let masters = cluster.master_urls()?;
+    let masters: Vec<String> = cluster
+        .masters()
+        .into_iter()
+        .map(|index| cluster.node(index).url())
+        .collect();
     eprintln!(
         "loadgen: cluster ready in {:.1} s, masters {masters:?}",
         started.elapsed().as_secs_f64()

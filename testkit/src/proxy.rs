@@ -28,14 +28,14 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use super::server::RedisServer;
+use crate::server::RedisServer;
 
 /// The size of one forwarding buffer (per direction, per connection).
 const BUFFER: usize = 16 * 1024;
 
 /// One direction of a proxied connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Direction {
+pub enum Direction {
     /// Requests: client → server.
     ToServer,
     /// Replies and pub/sub messages: server → client.
@@ -87,7 +87,7 @@ struct Control {
 
 /// A running proxy in front of one server. See the module docs.
 #[derive(Debug)]
-pub(crate) struct Proxy {
+pub struct Proxy {
     port: u16,
     /// The server's URL with the proxy's port in place of the server's.
     url: String,
@@ -102,7 +102,7 @@ impl Proxy {
     /// # Panics
     ///
     /// If no loopback port can be bound or the proxy thread cannot start.
-    pub(crate) fn start(server: &RedisServer) -> Proxy {
+    pub fn start(server: &RedisServer) -> Proxy {
         let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0))
             .expect("binding 127.0.0.1:0 works: the tests need loopback networking");
         listener
@@ -154,18 +154,18 @@ impl Proxy {
     }
 
     /// The port the proxy listens on, on 127.0.0.1.
-    pub(crate) fn port(&self) -> u16 {
+    pub fn port(&self) -> u16 {
         self.port
     }
 
     /// The URL to connect through the proxy: the server's URL (password included) with the
     /// proxy's port.
-    pub(crate) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         self.url.clone()
     }
 
     /// Stops forwarding in both directions; sockets stay open and nothing is lost.
-    pub(crate) fn freeze(&self) {
+    pub fn freeze(&self) {
         self.set(Frozen {
             to_server: true,
             to_client: true,
@@ -174,7 +174,7 @@ impl Proxy {
 
     /// Stops forwarding replies (server → client) only: requests still reach the server, so
     /// a command is applied while its reply is held back.
-    pub(crate) fn freeze_replies(&self) {
+    pub fn freeze_replies(&self) {
         self.set(Frozen {
             to_server: false,
             to_client: true,
@@ -182,29 +182,29 @@ impl Proxy {
     }
 
     /// Resumes forwarding both ways; whatever was held is delivered first, in order.
-    pub(crate) fn thaw(&self) {
+    pub fn thaw(&self) {
         self.set(Frozen::default());
     }
 
     /// Closes every open connection at once (frozen or not), dropping whatever was held.
     /// New connections are accepted as before.
-    pub(crate) fn cut(&self) {
+    pub fn cut(&self) {
         self.control.cuts.send_modify(|n| *n += 1);
     }
 
     /// Connections open now.
-    pub(crate) fn connections(&self) -> usize {
+    pub fn connections(&self) -> usize {
         self.control.open.load(Ordering::SeqCst)
     }
 
     /// Connections accepted since the proxy started.
-    pub(crate) fn accepted(&self) -> u64 {
+    pub fn accepted(&self) -> u64 {
         self.control.accepted.load(Ordering::SeqCst)
     }
 
     /// Bytes read in `direction` and not yet passed on: held by a freeze (or, for an
     /// instant, on their way through).
-    pub(crate) fn held(&self, direction: Direction) -> u64 {
+    pub fn held(&self, direction: Direction) -> u64 {
         self.control.held[direction.index()].load(Ordering::SeqCst)
     }
 
@@ -213,7 +213,7 @@ impl Proxy {
     /// # Panics
     ///
     /// If that does not happen within `timeout`.
-    pub(crate) async fn wait_held(&self, direction: Direction, bytes: u64, timeout: Duration) {
+    pub async fn wait_held(&self, direction: Direction, bytes: u64, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let changed = self.control.changed.notified();
@@ -299,22 +299,24 @@ async fn serve(client: TcpStream, upstream: SocketAddr, control: Arc<Control>) {
     let _ = server.set_nodelay(true);
     let (client_read, client_write) = client.into_split();
     let (server_read, server_write) = server.into_split();
-    let both = futures::future::join(
-        pump(
-            client_read,
-            server_write,
-            Direction::ToServer,
-            &control,
-            generation,
-        ),
-        pump(
-            server_read,
-            client_write,
-            Direction::ToClient,
-            &control,
-            generation,
-        ),
-    );
+    let both = async {
+        tokio::join!(
+            pump(
+                client_read,
+                server_write,
+                Direction::ToServer,
+                &control,
+                generation,
+            ),
+            pump(
+                server_read,
+                client_write,
+                Direction::ToClient,
+                &control,
+                generation,
+            ),
+        )
+    };
     tokio::select! {
         _ = both => {}
         _ = cuts.changed() => {}

@@ -19,16 +19,16 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::cluster::start_all;
-use super::server::{free_port, PortsTaken, RedisServer, ServerConfig};
-use super::tls::Tls;
+use crate::cluster::start_all;
+use crate::server::{free_port, PortsTaken, RedisServer, ServerConfig};
+use crate::tls::Tls;
 
 /// How long a new group may take to be ready (measured: about 0.5 s).
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How long the Sentinels may take to promote the replica after the master dies (measured:
 /// 1 to 2.5 s).
-pub(crate) const FAILOVER_TIMEOUT: Duration = Duration::from_secs(20);
+pub const FAILOVER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Sentinel's `ping-period` while the group starts: a Sentinel retries a link that failed
 /// (a peer Sentinel that was not listening yet when it started) only after this long.
@@ -55,18 +55,18 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How a Sentinel group is built. `SentinelConfig::default()`: master name `herdlock`, 3
 /// Sentinels, quorum 2, no password, plain TCP.
 #[derive(Debug, Clone)]
-pub(crate) struct SentinelConfig {
+pub struct SentinelConfig {
     /// The name the Sentinels monitor the master by.
-    pub(crate) master_name: String,
+    pub master_name: String,
     /// How many Sentinels.
-    pub(crate) sentinels: usize,
+    pub sentinels: usize,
     /// How many Sentinels must agree the master is down.
-    pub(crate) quorum: usize,
+    pub quorum: usize,
     /// `--requirepass` (and `--masterauth`) on the master and the replica; the Sentinels
     /// use it (`sentinel auth-pass`) and need none themselves.
-    pub(crate) password: Option<String>,
+    pub password: Option<String>,
     /// TLS on every server, the Sentinels included, and on replication.
-    pub(crate) tls: Option<Tls>,
+    pub tls: Option<Tls>,
 }
 
 impl Default for SentinelConfig {
@@ -86,7 +86,7 @@ impl Default for SentinelConfig {
 /// The data nodes are addressed by index: 0 starts as the master, 1 as its replica; an index
 /// keeps naming the same server whatever its role becomes.
 #[derive(Debug)]
-pub(crate) struct SentinelGroup {
+pub struct SentinelGroup {
     /// The master and the replica, in start order.
     data: Vec<RedisServer>,
     /// The Sentinels.
@@ -101,11 +101,11 @@ pub(crate) struct SentinelGroup {
 
 /// What [`SentinelGroup::kill_master_and_wait_failover`] saw.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Failover {
+pub struct Failover {
     /// The data node that became the master.
-    pub(crate) promoted: usize,
+    pub promoted: usize,
     /// From the kill until every running Sentinel named the new master and it said so.
-    pub(crate) promoted_after: Duration,
+    pub promoted_after: Duration,
 }
 
 impl SentinelGroup {
@@ -114,7 +114,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// If a server cannot be started or the group is not ready within 20 s.
-    pub(crate) fn start() -> SentinelGroup {
+    pub fn start() -> SentinelGroup {
         SentinelGroup::start_with(SentinelConfig::default())
     }
 
@@ -123,7 +123,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// Like [`SentinelGroup::start`].
-    pub(crate) fn start_with(config: SentinelConfig) -> SentinelGroup {
+    pub fn start_with(config: SentinelConfig) -> SentinelGroup {
         let started = Instant::now();
         let mut auth_args = Vec::new();
         if let Some(password) = &config.password {
@@ -168,17 +168,17 @@ impl SentinelGroup {
     }
 
     /// How long [`SentinelGroup::start_with`] took, from the first spawn to ready.
-    pub(crate) fn started_in(&self) -> Duration {
+    pub fn started_in(&self) -> Duration {
         self.started_in
     }
 
     /// The name the Sentinels monitor the master by.
-    pub(crate) fn master_name(&self) -> &str {
+    pub fn master_name(&self) -> &str {
         &self.master_name
     }
 
     /// The Sentinels' addresses, `("127.0.0.1", port)`, stopped ones included.
-    pub(crate) fn sentinel_addrs(&self) -> Vec<(String, u16)> {
+    pub fn sentinel_addrs(&self) -> Vec<(String, u16)> {
         self.sentinels
             .iter()
             .map(|sentinel| ("127.0.0.1".to_owned(), sentinel.port()))
@@ -187,42 +187,42 @@ impl SentinelGroup {
 
     /// The Sentinels' URLs (`redis://127.0.0.1:PORT/`, or `rediss://`), stopped ones
     /// included.
-    pub(crate) fn sentinel_urls(&self) -> Vec<String> {
+    pub fn sentinel_urls(&self) -> Vec<String> {
         self.sentinels.iter().map(RedisServer::url).collect()
     }
 
     /// Sentinel `index`.
-    pub(crate) fn sentinel(&self, index: usize) -> &RedisServer {
+    pub fn sentinel(&self, index: usize) -> &RedisServer {
         &self.sentinels[index]
     }
 
     /// Sentinel `index`, to stop or restart it.
-    pub(crate) fn sentinel_mut(&mut self, index: usize) -> &mut RedisServer {
+    pub fn sentinel_mut(&mut self, index: usize) -> &mut RedisServer {
         &mut self.sentinels[index]
     }
 
     /// Data node `index` (0: the first master, 1: the first replica).
-    pub(crate) fn data_node(&self, index: usize) -> &RedisServer {
+    pub fn data_node(&self, index: usize) -> &RedisServer {
         &self.data[index]
     }
 
     /// Data node `index`, to stop it or to inspect it.
-    pub(crate) fn data_node_mut(&mut self, index: usize) -> &mut RedisServer {
+    pub fn data_node_mut(&mut self, index: usize) -> &mut RedisServer {
         &mut self.data[index]
     }
 
     /// The index of the data node the harness last saw promoted (0 until a failover).
-    pub(crate) fn master_index(&self) -> usize {
+    pub fn master_index(&self) -> usize {
         self.master
     }
 
     /// The data node the harness last saw promoted.
-    pub(crate) fn master(&self) -> &RedisServer {
+    pub fn master(&self) -> &RedisServer {
         &self.data[self.master]
     }
 
     /// The other data node.
-    pub(crate) fn replica(&self) -> &RedisServer {
+    pub fn replica(&self) -> &RedisServer {
         &self.data[1 - self.master]
     }
 
@@ -232,7 +232,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// If no Sentinel runs or the reply is not an address.
-    pub(crate) fn master_addr(&self) -> (String, u16) {
+    pub fn master_addr(&self) -> (String, u16) {
         let sentinel = self
             .sentinels
             .iter()
@@ -248,7 +248,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// Like those.
-    pub(crate) fn kill_master_and_wait_failover(&mut self) -> Failover {
+    pub fn kill_master_and_wait_failover(&mut self) -> Failover {
         let killed = self.kill_master();
         self.wait_failover(killed)
     }
@@ -261,7 +261,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// If the group does not settle within 20 s.
-    pub(crate) fn kill_master(&mut self) -> Instant {
+    pub fn kill_master(&mut self) -> Instant {
         self.wait_settled(READY_TIMEOUT);
         self.data[self.master].stop();
         Instant::now()
@@ -278,7 +278,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// If the failover does not happen within [`FAILOVER_TIMEOUT`] of the kill.
-    pub(crate) fn wait_failover(&mut self, killed: Instant) -> Failover {
+    pub fn wait_failover(&mut self, killed: Instant) -> Failover {
         let promoted = 1 - self.master;
         assert!(
             self.data[self.master].pid().is_none(),
@@ -319,7 +319,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// If it does not come back, or the group does not settle within 20 s.
-    pub(crate) fn restart_data_node(&mut self, index: usize) {
+    pub fn restart_data_node(&mut self, index: usize) {
         assert_ne!(index, self.master, "restart the replica, not the master");
         self.data[index].restart();
         let master_port = self.data[self.master].port().to_string();
@@ -335,7 +335,7 @@ impl SentinelGroup {
     /// # Panics
     ///
     /// If that does not happen within `timeout`; the message says what was missing.
-    pub(crate) fn wait_settled(&self, timeout: Duration) {
+    pub fn wait_settled(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             let Err(why) = self.check_settled() else {
