@@ -25,7 +25,7 @@ mod raw;
 use std::time::Duration;
 
 use criterion::{BenchmarkGroup, Criterion};
-use herdlock::{Herd, JobError, TryLock};
+use herdlock::{Herd, TryLock};
 use redis::aio::MultiplexedConnection;
 use tokio::runtime::Runtime;
 
@@ -156,9 +156,7 @@ fn fanout(group: &mut Group<'_>, runtime: &Runtime, name: &str, herd: &Herd) {
     group.bench_function(name, |b| {
         b.to_async(runtime).iter(|| async {
             let value = herd
-                .fanout("bench-fanout", FANOUT_TIMEOUT, || async {
-                    Ok::<u64, JobError>(42)
-                })
+                .fanout("bench-fanout", FANOUT_TIMEOUT, || async { Ok(42) })
                 .await
                 .expect("fanout");
             assert_eq!(value, 42);

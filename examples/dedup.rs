@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use herdlock::{FanoutOptions, Herd, JobError, Role};
+use herdlock::{FanoutOptions, Herd, Role};
 
 async fn node(name: &str, first: Option<&Herd>) -> Result<Herd, herdlock::Error> {
     let builder = Herd::builder().prefix("example-dedup").owner(name);
@@ -34,12 +34,17 @@ async fn main() -> Result<(), herdlock::Error> {
         let herd = if i % 2 == 0 { a.clone() } else { b.clone() };
         let loads = Arc::clone(&loads);
         callers.push(tokio::spawn(async move {
-            let options = FanoutOptions::new().timeout(Duration::from_secs(5));
-            herd.fanout_with("user:42", &options, move || async move {
-                loads.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(100)).await; // the slow database
-                Ok::<_, JobError>(String::from("profile of user 42"))
-            })
+            let options = FanoutOptions::new();
+            herd.fanout_with(
+                "user:42",
+                Duration::from_secs(5),
+                &options,
+                move || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await; // the slow database
+                    Ok(String::from("profile of user 42"))
+                },
+            )
             .await
         }));
     }
@@ -62,12 +67,14 @@ async fn main() -> Result<(), herdlock::Error> {
     // Cache-stampede protection: accept a result up to 2 s old.
     let cached = FanoutOptions::new().cache_age(Duration::from_secs(2));
     let first = a
-        .fanout_with("prices", &cached, || async {
-            Ok::<_, JobError>(vec![1.5, 2.25])
+        .fanout_with("prices", Duration::from_secs(5), &cached, || async {
+            Ok(vec![1.5, 2.25])
         })
         .await?;
     let second = b
-        .fanout_with("prices", &cached, || async { Ok::<_, JobError>(vec![9.9]) })
+        .fanout_with("prices", Duration::from_secs(5), &cached, || async {
+            Ok(vec![9.9])
+        })
         .await?;
     println!(
         "prices: first call {:?} ({:?}), second call {:?} ({:?})",

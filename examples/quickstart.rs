@@ -25,7 +25,7 @@ async fn main() -> Result<(), herdlock::Error> {
     // 1. A cron guard: `once` runs the work only if nobody else is running it.
     let outcome = herd
         .once("quickstart:nightly-import", || async {
-            Ok::<_, herdlock::Error>("imported 1200 rows")
+            Ok("imported 1200 rows")
         })
         .await?;
     match outcome {
@@ -53,12 +53,17 @@ async fn main() -> Result<(), herdlock::Error> {
         let herd = herd.clone();
         let runs = Arc::clone(&runs);
         callers.push(tokio::spawn(async move {
-            let options = FanoutOptions::new().timeout(Duration::from_secs(5));
-            herd.fanout_with("quickstart:user:42", &options, move || async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                Ok::<_, herdlock::JobError>("profile of user 42".to_string())
-            })
+            let options = FanoutOptions::new();
+            herd.fanout_with(
+                "quickstart:user:42",
+                Duration::from_secs(5),
+                &options,
+                move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Ok("profile of user 42".to_string())
+                },
+            )
             .await
         }));
     }

@@ -179,12 +179,23 @@ impl Envelope {
     }
 }
 
-/// What a failed job reports to every waiter: a message, an optional machine-readable
-/// code, and optional structured detail (JSON).
+/// The error type of every job: fan-out jobs ([`Herd::fanout`](crate::Herd::fanout)), the
+/// closures of [`Herd::once`](crate::Herd::once) and [`Herd::run_locked`](crate::Herd::run_locked),
+/// and [`Completer::complete`](crate::Completer::complete). Because it is one fixed type,
+/// `Ok(value)` needs no annotation.
 ///
-/// Any `std::error::Error` converts into it (the code is then `None`, the message its
-/// `Display`); a [`herdlock::Error`](crate::Error) keeps its kind as the code. Build one
-/// by hand for a code or detail:
+/// What a failed job reports to every waiter: a message, an optional machine-readable
+/// code, optional structured detail (JSON), and the messages of its cause chain.
+///
+/// `?` converts into it from anything that converts into
+/// `Box<dyn std::error::Error + Send + Sync>`: every error type that is `Send + Sync +
+/// 'static` (including [`herdlock::Error`](crate::Error)), `anyhow::Error`, boxed errors,
+/// `String` and `&str`.
+/// The message is the error's `Display`, the [causes](JobError::causes) those of its
+/// [`source`](std::error::Error::source) chain. When the error, or any error in its chain,
+/// is a [`herdlock::Error`](crate::Error), its kind becomes the code
+/// ([`ErrorKind::as_str`], read back with [`JobError::kind`]). Build one by hand for a code
+/// or detail:
 ///
 /// ```
 /// let e = herdlock::JobError::new("upstream returned 503")
@@ -192,14 +203,26 @@ impl Envelope {
 ///     .with_detail(serde_json::json!({ "status": 503 }));
 /// assert_eq!(e.code(), Some("upstream_unavailable"));
 /// ```
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// It deliberately does not implement `std::error::Error` (as `anyhow::Error` does not),
+/// which is what lets `?` convert every error into it. A job's error reaches callers
+/// inside a [`herdlock::Error`](crate::Error) ([`Error::job_error`](crate::Error::job_error)).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct JobError {
     message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     detail: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    causes: Vec<String>,
+    /// The original error, in the process that raised it (never serialized).
+    #[serde(skip)]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
+
+/// The result type of a job: `Result<T, JobError>`.
+pub type JobResult<T> = Result<T, JobError>;
 
 impl JobError {
     /// An error with this message and no code or detail.
@@ -208,6 +231,8 @@ impl JobError {
             message: message.into(),
             code: None,
             detail: None,
+            causes: Vec::new(),
+            source: None,
         }
     }
 
@@ -230,14 +255,72 @@ impl JobError {
         &self.message
     }
 
-    /// The code, if one was set.
+    /// The code, if one was set (for a [`herdlock::Error`](crate::Error), its kind's
+    /// [`as_str`](ErrorKind::as_str)).
     pub fn code(&self) -> Option<&str> {
         self.code.as_deref()
+    }
+
+    /// The [`ErrorKind`] the code names, when the job failed with a
+    /// [`herdlock::Error`](crate::Error) (or an error caused by one).
+    pub fn kind(&self) -> Option<ErrorKind> {
+        self.code.as_deref().and_then(ErrorKind::from_code)
     }
 
     /// The structured detail, if any.
     pub fn detail(&self) -> Option<&serde_json::Value> {
         self.detail.as_ref()
+    }
+
+    /// The messages of the original error's cause chain, outermost first (empty when it had
+    /// none). They travel with the error to every waiter.
+    pub fn causes(&self) -> impl Iterator<Item = &str> {
+        self.causes.iter().map(String::as_str)
+    }
+
+    /// The original error, in the process where the job ran (`None` in other processes and
+    /// for errors built with [`new`](JobError::new)).
+    pub(crate) fn source_error(&self) -> Option<&Arc<dyn std::error::Error + Send + Sync>> {
+        self.source.as_ref()
+    }
+
+    /// The message followed by every cause not already part of it, `: `-separated.
+    pub(crate) fn full_message(&self) -> String {
+        let mut out = self.message.clone();
+        for cause in &self.causes {
+            if !out.contains(cause.as_str()) {
+                out.push_str(": ");
+                out.push_str(cause);
+            }
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut d = f.debug_struct("JobError");
+        d.field("message", &self.message);
+        if let Some(code) = &self.code {
+            d.field("code", code);
+        }
+        if let Some(detail) = &self.detail {
+            d.field("detail", detail);
+        }
+        if !self.causes.is_empty() {
+            d.field("causes", &self.causes);
+        }
+        d.finish_non_exhaustive()
+    }
+}
+
+/// Equal when message, code, detail and causes are (the original error is not compared).
+impl PartialEq for JobError {
+    fn eq(&self, other: &JobError) -> bool {
+        self.message == other.message
+            && self.code == other.code
+            && self.detail == other.detail
+            && self.causes == other.causes
     }
 }
 
@@ -247,9 +330,26 @@ impl std::fmt::Display for JobError {
     }
 }
 
-impl<E: std::error::Error> From<E> for JobError {
-    fn from(e: E) -> JobError {
-        JobError::new(e.to_string())
+impl<E> From<E> for JobError
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+{
+    fn from(error: E) -> JobError {
+        let boxed: Box<dyn std::error::Error + Send + Sync + 'static> = error.into();
+        let top: &(dyn std::error::Error + 'static) = &*boxed;
+        let chain = std::iter::successors(Some(top), |e| e.source());
+        let code = chain
+            .clone()
+            .find_map(|e| e.downcast_ref::<Error>())
+            .map(|e| e.kind().as_str().to_owned());
+        let causes = chain.skip(1).map(ToString::to_string).collect();
+        JobError {
+            message: boxed.to_string(),
+            code,
+            detail: None,
+            causes,
+            source: Some(Arc::from(boxed)),
+        }
     }
 }
 
@@ -592,7 +692,7 @@ pub(crate) fn open<T: DeserializeOwned>(job_id: &str, env: &Arc<Envelope>) -> Re
             let je = job_error();
             Err(Error::job(
                 ErrorKind::JobFailed,
-                format!("job `{job_id}` failed: {}", je.message),
+                format!("job `{job_id}` failed: {}", je.full_message()),
                 je,
             ))
         }
@@ -600,7 +700,7 @@ pub(crate) fn open<T: DeserializeOwned>(job_id: &str, env: &Arc<Envelope>) -> Re
             let je = job_error();
             Err(Error::job(
                 ErrorKind::JobPanicked,
-                format!("job `{job_id}` panicked: {}", je.message),
+                format!("job `{job_id}` panicked: {}", je.full_message()),
                 je,
             ))
         }
@@ -608,7 +708,10 @@ pub(crate) fn open<T: DeserializeOwned>(job_id: &str, env: &Arc<Envelope>) -> Re
             let je = job_error();
             Err(Error::job(
                 ErrorKind::Codec,
-                format!("job `{job_id}` produced an unusable result: {}", je.message),
+                format!(
+                    "job `{job_id}` produced an unusable result: {}",
+                    je.full_message()
+                ),
                 je,
             ))
         }
@@ -616,7 +719,7 @@ pub(crate) fn open<T: DeserializeOwned>(job_id: &str, env: &Arc<Envelope>) -> Re
             let je = job_error();
             Err(Error::job(
                 ErrorKind::Timeout,
-                format!("job `{job_id}` {}", je.message),
+                format!("job `{job_id}` {}", je.full_message()),
                 je,
             ))
         }
@@ -629,7 +732,7 @@ mod unit {
 
     #[test]
     fn envelope_round_trips() {
-        let body = body_of(Ok::<_, JobError>(vec![1u32, 2, 3]), Codec::Bincode, 1 << 20);
+        let body = body_of(Ok(vec![1u32, 2, 3]), Codec::Bincode, 1 << 20);
         let bytes = Envelope::encode(42, "42:abc:host.1", &body);
         let env = Envelope::decode(&bytes).expect("decodes");
         assert_eq!(env.generation, 42);
@@ -678,44 +781,40 @@ mod unit {
             err.to_string()
         };
         let max = 1 << 20;
-        let e = rejected(body_of(Ok::<_, JobError>(f64::NAN), Codec::Json, max));
+        let e = rejected(body_of(Ok(f64::NAN), Codec::Json, max));
         assert!(e.contains("non-finite") && e.contains("NaN"), "{e}");
-        rejected(body_of(Ok::<_, JobError>(f64::INFINITY), Codec::Json, max));
+        rejected(body_of(Ok(f64::INFINITY), Codec::Json, max));
         // Would silently arrive as `None` / fail to decode without the check.
         let nan_inside = || Stats {
             mean: Some(f64::NAN),
             samples: vec![1.0, f32::NEG_INFINITY],
         };
-        rejected(body_of(Ok::<_, JobError>(nan_inside()), Codec::Json, max));
+        rejected(body_of(Ok(nan_inside()), Codec::Json, max));
         rejected(body_of(
-            Ok::<_, JobError>(vec![Some(0.5), Some(f64::NAN)]),
+            Ok(vec![Some(0.5), Some(f64::NAN)]),
             Codec::Json,
             max,
         ));
         let mut keyed = std::collections::BTreeMap::new();
         keyed.insert("k".to_owned(), (1u8, f32::NAN));
-        rejected(body_of(Ok::<_, JobError>(keyed), Codec::Json, max));
+        rejected(body_of(Ok(keyed), Codec::Json, max));
         // bincode carries NaN faithfully, but not a type that needs a self-describing format.
-        let body = body_of(Ok::<_, JobError>(nan_inside()), Codec::Bincode, max);
+        let body = body_of(Ok(nan_inside()), Codec::Bincode, max);
         assert_eq!(body.status, Status::Ok);
-        let e = rejected(body_of(
-            Ok::<_, JobError>(Loose::Number(3)),
-            Codec::Bincode,
-            max,
-        ));
+        let e = rejected(body_of(Ok(Loose::Number(3)), Codec::Bincode, max));
         assert!(e.contains("decode back"), "{e}");
         // Finite values and self-describing JSON pass.
         for body in [
             body_of(
-                Ok::<_, JobError>(Stats {
+                Ok(Stats {
                     mean: Some(0.25),
                     samples: vec![1.0, -2.5, f32::MAX],
                 }),
                 Codec::Json,
                 max,
             ),
-            body_of(Ok::<_, JobError>(Loose::Text("x".into())), Codec::Json, max),
-            body_of(Ok::<_, JobError>(f64::MIN_POSITIVE), Codec::Json, max),
+            body_of(Ok(Loose::Text("x".into())), Codec::Json, max),
+            body_of(Ok(f64::MIN_POSITIVE), Codec::Json, max),
         ] {
             assert_eq!(
                 body.status,
@@ -728,7 +827,7 @@ mod unit {
 
     #[test]
     fn oversized_results_become_errors() {
-        let body = body_of(Ok::<_, JobError>("x".repeat(100)), Codec::Json, 10);
+        let body = body_of(Ok("x".repeat(100)), Codec::Json, 10);
         assert_eq!(body.status, Status::Rejected);
         let env = Arc::new(Envelope::decode(&Envelope::encode(1, "t", &body)).expect("decodes"));
         let err = open::<String>("j", &env).expect_err("rejected");

@@ -55,6 +55,55 @@ pub enum ErrorKind {
     ServerConfig,
 }
 
+impl ErrorKind {
+    /// A stable `snake_case` name for the kind (`"timeout"`, `"lock_lost"`, …): the
+    /// [code](crate::JobError::code) a job's error gets when it is a herdlock error.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::LockLost => "lock_lost",
+            ErrorKind::Connection => "connection",
+            ErrorKind::Auth => "auth",
+            ErrorKind::Redis => "redis",
+            ErrorKind::Codec => "codec",
+            ErrorKind::JobFailed => "job_failed",
+            ErrorKind::JobPanicked => "job_panicked",
+            ErrorKind::Abandoned => "abandoned",
+            ErrorKind::NotReplicated => "not_replicated",
+            ErrorKind::Permission => "permission",
+            ErrorKind::ServerConfig => "server_config",
+        }
+    }
+
+    /// The kind [`as_str`](ErrorKind::as_str) names.
+    pub(crate) fn from_code(code: &str) -> Option<ErrorKind> {
+        ALL_KINDS.iter().copied().find(|k| k.as_str() == code)
+    }
+}
+
+const ALL_KINDS: [ErrorKind; 13] = [
+    ErrorKind::InvalidInput,
+    ErrorKind::Timeout,
+    ErrorKind::LockLost,
+    ErrorKind::Connection,
+    ErrorKind::Auth,
+    ErrorKind::Redis,
+    ErrorKind::Codec,
+    ErrorKind::JobFailed,
+    ErrorKind::JobPanicked,
+    ErrorKind::Abandoned,
+    ErrorKind::NotReplicated,
+    ErrorKind::Permission,
+    ErrorKind::ServerConfig,
+];
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The error type of every fallible herdlock call.
 ///
 /// It is opaque: match on [`kind`](Error::kind) or use the predicates. It is `Clone` (its
@@ -104,7 +153,7 @@ impl Error {
             inner: Arc::new(Inner {
                 kind,
                 message: message.into(),
-                source: None,
+                source: job.source_error().cloned(),
                 job: Some(job),
             }),
         }

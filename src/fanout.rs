@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::coalesce::{self, How, Mode, ResultType, RunSettings, Waiter};
-use crate::codec::{self, Body, Codec, JobError};
+use crate::codec::{self, Body, Codec, JobResult};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::Herd;
 use crate::keys;
@@ -57,12 +57,12 @@ pub struct Fanned<T> {
 /// Options of one fan-out call. Every field has a documented default.
 ///
 /// When several callers in one process join the same run, the run uses the options of
-/// the caller that started it; each caller's [`timeout`](FanoutOptions::timeout) is
-/// always its own.
+/// the caller that started it. A caller's timeout is not an option: it is the positional
+/// argument after the job id of [`Herd::fanout_with`] and [`Herd::push`] (the crate-wide
+/// rule, see [the crate docs](crate#waiting)), and always the caller's own.
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct FanoutOptions {
-    timeout: Duration,
     ttl: Option<Duration>,
     codec: Codec,
     linger: Duration,
@@ -76,7 +76,6 @@ pub struct FanoutOptions {
 impl Default for FanoutOptions {
     fn default() -> Self {
         FanoutOptions {
-            timeout: Duration::from_secs(30),
             ttl: None,
             codec: Codec::Json,
             linger: Duration::from_secs(5),
@@ -93,16 +92,6 @@ impl FanoutOptions {
     /// Options with every field at its default.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// How long this caller waits for the result.
-    ///
-    /// Default: 30 s. It is this caller's alone: when it passes, this caller gets a
-    /// [`Timeout`](ErrorKind::Timeout) error and the job, its lock and every other waiter
-    /// carry on. Zero is rejected (a fan-out always waits for the run it joins).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
     }
 
     /// The run's lease. A watchdog extends it every third of the TTL while the job runs,
@@ -192,12 +181,11 @@ impl FanoutOptions {
         self
     }
 
-    fn validate(&self, herd: &Herd) -> Result<RunSettings> {
-        keys::validate_wait(self.timeout).map_err(|_| {
+    fn validate(&self, herd: &Herd, timeout: Duration) -> Result<RunSettings> {
+        keys::validate_wait(timeout).map_err(|_| {
             Error::invalid(format!(
-                "fan-out timeout must be between 1 ms and {:?}, got {:?}",
+                "fan-out timeout must be between 1 ms and {:?}, got {timeout:?}",
                 keys::MAX_WAIT,
-                self.timeout
             ))
         })?;
         let ttl = self.ttl.unwrap_or(herd.inner.lock_ttl);
@@ -257,7 +245,7 @@ impl Herd {
     ///         herd.fanout("user:42", Duration::from_secs(5), move || async move {
     ///             runs.fetch_add(1, Ordering::SeqCst);
     ///             tokio::time::sleep(Duration::from_millis(50)).await;
-    ///             Ok::<_, herdlock::JobError>(String::from("profile of user 42"))
+    ///             Ok(String::from("profile of user 42"))
     ///         })
     ///         .await
     ///     }));
@@ -292,18 +280,21 @@ impl Herd {
     ///
     /// Cancel safe: dropping the future only stops this caller from waiting. The job, if
     /// this caller started it, keeps running for the others.
-    pub async fn fanout<T, E, F, Fut>(&self, job_id: &str, timeout: Duration, job: F) -> Result<T>
+    pub async fn fanout<T, F, Fut>(&self, job_id: &str, timeout: Duration, job: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
-        E: Into<JobError> + Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        Fut: Future<Output = JobResult<T>> + Send + 'static,
     {
-        let options = FanoutOptions::default().timeout(timeout);
-        Ok(self.fanout_with(job_id, &options, job).await?.value)
+        let options = FanoutOptions::default();
+        Ok(self
+            .fanout_with(job_id, timeout, &options, job)
+            .await?
+            .value)
     }
 
     /// [`fanout`](Herd::fanout) with options, also reporting this caller's [`Role`].
+    /// `timeout` is this caller's own wait, as in `fanout`.
     ///
     /// # Examples
     ///
@@ -317,8 +308,9 @@ impl Herd {
     /// # async fn main() -> Result<(), herdlock::Error> {
     /// let herd = herdlock::Herd::memory();
     /// let options = FanoutOptions::new().cache_age(Duration::from_secs(2));
-    /// let first = herd.fanout_with("prices", &options, || async { Ok::<_, herdlock::JobError>(7) }).await?;
-    /// let second = herd.fanout_with("prices", &options, || async { Ok::<_, herdlock::JobError>(8) }).await?;
+    /// let wait = Duration::from_secs(5);
+    /// let first = herd.fanout_with("prices", wait, &options, || async { Ok(7) }).await?;
+    /// let second = herd.fanout_with("prices", wait, &options, || async { Ok(8) }).await?;
     /// assert_eq!((first.value, first.role), (7, Role::Leader));
     /// assert_eq!((second.value, second.role), (7, Role::Cached));
     /// # Ok(()) }
@@ -332,39 +324,34 @@ impl Herd {
     /// # Cancel safety
     ///
     /// As [`fanout`](Herd::fanout).
-    pub async fn fanout_with<T, E, F, Fut>(
+    pub async fn fanout_with<T, F, Fut>(
         &self,
         job_id: &str,
+        timeout: Duration,
         options: &FanoutOptions,
         job: F,
     ) -> Result<Fanned<T>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
-        E: Into<JobError> + Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = std::result::Result<T, E>> + Send + 'static,
+        Fut: Future<Output = JobResult<T>> + Send + 'static,
     {
         let keys = self.job_keys(job_id)?;
-        let settings = options.validate(self)?;
-        let deadline = Instant::now() + options.timeout;
+        let settings = options.validate(self, timeout)?;
+        let deadline = Instant::now() + timeout;
         let codec = options.codec;
         let max_size = options.max_result_size;
-        let job: coalesce::JobFn = Box::new(move || {
-            async move {
-                let result = job().await.map_err(Into::into);
-                codec::body_of(result, codec, max_size)
-            }
-            .boxed()
-        });
+        let job: coalesce::JobFn =
+            Box::new(move || async move { codec::body_of(job().await, codec, max_size) }.boxed());
         let (waiter, started) =
             coalesce::join_or_start(self, &keys, ResultType::of::<T>(), settings, Mode::Run(job))?;
-        settle(job_id, waiter, started, deadline, options.timeout).await
+        settle(job_id, waiter, started, deadline, timeout).await
     }
 
     /// The lower-level form of fan-out (after dlock's `push`): registers interest in
     /// `job_id` and returns this caller's role. The leader gets a [`Completer`] to finish
     /// the run later, from any task; everyone else gets a [`Follower`] to await the
-    /// result.
+    /// result, for up to `timeout` from this call.
     ///
     /// If the leader drops every clone of its completer without completing, the run is
     /// released at once and its followers fail with [`Abandoned`](ErrorKind::Abandoned)
@@ -375,16 +362,17 @@ impl Herd {
     /// # Examples
     ///
     /// ```
+    /// use std::time::Duration;
     /// use herdlock::{FanoutOptions, Push};
     ///
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), herdlock::Error> {
     /// let herd = herdlock::Herd::memory();
-    /// let options = FanoutOptions::new();
-    /// let Push::Leader(completer) = herd.push::<u32>("report", &options).await? else {
+    /// let (wait, options) = (Duration::from_secs(5), FanoutOptions::new());
+    /// let Push::Leader(completer) = herd.push::<u32>("report", wait, &options).await? else {
     ///     unreachable!("first caller leads");
     /// };
-    /// let Push::Follower(follower) = herd.push::<u32>("report", &options).await? else {
+    /// let Push::Follower(follower) = herd.push::<u32>("report", wait, &options).await? else {
     ///     unreachable!("second caller follows");
     /// };
     /// tokio::spawn(async move { completer.complete(Ok(99)) });
@@ -400,13 +388,18 @@ impl Herd {
     /// # Cancel safety
     ///
     /// Cancelling before the role is known gives the run up (as a dropped completer).
-    pub async fn push<T>(&self, job_id: &str, options: &FanoutOptions) -> Result<Push<T>>
+    pub async fn push<T>(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+        options: &FanoutOptions,
+    ) -> Result<Push<T>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
     {
         let keys = self.job_keys(job_id)?;
-        let settings = options.validate(self)?;
-        let deadline = Instant::now() + options.timeout;
+        let settings = options.validate(self, timeout)?;
+        let deadline = Instant::now() + timeout;
         let (role_tx, role_rx) = oneshot::channel();
         let (waiter, started) = coalesce::join_or_start(
             self,
@@ -420,7 +413,7 @@ impl Herd {
             waiter,
             started: false,
             deadline,
-            timeout: options.timeout,
+            timeout,
             _value: PhantomData,
         };
         if !started {
@@ -519,7 +512,7 @@ impl<T: Serialize + DeserializeOwned> Completer<T> {
     /// infinity with JSON, which would arrive as `null`; a payload that does not decode back
     /// into `T`) completes the run with a [`Codec`](ErrorKind::Codec) error for every caller
     /// instead; nothing is stored as a success.
-    pub fn complete(&self, result: std::result::Result<T, JobError>) -> bool {
+    pub fn complete(&self, result: JobResult<T>) -> bool {
         let sender = self
             .done
             .lock()

@@ -25,7 +25,7 @@
 //! let herd = Herd::memory();
 //!
 //! // A cron guard: run the import only if no other host is running it right now.
-//! match herd.once("nightly-import", || async { Ok::<_, herdlock::Error>(42) }).await? {
+//! match herd.once("nightly-import", || async { Ok(42) }).await? {
 //!     Outcome::Ran(n) => println!("imported {n} rows"),
 //!     Outcome::Busy(holder) => println!("{} is already on it", holder.owner),
 //! }
@@ -133,7 +133,7 @@ mod semaphore;
 mod wait;
 mod watchdog;
 
-pub use codec::{Codec, JobError};
+pub use codec::{Codec, JobError, JobResult};
 pub use error::{Error, ErrorKind, Result};
 pub use fanout::{
     Completer, Fanned, FanoutOptions, Follower, Push, Role, ABANDON_CHECK_EVERY,

@@ -3,6 +3,7 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use futures::FutureExt;
 use tokio::time::Instant;
 
 use crate::backend::{holder_nonce, holder_token, parse_holder, AcquireReply, Backend};
+use crate::codec::{JobError, JobResult};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
@@ -476,6 +478,64 @@ async fn release(
     }
 }
 
+/// Runs `work` under `guard` and releases it: on `Ok` with the grace period, at once on
+/// `Err` or panic (the panic resumes), and in the background when the lock was lost
+/// (`work` is then dropped unless `cancel_on_lost` is off).
+async fn run_under<T, F, Fut>(guard: LockGuard, cancel_on_lost: bool, work: F) -> Result<T>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = JobResult<T>>,
+{
+    let key = guard.keys.key.clone();
+    let work = AssertUnwindSafe(work()).catch_unwind();
+    let finished = if cancel_on_lost {
+        tokio::select! {
+            finished = work => Some(finished),
+            () = guard.lost() => None,
+        }
+    } else {
+        Some(work.await)
+    };
+    match finished {
+        Some(Ok(Ok(value))) => {
+            guard.release().await?;
+            Ok(value)
+        }
+        Some(Ok(Err(e))) => {
+            if let Err(release_error) = guard.release_now().await {
+                tracing::warn!(key, error = %release_error, "release after a failed job failed");
+            }
+            Err(work_failed(&key, e))
+        }
+        Some(Err(panic)) => {
+            if let Err(release_error) = guard.release_now().await {
+                tracing::warn!(key, error = %release_error, "release after a panicked job failed");
+            }
+            std::panic::resume_unwind(panic)
+        }
+        None => {
+            // The work was dropped (cancelled) when the lock was lost. Tell the caller
+            // now: the release (a no-op unless the lease ran out locally but not yet on
+            // Redis) goes on in the background, as the path to Redis may be what failed.
+            spawn_cleanup("release of a lost lock", guard.release_now());
+            Err(lost(&key))
+        }
+    }
+}
+
+/// The caller's error for work under a lock that returned `e`: a herdlock error as it was,
+/// anything else as `JobFailed` carrying the original as its source.
+fn work_failed(key: &str, e: JobError) -> Error {
+    if let Some(own) = e.source_error().and_then(|s| s.downcast_ref::<Error>()) {
+        return own.clone();
+    }
+    Error::job(
+        ErrorKind::JobFailed,
+        format!("the work under lock `{key}` failed: {}", e.full_message()),
+        e,
+    )
+}
+
 /// Whether nobody holds the lock of `keys` (after a retried release found nothing to do).
 pub(crate) async fn is_free(backend: &Backend, keys: &JobKeys) -> Result<bool> {
     Ok(backend.status(keys).await?.holder.is_none())
@@ -734,11 +794,16 @@ impl Herd {
     }
 
     /// Runs `work` under the lock on `key` if it is free now; reports
-    /// [`Outcome::Busy`] (and does not run `work`) if someone else holds it.
+    /// [`Outcome::Busy`] (and does not run `work`) if someone else holds it. Never waits:
+    /// [`run_locked`](Herd::run_locked) is the form that waits for the lock.
     ///
     /// The lock is released when `work` ends: on `Ok` (after the grace period, if one is
-    /// set), on `Err` and on panic (at once; the panic then resumes). An error from `work`
-    /// is returned unchanged.
+    /// set), on `Err` and on panic (at once; the panic then resumes). If the lock is lost
+    /// while `work` runs, `work` is dropped (cancelled) and the call fails with
+    /// [`LockLost`](ErrorKind::LockLost), unless [`LockOptions::cancel_on_lost`] is off.
+    ///
+    /// `work` returns a [`JobResult`], so `Ok(value)` needs no annotation and `?` converts
+    /// any error (see [`JobError`]).
     ///
     /// # Examples
     ///
@@ -748,32 +813,40 @@ impl Herd {
     /// use herdlock::{Herd, Outcome};
     /// let herd = Herd::memory();
     /// let outcome = herd
-    ///     .once("nightly-import", || async { Ok::<_, herdlock::Error>(()) })
+    ///     .once("nightly-import", || async {
+    ///         let rows: u64 = "1200".parse()?; // any error converts with `?`
+    ///         Ok(rows)
+    ///     })
     ///     .await?;
-    /// assert_eq!(outcome, Outcome::Ran(()));
+    /// assert_eq!(outcome, Outcome::Ran(1200));
     /// # Ok(()) }
     /// ```
     ///
     /// # Errors
     ///
-    /// `work`'s own error, unchanged; herdlock's errors (bad key, connection) converted
-    /// with `E: From<herdlock::Error>`. A failure to release after `work` succeeded is
-    /// reported as an error too (the lock then expires with its TTL).
+    /// One error type, [`herdlock::Error`](Error):
+    /// - `work` returned an error: a [`herdlock::Error`](Error) comes back unchanged (its
+    ///   own kind); any other error comes back as [`JobFailed`](ErrorKind::JobFailed), whose
+    ///   [`job_error`](Error::job_error) is what `work` returned and whose
+    ///   [`source`](std::error::Error::source) is the original error (downcast it to get your
+    ///   own error type back);
+    /// - [`LockLost`](ErrorKind::LockLost) when the lock was lost while `work` ran;
+    /// - herdlock's own errors: a bad key or options, connection errors, and a failure to
+    ///   release after `work` succeeded (the lock then expires with its TTL).
     ///
     /// # Cancel safety
     ///
     /// Cancelling drops `work` mid-way; the guard's drop releases the lock in the
     /// background.
-    pub async fn once<F, Fut, T, E>(&self, key: &str, work: F) -> Result<Outcome<T>, E>
+    pub async fn once<T, F, Fut>(&self, key: &str, work: F) -> Result<Outcome<T>>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-        E: From<Error>,
+        Fut: Future<Output = JobResult<T>>,
     {
         self.once_with(key, &LockOptions::default(), work).await
     }
 
-    /// [`once`](Herd::once) with options (TTL, grace period).
+    /// [`once`](Herd::once) with options (TTL, grace period, cancellation on loss).
     ///
     /// # Errors
     ///
@@ -782,55 +855,86 @@ impl Herd {
     /// # Cancel safety
     ///
     /// As [`once`](Herd::once).
-    pub async fn once_with<F, Fut, T, E>(
+    pub async fn once_with<T, F, Fut>(
         &self,
         key: &str,
         options: &LockOptions,
         work: F,
-    ) -> Result<Outcome<T>, E>
+    ) -> Result<Outcome<T>>
     where
         F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-        E: From<Error>,
+        Fut: Future<Output = JobResult<T>>,
     {
         let guard = match self.try_lock_with(key, options).await? {
             TryLock::Acquired(guard) => guard,
             TryLock::Busy(holder) => return Ok(Outcome::Busy(holder)),
         };
-        let work = AssertUnwindSafe(work()).catch_unwind();
-        let finished = if options.cancel_on_lost {
-            tokio::select! {
-                finished = work => Some(finished),
-                () = guard.lost() => None,
-            }
-        } else {
-            Some(work.await)
-        };
-        match finished {
-            Some(Ok(Ok(value))) => {
-                guard.release().await?;
-                Ok(Outcome::Ran(value))
-            }
-            Some(Ok(Err(e))) => {
-                if let Err(release_error) = guard.release_now().await {
-                    tracing::warn!(key, error = %release_error, "release after a failed job failed");
-                }
-                Err(e)
-            }
-            Some(Err(panic)) => {
-                if let Err(release_error) = guard.release_now().await {
-                    tracing::warn!(key, error = %release_error, "release after a panicked job failed");
-                }
-                std::panic::resume_unwind(panic)
-            }
-            None => {
-                // The work was dropped (cancelled) when the lock was lost. Tell the caller
-                // now: the release (a no-op unless the lease ran out locally but not yet on
-                // Redis) goes on in the background, as the path to Redis may be what failed.
-                spawn_cleanup("release of a lost lock", guard.release_now());
-                Err(E::from(lost(key)))
-            }
-        }
+        run_under(guard, options.cancel_on_lost, work)
+            .await
+            .map(Outcome::Ran)
+    }
+
+    /// Waits up to `wait` for the lock on `key`, then runs `work` under it: the waiting
+    /// form of [`once`](Herd::once), with the same release rules (on `Ok` after the grace
+    /// period, at once on `Err` or panic, `work` cancelled if the lock is lost).
+    ///
+    /// `wait` bounds only the wait for the lock, as in [`lock`](Herd::lock); `work` runs as
+    /// long as it needs once the lock is held.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), herdlock::Error> {
+    /// use std::time::Duration;
+    /// let herd = herdlock::Herd::memory();
+    /// let applied = herd
+    ///     .run_locked("migrations", Duration::from_secs(60), || async { Ok(3) })
+    ///     .await?;
+    /// assert_eq!(applied, 3);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Timeout`](ErrorKind::Timeout) when the lock was not free within `wait` (`work`
+    /// never ran; the message names the holder); otherwise as [`once`](Herd::once).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`lock`](Herd::lock) while waiting, as [`once`](Herd::once) while `work` runs.
+    pub async fn run_locked<T, F, Fut>(&self, key: &str, wait: Duration, work: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = JobResult<T>>,
+    {
+        self.run_locked_with(key, wait, &LockOptions::default(), work)
+            .await
+    }
+
+    /// [`run_locked`](Herd::run_locked) with options (TTL, grace period, cancellation on
+    /// loss).
+    ///
+    /// # Errors
+    ///
+    /// As [`run_locked`](Herd::run_locked).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`run_locked`](Herd::run_locked).
+    pub async fn run_locked_with<T, F, Fut>(
+        &self,
+        key: &str,
+        wait: Duration,
+        options: &LockOptions,
+        work: F,
+    ) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = JobResult<T>>,
+    {
+        let guard = self.lock_with(key, wait, options).await?;
+        run_under(guard, options.cancel_on_lost, work).await
     }
 
     /// The holder, remaining TTL and last fencing token of `key`, for debugging stuck work.

@@ -220,10 +220,7 @@ async fn locks_and_once_behave_as_on_one_node() {
         assert!(took < Duration::from_secs(3), "woken late: {took:?}");
         g.release().await.expect("release b");
     }
-    let ran = a
-        .once("once-key", || async { Ok::<_, herdlock::Error>(7) })
-        .await
-        .expect("once");
+    let ran = a.once("once-key", || async { Ok(7) }).await.expect("once");
     assert!(ran.ran(), "once ran");
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herdlock::{ErrorKind, FanoutOptions, Herd, JobError};
+use herdlock::{ErrorKind, FanoutOptions, Herd};
 
 use crate::common::procs::{
     emit, ready_then_go, worker_param, worker_ready_and_wait_go, Worker, WorkerOutput,
@@ -27,7 +27,7 @@ const REMOTE_FOLLOWERS: usize = 2;
 const CALLERS: usize = 3;
 
 fn options() -> FanoutOptions {
-    FanoutOptions::new().ttl(TTL).timeout(CALLER_TIMEOUT)
+    FanoutOptions::new().ttl(TTL)
 }
 
 /// Bounded polling until `herd` has a flight following another node's run.
@@ -52,9 +52,9 @@ pub(crate) async fn flush_follower() {
         .map(|_| {
             let (herd, owner) = (herd.clone(), owner.clone());
             tokio::spawn(async move {
-                herd.fanout_with(JOB, &options(), move || async move {
+                herd.fanout_with(JOB, CALLER_TIMEOUT, &options(), move || async move {
                     emit("ran");
-                    Ok::<_, JobError>(format!("ran by {owner}"))
+                    Ok(format!("ran by {owner}"))
                 })
                 .await
             })
@@ -157,13 +157,13 @@ async fn flushall_during_fanout_run() {
                 let _ = started.send(()).await;
                 std::future::pending::<()>().await;
             }
-            Ok::<_, JobError>(format!("ran by {owner}"))
+            Ok(format!("ran by {owner}"))
         }
     };
     let call = |herd: &Herd, job| {
         let herd = herd.clone();
         tokio::spawn(async move {
-            let result = herd.fanout_with(JOB, &options(), job).await;
+            let result = herd.fanout_with(JOB, CALLER_TIMEOUT, &options(), job).await;
             (result, Instant::now())
         })
     };

@@ -10,6 +10,9 @@ use tokio::sync::oneshot;
 
 use crate::fixture::{both_backends, within, Fx};
 
+/// A caller's wait where the test does not time out.
+const WAIT: Duration = Duration::from_secs(30);
+
 both_backends!(
     herd_of_nodes_runs_once,
     errors_and_panics_reach_every_waiter,
@@ -54,12 +57,8 @@ async fn herd_of_nodes_runs_once(fx: Fx) {
             let node = node.clone();
             let job = counting_job(&runs, Duration::from_millis(300), "the answer");
             tasks.push(tokio::spawn(async move {
-                node.fanout_with(
-                    "herd",
-                    &FanoutOptions::new().timeout(Duration::from_secs(10)),
-                    job,
-                )
-                .await
+                node.fanout_with("herd", Duration::from_secs(10), &FanoutOptions::new(), job)
+                    .await
             }));
         }
     }
@@ -101,7 +100,7 @@ async fn errors_and_panics_reach_every_waiter(fx: Fx) {
         let b = b.clone();
         async move {
             b.fanout("failing", Duration::from_secs(10), || async {
-                Ok::<String, JobError>("follower job must not run".into())
+                Ok("follower job must not run".into())
             })
             .await
         }
@@ -127,7 +126,7 @@ async fn errors_and_panics_reach_every_waiter(fx: Fx) {
         tasks.push(tokio::spawn(async move {
             node.fanout("panicking", Duration::from_secs(10), || async {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                Ok::<u8, JobError>(explode())
+                Ok(explode())
             })
             .await
         }));
@@ -142,11 +141,9 @@ async fn errors_and_panics_reach_every_waiter(fx: Fx) {
     }
     // The key is usable again afterwards.
     assert_eq!(
-        a.fanout("panicking", Duration::from_secs(5), || async {
-            Ok::<_, JobError>(1u8)
-        })
-        .await
-        .expect("fresh run"),
+        a.fanout("panicking", Duration::from_secs(5), || async { Ok(1u8) })
+            .await
+            .expect("fresh run"),
         1
     );
 }
@@ -252,9 +249,7 @@ async fn leaders_own_timeout_does_not_stop_the_job(fx: Fx) {
 /// Issue 3, test 7: a job three times longer than the TTL runs once.
 async fn job_longer_than_ttl_runs_once(fx: Fx) {
     let runs = Arc::new(AtomicUsize::new(0));
-    let options = FanoutOptions::new()
-        .ttl(Duration::from_millis(300))
-        .timeout(Duration::from_secs(10));
+    let options = FanoutOptions::new().ttl(Duration::from_millis(300));
     let mut tasks = Vec::new();
     for n in 0..2 {
         let node = fx.node(&format!("n{n}")).await;
@@ -262,7 +257,8 @@ async fn job_longer_than_ttl_runs_once(fx: Fx) {
             let (node, options) = (node.clone(), options.clone());
             let job = counting_job(&runs, Duration::from_millis(900), "long");
             tasks.push(tokio::spawn(async move {
-                node.fanout_with("long", &options, job).await
+                node.fanout_with("long", Duration::from_secs(10), &options, job)
+                    .await
             }));
         }
     }
@@ -284,7 +280,7 @@ async fn no_stale_results(fx: Fx) {
     let counter = Arc::new(AtomicUsize::new(0));
     let next = |c: &Arc<AtomicUsize>| {
         let c = Arc::clone(c);
-        move || async move { Ok::<_, JobError>(c.fetch_add(1, Ordering::SeqCst)) }
+        move || async move { Ok(c.fetch_add(1, Ordering::SeqCst)) }
     };
     for i in 0..50 {
         let node = if i % 2 == 0 { &a } else { &b };
@@ -300,11 +296,11 @@ async fn no_stale_results(fx: Fx) {
     }
     let cached = FanoutOptions::new().cache_age(Duration::from_secs(5));
     let fresh = a
-        .fanout_with("stale", &cached, next(&counter))
+        .fanout_with("stale", WAIT, &cached, next(&counter))
         .await
         .expect("fresh");
     let served = b
-        .fanout_with("stale", &cached, next(&counter))
+        .fanout_with("stale", WAIT, &cached, next(&counter))
         .await
         .expect("cached");
     assert_eq!(served.value, fresh.value);
@@ -326,7 +322,7 @@ async fn dropping_the_leaders_caller_keeps_the_job(fx: Fx) {
                 let _ = started_tx.send(());
                 let _ = finish_rx.await;
                 f.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, JobError>("done anyway".to_owned())
+                Ok("done anyway".to_owned())
             })
             .await
         }
@@ -340,7 +336,7 @@ async fn dropping_the_leaders_caller_keeps_the_job(fx: Fx) {
         let b = b.clone();
         async move {
             b.fanout("orphan", Duration::from_secs(10), || async {
-                Ok::<_, JobError>("second run".to_owned())
+                Ok("second run".to_owned())
             })
             .await
         }
@@ -380,13 +376,13 @@ async fn wait_for_follower(_fx: &Fx, herd: &Herd, job: &str) {
 async fn push_leader_and_followers(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    let options = FanoutOptions::new().timeout(Duration::from_secs(10));
+    let (wait, options) = (Duration::from_secs(10), FanoutOptions::new());
     let mut completer = None;
     let mut followers = Vec::new();
     for i in 0..10 {
         let node = if i % 2 == 0 { &a } else { &b };
         match node
-            .push::<Vec<u32>>("pushed", &options)
+            .push::<Vec<u32>>("pushed", wait, &options)
             .await
             .expect("push")
         {
@@ -420,14 +416,26 @@ async fn push_leader_and_followers(fx: Fx) {
 async fn push_dropped_completer_does_not_hang(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    let options = FanoutOptions::new().timeout(Duration::from_secs(20));
-    let Push::Leader(completer) = a.push::<u8>("abandoned", &options).await.expect("push") else {
+    let (wait, options) = (Duration::from_secs(20), FanoutOptions::new());
+    let Push::Leader(completer) = a
+        .push::<u8>("abandoned", wait, &options)
+        .await
+        .expect("push")
+    else {
         panic!("first push leads");
     };
-    let Push::Follower(local) = a.push::<u8>("abandoned", &options).await.expect("push") else {
+    let Push::Follower(local) = a
+        .push::<u8>("abandoned", wait, &options)
+        .await
+        .expect("push")
+    else {
         panic!("second push follows");
     };
-    let Push::Follower(remote) = b.push::<u8>("abandoned", &options).await.expect("push") else {
+    let Push::Follower(remote) = b
+        .push::<u8>("abandoned", wait, &options)
+        .await
+        .expect("push")
+    else {
         panic!("remote push follows");
     };
     let remote = tokio::spawn(remote.wait());
@@ -446,7 +454,9 @@ async fn push_dropped_completer_does_not_hang(fx: Fx) {
     assert!(started.elapsed() < Duration::from_secs(3));
     // The id is free for a new run.
     assert!(matches!(
-        a.push::<u8>("abandoned", &options).await.expect("push"),
+        a.push::<u8>("abandoned", wait, &options)
+            .await
+            .expect("push"),
         Push::Leader(_)
     ));
 }
@@ -471,9 +481,9 @@ async fn codecs_and_unusable_results(fx: Fx) {
     let leader = tokio::spawn({
         let (a, bincode) = (a.clone(), bincode.clone());
         async move {
-            a.fanout_with("report", &bincode, move || async move {
+            a.fanout_with("report", WAIT, &bincode, move || async move {
                 let _ = go_rx.await;
-                Ok::<_, JobError>(r)
+                Ok(r)
             })
             .await
         }
@@ -482,8 +492,8 @@ async fn codecs_and_unusable_results(fx: Fx) {
     let follower = tokio::spawn({
         let b = b.clone();
         async move {
-            b.fanout_with("report", &FanoutOptions::new(), || async {
-                Ok::<_, JobError>(Report {
+            b.fanout_with("report", WAIT, &FanoutOptions::new(), || async {
+                Ok(Report {
                     id: 0,
                     rows: vec![],
                 })
@@ -504,9 +514,7 @@ async fn codecs_and_unusable_results(fx: Fx) {
     // Too large for the configured maximum: a clear codec error, nothing stored.
     let small = FanoutOptions::new().max_result_size(64);
     let e = a
-        .fanout_with("big", &small, || async {
-            Ok::<_, JobError>("x".repeat(1000))
-        })
+        .fanout_with("big", WAIT, &small, || async { Ok("x".repeat(1000)) })
         .await
         .expect_err("too large");
     assert_eq!(e.kind(), ErrorKind::Codec);
@@ -517,7 +525,7 @@ async fn codecs_and_unusable_results(fx: Fx) {
         .fanout("unserializable", Duration::from_secs(5), || async {
             let mut m = HashMap::new();
             m.insert((1u8, 2u8), String::from("v"));
-            Ok::<_, JobError>(m)
+            Ok(m)
         })
         .await
         .expect_err("cannot serialize");
@@ -530,7 +538,7 @@ async fn codecs_and_unusable_results(fx: Fx) {
         async move {
             a.fanout("wrong-type", Duration::from_secs(10), move || async move {
                 let _ = go_rx.await;
-                Ok::<_, JobError>("text".to_owned())
+                Ok("text".to_owned())
             })
             .await
         }
@@ -539,10 +547,8 @@ async fn codecs_and_unusable_results(fx: Fx) {
     let number = tokio::spawn({
         let b = b.clone();
         async move {
-            b.fanout("wrong-type", Duration::from_secs(10), || async {
-                Ok::<_, JobError>(5u64)
-            })
-            .await
+            b.fanout("wrong-type", Duration::from_secs(10), || async { Ok(5u64) })
+                .await
         }
     });
     wait_for_follower(&fx, &b, "wrong-type").await;
@@ -564,15 +570,14 @@ async fn a_panic_while_cancelling_does_not_wedge_the_id(fx: Fx) {
     }
     let a = fx.node("a").await;
     let options = FanoutOptions::new()
-        .timeout(Duration::from_secs(10))
         .ttl(Duration::from_millis(300))
         .max_duration(Duration::from_millis(100));
     let started = Instant::now();
     let e = a
-        .fanout_with("wedge", &options, || async {
+        .fanout_with("wedge", Duration::from_secs(10), &options, || async {
             let _cleanup = PanicOnDrop;
             tokio::time::sleep(Duration::from_secs(30)).await;
-            Ok::<_, JobError>(0_u8)
+            Ok(0_u8)
         })
         .await
         .expect_err("cancelled, and its cleanup panicked");
@@ -584,7 +589,9 @@ async fn a_panic_while_cancelling_does_not_wedge_the_id(fx: Fx) {
     );
     assert_eq!(a.stats().in_flight, 0);
     let again = a
-        .fanout_with("wedge", &options, || async { Ok::<_, JobError>(2_u8) })
+        .fanout_with("wedge", Duration::from_secs(10), &options, || async {
+            Ok(2_u8)
+        })
         .await
         .expect("the id works again");
     assert_eq!(again.value, 2);
@@ -594,9 +601,9 @@ async fn max_duration_and_bad_options(fx: Fx) {
     let a = fx.node("a").await;
     let limited = FanoutOptions::new().max_duration(Duration::from_millis(100));
     let e = a
-        .fanout_with("stuck", &limited, || async {
+        .fanout_with("stuck", WAIT, &limited, || async {
             tokio::time::sleep(Duration::from_secs(30)).await;
-            Ok::<_, JobError>(())
+            Ok(())
         })
         .await
         .expect_err("over its maximum duration");
@@ -608,17 +615,17 @@ async fn max_duration_and_bad_options(fx: Fx) {
         .holder
         .is_none());
 
-    let job = || async { Ok::<_, JobError>(()) };
-    for options in [
-        FanoutOptions::new().timeout(Duration::ZERO),
-        FanoutOptions::new().timeout(Duration::from_secs(10 * 24 * 3600)),
-        FanoutOptions::new().ttl(Duration::ZERO),
-        FanoutOptions::new().linger(Duration::ZERO),
-        FanoutOptions::new().max_result_size(0),
-        FanoutOptions::new().max_duration(Duration::ZERO),
+    let job = || async { Ok(()) };
+    for (wait, options) in [
+        (Duration::ZERO, FanoutOptions::new()),
+        (Duration::from_secs(10 * 24 * 3600), FanoutOptions::new()),
+        (WAIT, FanoutOptions::new().ttl(Duration::ZERO)),
+        (WAIT, FanoutOptions::new().linger(Duration::ZERO)),
+        (WAIT, FanoutOptions::new().max_result_size(0)),
+        (WAIT, FanoutOptions::new().max_duration(Duration::ZERO)),
     ] {
         let e = a
-            .fanout_with("opts", &options, job)
+            .fanout_with("opts", wait, &options, job)
             .await
             .expect_err("rejected");
         assert!(e.is_invalid_input(), "{e:?}");
@@ -644,7 +651,7 @@ async fn ten_thousand_local_callers(fx: Fx) {
                 runs.fetch_add(1, Ordering::SeqCst);
                 // Finish only once every caller has joined (no late caller starts a run).
                 let _ = go_rx.wait_for(|go| *go).await;
-                Ok::<_, JobError>("shared".to_owned())
+                Ok("shared".to_owned())
             })
             .await
         }));
@@ -676,7 +683,7 @@ async fn one_job_id_has_one_result_type(fx: Fx) {
         tokio::spawn(async move {
             node.fanout("typed-job", Duration::from_secs(10), move || async move {
                 let _ = go_rx.await;
-                Ok::<u32, JobError>(7)
+                Ok(7_u32)
             })
             .await
         })
@@ -688,7 +695,7 @@ async fn one_job_id_has_one_result_type(fx: Fx) {
     }
     let err = node
         .fanout("typed-job", Duration::from_secs(10), || async {
-            Ok::<String, JobError>("text".to_owned())
+            Ok("text".to_owned())
         })
         .await
         .expect_err("another result type for an id in flight");
@@ -702,10 +709,8 @@ async fn one_job_id_has_one_result_type(fx: Fx) {
     let joiner = {
         let node = node.clone();
         tokio::spawn(async move {
-            node.fanout("typed-job", Duration::from_secs(10), || async {
-                Ok::<u32, JobError>(0)
-            })
-            .await
+            node.fanout("typed-job", Duration::from_secs(10), || async { Ok(0_u32) })
+                .await
         })
     };
     while node.stats().waiting < 2 {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herdlock::{ErrorKind, FanoutOptions, Herd, JobError, LockOptions};
+use herdlock::{ErrorKind, FanoutOptions, Herd, LockOptions};
 
 use crate::common::server::{self, RedisServer, ServerConfig};
 use crate::fixture::within;
@@ -61,9 +61,7 @@ async fn server_killed_and_restarted() {
     assert!(e.is_connection(), "{e:?}");
     assert!(started.elapsed() < Duration::from_secs(4));
     let e = herd
-        .fanout("job", Duration::from_secs(10), || async {
-            Ok::<_, JobError>(1)
-        })
+        .fanout("job", Duration::from_secs(10), || async { Ok(1) })
         .await
         .expect_err("down");
     assert!(e.is_connection(), "{e:?}");
@@ -83,11 +81,9 @@ async fn server_killed_and_restarted() {
     };
     guard.release().await.expect("release");
     assert_eq!(
-        herd.fanout("job", Duration::from_secs(5), || async {
-            Ok::<_, JobError>(2)
-        })
-        .await
-        .expect("fanout after restart"),
+        herd.fanout("job", Duration::from_secs(5), || async { Ok(2) })
+            .await
+            .expect("fanout after restart"),
         2
     );
 }
@@ -239,7 +235,7 @@ async fn garbage_on_the_channel_is_ignored() {
             leader
                 .fanout("g", Duration::from_secs(20), move || async move {
                     let _ = go_rx.await;
-                    Ok::<_, JobError>("real".to_owned())
+                    Ok("real".to_owned())
                 })
                 .await
         }
@@ -257,7 +253,7 @@ async fn garbage_on_the_channel_is_ignored() {
         async move {
             follower
                 .fanout("g", Duration::from_secs(20), || async {
-                    Ok::<_, JobError>("mine".to_owned())
+                    Ok("mine".to_owned())
                 })
                 .await
         }
@@ -317,11 +313,9 @@ async fn commands_do_not_grow_with_callers() {
     let server = RedisServer::start();
     let herd = herd_on(&server, "counted").await;
     // Warm up: scripts loaded, connections made.
-    herd.fanout("warm", Duration::from_secs(5), || async {
-        Ok::<_, JobError>(0)
-    })
-    .await
-    .expect("warm");
+    herd.fanout("warm", Duration::from_secs(5), || async { Ok(0) })
+        .await
+        .expect("warm");
     let mut deltas = Vec::new();
     for (round, callers) in [(0, 1usize), (1, 10_000)] {
         let runs = Arc::new(AtomicUsize::new(0));
@@ -340,7 +334,7 @@ async fn commands_do_not_grow_with_callers() {
                         runs.fetch_add(1, Ordering::SeqCst);
                         // Finish only once every caller has joined the run.
                         let _ = go_rx.wait_for(|go| *go).await;
-                        Ok::<_, JobError>(7)
+                        Ok(7)
                     },
                 )
                 .await
@@ -402,18 +396,21 @@ async fn herd_survives_pause_and_pubsub_kill() {
         .await
         .expect("connect");
     let runs = Arc::new(AtomicUsize::new(0));
-    let options = FanoutOptions::new()
-        .timeout(Duration::from_secs(15))
-        .ttl(Duration::from_secs(5));
+    let options = FanoutOptions::new().ttl(Duration::from_secs(5));
     let mut tasks = Vec::new();
     for (i, node) in [a.clone(), b.clone(), b.clone()].into_iter().enumerate() {
         let (runs, options) = (runs.clone(), options.clone());
         tasks.push(tokio::spawn(async move {
-            node.fanout_with("paused", &options, move || async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                Ok::<_, JobError>(format!("from {i}"))
-            })
+            node.fanout_with(
+                "paused",
+                Duration::from_secs(15),
+                &options,
+                move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    Ok(format!("from {i}"))
+                },
+            )
             .await
         }));
     }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herdlock::{ErrorKind, FanoutOptions, Herd, JobError, LockOptions};
+use herdlock::{ErrorKind, FanoutOptions, Herd, LockOptions};
 
 use crate::common::procs::{ready_then_go, Worker};
 use crate::common::server::{self, RedisServer, ServerConfig};
@@ -40,9 +40,7 @@ fn blocked_runtime_keeps_its_lease() {
     let url = server.url();
     let runs = Arc::new(AtomicUsize::new(0));
     let ttl = Duration::from_millis(600);
-    let options = FanoutOptions::new()
-        .ttl(ttl)
-        .timeout(Duration::from_secs(20));
+    let options = FanoutOptions::new().ttl(ttl);
 
     let leader_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -62,13 +60,18 @@ fn blocked_runtime_keeps_its_lease() {
         std::thread::spawn(move || {
             leader_rt.block_on(async move {
                 leader
-                    .fanout_with("blocking", &options, move || async move {
-                        runs.fetch_add(1, Ordering::SeqCst);
-                        let _ = started_tx.send(());
-                        // Blocks the whole (current-thread) runtime for 3× the TTL.
-                        std::thread::sleep(ttl * 3);
-                        Ok::<_, JobError>("survived".to_owned())
-                    })
+                    .fanout_with(
+                        "blocking",
+                        Duration::from_secs(20),
+                        &options,
+                        move || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            let _ = started_tx.send(());
+                            // Blocks the whole (current-thread) runtime for 3× the TTL.
+                            std::thread::sleep(ttl * 3);
+                            Ok("survived".to_owned())
+                        },
+                    )
                     .await
             })
         })
@@ -94,10 +97,15 @@ fn blocked_runtime_keeps_its_lease() {
                 let (others, options, runs) = (others.clone(), options.clone(), runs.clone());
                 tokio::spawn(async move {
                     others
-                        .fanout_with("blocking", &options, move || async move {
-                            runs.fetch_add(1, Ordering::SeqCst);
-                            Ok::<_, JobError>("second run".to_owned())
-                        })
+                        .fanout_with(
+                            "blocking",
+                            Duration::from_secs(20),
+                            &options,
+                            move || async move {
+                                runs.fetch_add(1, Ordering::SeqCst);
+                                Ok("second run".to_owned())
+                            },
+                        )
                         .await
                 })
             })
@@ -267,11 +275,9 @@ async fn redis_restart_under_load() {
                     if i % 2 == 0 {
                         herd.lock(&key, Duration::from_millis(500)).await.map(drop)
                     } else {
-                        herd.fanout(&key, Duration::from_millis(800), || async {
-                            Ok::<_, JobError>(1)
-                        })
-                        .await
-                        .map(|_| ())
+                        herd.fanout(&key, Duration::from_millis(800), || async { Ok(1) })
+                            .await
+                            .map(|_| ())
                     }
                 };
                 let _ = call.await;
@@ -315,7 +321,7 @@ async fn redis_restart_under_load() {
     }
     assert_eq!(
         herd.fanout("after-restart-job", Duration::from_secs(5), || async {
-            Ok::<_, JobError>(9)
+            Ok(9)
         })
         .await
         .expect("fanout after restart"),
@@ -437,7 +443,7 @@ async fn once_cancels_work_when_the_lock_is_lost() {
                     let _ = started_tx.send(());
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     f.store(true, Ordering::SeqCst);
-                    Ok::<_, herdlock::Error>(())
+                    Ok(())
                 },
             )
             .await

@@ -118,25 +118,21 @@ async fn expired_holder_gets_lock_lost(fx: Fx) {
 }
 
 #[derive(Debug, PartialEq)]
-enum WorkError {
-    Herd(ErrorKind),
-    Mine(&'static str),
-}
+struct DiskFull;
 
-impl From<herdlock::Error> for WorkError {
-    fn from(e: herdlock::Error) -> Self {
-        WorkError::Herd(e.kind())
+impl std::fmt::Display for DiskFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("disk full")
     }
 }
+
+impl std::error::Error for DiskFull {}
 
 /// Issue 2, test 5.
 async fn outcome_form(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    let ran: Outcome<()> = a
-        .once("cron", || async { Ok::<_, WorkError>(()) })
-        .await
-        .expect("once");
+    let ran: Outcome<()> = a.once("cron", || async { Ok(()) }).await.expect("once");
     assert_eq!(ran, Outcome::Ran(()));
 
     let guard = b
@@ -150,7 +146,7 @@ async fn outcome_form(fx: Fx) {
     let busy = a
         .once("cron", move || async move {
             c.fetch_add(1, Ordering::SeqCst);
-            Ok::<_, WorkError>(())
+            Ok(())
         })
         .await
         .expect("once");
@@ -163,10 +159,16 @@ async fn outcome_form(fx: Fx) {
 
     let failed = a
         .once("cron", || async {
-            Err::<(), _>(WorkError::Mine("disk full"))
+            Err(DiskFull)?;
+            Ok(())
         })
-        .await;
-    assert_eq!(failed, Err(WorkError::Mine("disk full")));
+        .await
+        .expect_err("the work failed");
+    // The closure's own error comes back as the source of a JobFailed error.
+    assert_eq!(failed.kind(), ErrorKind::JobFailed, "{failed}");
+    assert!(failed.to_string().contains("disk full"), "{failed}");
+    let source = std::error::Error::source(&failed).expect("the original error");
+    assert_eq!(source.downcast_ref::<DiskFull>(), Some(&DiskFull));
     assert!(a
         .lock_status("cron")
         .await
@@ -190,7 +192,7 @@ async fn grace_period_suppresses_late_triggers(fx: Fx) {
             let _ = node
                 .once_with(&key, &options, move || async move {
                     r.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, herdlock::Error>(())
+                    Ok(())
                 })
                 .await
                 .expect("once");
@@ -220,7 +222,7 @@ async fn concurrent_once_same_tick(fx: Fx) {
                     runs.fetch_add(1, Ordering::SeqCst);
                     // Hold the lock until every other contender has come back.
                     let _ = release_rx.recv().await;
-                    Ok::<_, herdlock::Error>(())
+                    Ok(())
                 })
                 .await;
             let _ = done_tx.send(outcome);

@@ -204,7 +204,7 @@ async fn frozen_once(ttl: Duration) {
                     let _stamp = Stamp::new(&cancelled);
                     let _ = started_tx.send(());
                     std::future::pending::<()>().await;
-                    Ok::<_, herdlock::Error>(())
+                    Ok(())
                 })
                 .await;
             (outcome, Instant::now())
@@ -266,10 +266,7 @@ async fn frozen_fanout_leader(ttl: Duration) {
     let other = herd(&prefix, "other", &server.url(), ttl).await;
     let mut conn = raw(server).await;
     let job = "partitioned-job";
-    let options = FanoutOptions::new()
-        .ttl(ttl)
-        .timeout(ttl * 3 + STEP_TIMEOUT);
-
+    let (wait, options) = (ttl * 3 + STEP_TIMEOUT, FanoutOptions::new().ttl(ttl));
     let published = Published::start(server, &format!("{prefix}:{{{job}}}")).await;
     let cancelled: Stamped = Arc::default();
     let release_stale = Arc::new(tokio::sync::Notify::new());
@@ -279,12 +276,12 @@ async fn frozen_fanout_leader(ttl: Duration) {
         let (cancelled, release_stale) = (Arc::clone(&cancelled), Arc::clone(&release_stale));
         async move {
             let result = holder
-                .fanout_with(job, &options, move || async move {
+                .fanout_with(job, wait, &options, move || async move {
                     let mut stamp = Stamp::new(&cancelled);
                     let _ = started_tx.send(());
                     release_stale.notified().await;
                     stamp.armed = false;
-                    Ok::<_, JobError>("stale".to_owned())
+                    Ok("stale".to_owned())
                 })
                 .await;
             (result, Instant::now())
@@ -301,7 +298,7 @@ async fn frozen_fanout_leader(ttl: Duration) {
     let contender = tokio::spawn({
         let (other, options) = (other.clone(), options.clone());
         let job_fn = fresh_job(&cancelled, &took_over, &cancelled_when_taken);
-        async move { other.fanout_with(job, &options, job_fn).await }
+        async move { other.fanout_with(job, wait, &options, job_fn).await }
     });
     let deadline = Instant::now() + STEP_TIMEOUT;
     while other.stats().following == 0 {

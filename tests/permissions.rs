@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use herdlock::{Error, ErrorKind, FanoutOptions, Herd, JobError, SemaphoreOptions};
+use herdlock::{Error, ErrorKind, FanoutOptions, Herd, SemaphoreOptions};
 
 use crate::common::server::{unique_prefix, RedisServer, ServerConfig};
 use crate::fixture::within;
@@ -554,13 +554,11 @@ async fn a_refused_publish_leaves_nothing_half_done() {
     let (revoked_tx, revoked_rx) = tokio::sync::oneshot::channel::<()>();
     let fanout = tokio::spawn({
         let herd = herd.clone();
-        let options = FanoutOptions::new()
-            .timeout(Duration::from_secs(30))
-            .ttl(Duration::from_secs(60));
+        let options = FanoutOptions::new().ttl(Duration::from_secs(60));
         async move {
-            herd.fanout_with("f", &options, move || async move {
+            herd.fanout_with("f", Duration::from_secs(30), &options, move || async move {
                 let _ = revoked_rx.await;
-                Ok::<_, JobError>(7u32)
+                Ok(7u32)
             })
             .await
         }

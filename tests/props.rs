@@ -335,21 +335,23 @@ impl Run<'_> {
         cached: bool,
         value: u32,
     ) -> Obs {
-        let mut options = FanoutOptions::new()
-            .ttl(LONG)
-            .linger(linger.duration())
-            .timeout(Duration::from_secs(10));
+        let mut options = FanoutOptions::new().ttl(LONG).linger(linger.duration());
         if cached {
             options = options.cache_age(LONG);
         }
         let fanned = self.nodes[node]
-            .fanout_with(JOBS[job], &options, move || async move {
-                if ok {
-                    Ok(value)
-                } else {
-                    Err(JobError::new("the job failed"))
-                }
-            })
+            .fanout_with(
+                JOBS[job],
+                Duration::from_secs(10),
+                &options,
+                move || async move {
+                    if ok {
+                        Ok(value)
+                    } else {
+                        Err(JobError::new("the job failed"))
+                    }
+                },
+            )
             .await;
         match fanned {
             Ok(f) => Obs::Fanned {

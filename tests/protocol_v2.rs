@@ -111,10 +111,7 @@ where
 /// Fan-out from two nodes at once on every id (one leads, the other joins or follows);
 /// every tenth job fails, so error results are stored too.
 async fn footprint_fanout(a: Herd, b: Herd) {
-    let options = FanoutOptions::new()
-        .ttl(SHORT_TTL)
-        .linger(LINGER)
-        .timeout(WAIT);
+    let options = FanoutOptions::new().ttl(SHORT_TTL).linger(LINGER);
     each(FANOUT_NAMES, |i| {
         let (a, b, options) = (&a, &b, &options);
         async move {
@@ -128,8 +125,8 @@ async fn footprint_fanout(a: Herd, b: Herd) {
                 }
             };
             let (from_a, from_b) = tokio::join!(
-                a.fanout_with(&id, options, job),
-                b.fanout_with(&id, options, job)
+                a.fanout_with(&id, WAIT, options, job),
+                b.fanout_with(&id, WAIT, options, job)
             );
             for result in [from_a, from_b] {
                 match result {
@@ -144,18 +141,16 @@ async fn footprint_fanout(a: Herd, b: Herd) {
 
 /// `push`: a leads and completes (every fifth with an error), b follows.
 async fn footprint_push(a: Herd, b: Herd) {
-    let options = FanoutOptions::new()
-        .ttl(SHORT_TTL)
-        .linger(LINGER)
-        .timeout(WAIT);
+    let options = FanoutOptions::new().ttl(SHORT_TTL).linger(LINGER);
     each(PUSH_NAMES, |i| {
         let (a, b, options) = (&a, &b, &options);
         async move {
             let id = format!("push-{i}");
-            let Push::Leader(completer) = a.push::<usize>(&id, options).await.expect("push") else {
+            let Push::Leader(completer) = a.push::<usize>(&id, WAIT, options).await.expect("push")
+            else {
                 panic!("{id}: the first push leads");
             };
-            let Push::Follower(follower) = b.push::<usize>(&id, options).await.expect("push")
+            let Push::Follower(follower) = b.push::<usize>(&id, WAIT, options).await.expect("push")
             else {
                 panic!("{id}: a push during a run follows it");
             };
@@ -211,7 +206,6 @@ async fn footprint_try_lock(a: Herd, b: Herd) {
 /// `once`: work that succeeds (released, or kept for a grace period) or fails (released
 /// at once); b's `once` inside the work finds the name busy.
 async fn footprint_once(a: Herd, b: Herd) {
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
     each(ONCE_NAMES, |i| {
         let (a, b) = (&a, &b);
         async move {
@@ -223,10 +217,10 @@ async fn footprint_once(a: Herd, b: Herd) {
             };
             let outcome = a
                 .once_with(&name, &options, || async {
-                    let inner = b.once(&name, || async { Ok::<_, BoxError>(()) }).await?;
+                    let inner = b.once(&name, || async { Ok(()) }).await?;
                     assert!(!inner.ran(), "{name}: b ran while a held it");
                     if i % 3 == 2 {
-                        Err::<(), BoxError>("the work failed".into())
+                        Err(JobError::new("the work failed"))
                     } else {
                         Ok(())
                     }
@@ -807,7 +801,7 @@ struct Run {
 /// kind`).
 pub(crate) async fn fanout_misses() {
     let herd = crate::workers::herd().await;
-    let options = FanoutOptions::new().timeout(Duration::from_secs(20));
+    let options = FanoutOptions::new();
     let pid = std::process::id();
     let runs: Arc<Mutex<Vec<Run>>> = Arc::default();
     let counter = Arc::new(AtomicU64::new(0));
@@ -843,11 +837,16 @@ pub(crate) async fn fanout_misses() {
                             called: 0, // the parent fills it in from the call
                             tag: tag.clone(),
                         });
-                        Ok::<_, JobError>(tag)
+                        Ok(tag)
                     };
                     let job_id = format!("id-{id}");
                     let before = now_ns();
-                    let mut call = std::pin::pin!(herd.fanout_with(&job_id, &options, job));
+                    let mut call = std::pin::pin!(herd.fanout_with(
+                        &job_id,
+                        Duration::from_secs(20),
+                        &options,
+                        job
+                    ));
                     let first = futures::poll!(call.as_mut());
                     let after = now_ns();
                     let result = match first {

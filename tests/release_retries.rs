@@ -394,18 +394,21 @@ async fn a_completion_through_a_cut_connection_is_retried() {
     let proxy = Proxy::start(server);
     let leader = herd(&prefix, "leader", &proxy.url()).await;
     let follower = herd(&prefix, "follower", &server.url()).await;
-    let options = herdlock::FanoutOptions::new()
-        .ttl(Duration::from_secs(30))
-        .timeout(Duration::from_secs(60));
+    let options = herdlock::FanoutOptions::new().ttl(Duration::from_secs(30));
     let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
     let leading = tokio::spawn({
         let options = options.clone();
         async move {
             leader
-                .fanout_with("job", &options, move || async move {
-                    let _ = go_rx.await;
-                    Ok::<_, herdlock::JobError>(42u32)
-                })
+                .fanout_with(
+                    "job",
+                    Duration::from_secs(60),
+                    &options,
+                    move || async move {
+                        let _ = go_rx.await;
+                        Ok(42u32)
+                    },
+                )
                 .await
         }
     });
@@ -414,8 +417,8 @@ async fn a_completion_through_a_cut_connection_is_retried() {
     wait_for_lock(&mut conn, &lock, "the run started", |v| v.is_some()).await;
     let following = tokio::spawn(async move {
         follower
-            .fanout_with("job", &options, || async {
-                Ok::<_, herdlock::JobError>(0u32)
+            .fanout_with("job", Duration::from_secs(60), &options, || async {
+                Ok(0u32)
             })
             .await
     });

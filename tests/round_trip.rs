@@ -55,17 +55,15 @@ fn stored_ok_flag(fx: &Fx, job: &str) -> Option<String> {
 async fn a_nan_is_one_codec_error_for_every_caller(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    let options = FanoutOptions::new()
-        .timeout(WAIT)
-        .cache_age(Duration::from_secs(60));
+    let options = FanoutOptions::new().cache_age(Duration::from_secs(60));
     let must_not_run = || async { Err::<f64, _>(JobError::new("a second run")) };
     let (go_tx, go_rx) = oneshot::channel::<()>();
     let leader = tokio::spawn({
         let (a, options) = (a.clone(), options.clone());
         async move {
-            a.fanout_with("nan", &options, move || async move {
+            a.fanout_with("nan", WAIT, &options, move || async move {
                 let _ = go_rx.await;
-                Ok::<_, JobError>(f64::NAN)
+                Ok(f64::NAN)
             })
             .await
         }
@@ -73,11 +71,11 @@ async fn a_nan_is_one_codec_error_for_every_caller(fx: Fx) {
     wait_until_running(&b, "nan").await;
     let local = tokio::spawn({
         let (a, options) = (a.clone(), options.clone());
-        async move { a.fanout_with("nan", &options, must_not_run).await }
+        async move { a.fanout_with("nan", WAIT, &options, must_not_run).await }
     });
     let remote = tokio::spawn({
         let (b, options) = (b.clone(), options.clone());
-        async move { b.fanout_with("nan", &options, must_not_run).await }
+        async move { b.fanout_with("nan", WAIT, &options, must_not_run).await }
     });
     wait_until("the remote caller follows", || b.stats().following == 1).await;
     wait_until("both local callers wait", || a.stats().waiting == 2).await;
@@ -103,7 +101,7 @@ async fn a_nan_is_one_codec_error_for_every_caller(fx: Fx) {
     }
     // Not cached as a success: a caller that accepts a cached result runs the job anew.
     let again = a
-        .fanout_with("nan", &options, || async { Ok::<_, JobError>(1.5) })
+        .fanout_with("nan", WAIT, &options, || async { Ok(1.5) })
         .await
         .expect("a finite result");
     assert_eq!((again.value, again.role), (1.5, Role::Leader));
@@ -120,7 +118,7 @@ struct Summary {
 /// with JSON; bincode carries the same values faithfully.
 async fn non_finite_values_anywhere_are_refused(fx: Fx) {
     let node = fx.node("solo").await;
-    let options = FanoutOptions::new().timeout(WAIT);
+    let options = FanoutOptions::new();
     let summaries = [
         Summary {
             name: "mean".into(),
@@ -136,9 +134,12 @@ async fn non_finite_values_anywhere_are_refused(fx: Fx) {
     for (i, summary) in summaries.iter().enumerate() {
         let value = summary.clone();
         let e = node
-            .fanout_with(&format!("summary-{i}"), &options, move || async move {
-                Ok::<_, JobError>(value)
-            })
+            .fanout_with(
+                &format!("summary-{i}"),
+                WAIT,
+                &options,
+                move || async move { Ok(value) },
+            )
             .await
             .expect_err("refused");
         assert_eq!(e.kind(), ErrorKind::Codec, "{}: {e:?}", summary.name);
@@ -146,8 +147,9 @@ async fn non_finite_values_anywhere_are_refused(fx: Fx) {
         let fanned = node
             .fanout_with(
                 &format!("summary-bincode-{i}"),
+                WAIT,
                 &options.clone().codec(Codec::Bincode),
-                move || async move { Ok::<_, JobError>(value) },
+                move || async move { Ok(value) },
             )
             .await
             .expect("bincode carries non-finite floats");
@@ -160,7 +162,7 @@ async fn non_finite_values_anywhere_are_refused(fx: Fx) {
     }
     let e = node
         .fanout("negative-infinity", WAIT, || async {
-            Ok::<_, JobError>(vec![Some(0.5), None, Some(f64::NEG_INFINITY)])
+            Ok(vec![Some(0.5), None, Some(f64::NEG_INFINITY)])
         })
         .await
         .expect_err("refused");
@@ -168,7 +170,7 @@ async fn non_finite_values_anywhere_are_refused(fx: Fx) {
     // Finite values pass untouched.
     let fine = node
         .fanout("finite", WAIT, || async {
-            Ok::<_, JobError>(vec![Some(0.5), None, Some(f64::MAX)])
+            Ok(vec![Some(0.5), None, Some(f64::MAX)])
         })
         .await
         .expect("finite");
@@ -179,11 +181,13 @@ async fn non_finite_values_anywhere_are_refused(fx: Fx) {
 async fn a_pushed_infinity_is_a_codec_error_for_followers(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    let options = FanoutOptions::new().timeout(WAIT);
-    let Push::Leader(completer) = a.push::<f64>("pushed", &options).await.expect("push") else {
+    let options = FanoutOptions::new();
+    let Push::Leader(completer) = a.push::<f64>("pushed", WAIT, &options).await.expect("push")
+    else {
         panic!("the first caller leads");
     };
-    let Push::Follower(follower) = b.push::<f64>("pushed", &options).await.expect("push") else {
+    let Push::Follower(follower) = b.push::<f64>("pushed", WAIT, &options).await.expect("push")
+    else {
         panic!("the second caller follows");
     };
     let waiting = tokio::spawn(follower.wait());

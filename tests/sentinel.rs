@@ -54,19 +54,22 @@ async fn fanout_herd_survives_failover() {
     let b = node(&group, &prefix, "b").await;
     let runs = Arc::new(AtomicUsize::new(0));
     let (go_tx, go_rx) = tokio::sync::watch::channel(false);
-    let options = FanoutOptions::new()
-        .timeout(Duration::from_secs(20))
-        .ttl(Duration::from_secs(5));
+    let options = FanoutOptions::new().ttl(Duration::from_secs(5));
     let calls: Vec<_> = (0..8)
         .map(|i| {
             let node = if i % 2 == 0 { a.clone() } else { b.clone() };
             let (runs, options, mut go) = (Arc::clone(&runs), options.clone(), go_rx.clone());
             tokio::spawn(async move {
-                node.fanout_with("job", &options, move || async move {
-                    runs.fetch_add(1, Ordering::SeqCst);
-                    let _ = go.wait_for(|go| *go).await;
-                    Ok::<_, herdlock::Error>("done".to_owned())
-                })
+                node.fanout_with(
+                    "job",
+                    Duration::from_secs(20),
+                    &options,
+                    move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        let _ = go.wait_for(|go| *go).await;
+                        Ok("done".to_owned())
+                    },
+                )
                 .await
             })
         })

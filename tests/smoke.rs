@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herdlock::{Error, FanoutOptions, Herd, JobError, LockOptions, Outcome, SemaphoreOptions};
+use herdlock::{Error, FanoutOptions, Herd, LockOptions, Outcome, SemaphoreOptions};
 
 use crate::fixture::within;
 
@@ -56,21 +56,21 @@ pub(crate) async fn woken<T>(
 /// follows, so its result crosses pub/sub.
 pub(crate) async fn fanout(a: &Herd, b: &Herd) {
     let runs = Arc::new(AtomicUsize::new(0));
-    let options = FanoutOptions::new().timeout(LONG).ttl(LONG);
+    let options = FanoutOptions::new().ttl(LONG);
     let mut callers = Vec::new();
     for herd in [a, b] {
         for _ in 0..5 {
             let (herd, a, b) = (herd.clone(), a.clone(), b.clone());
             let (runs, options) = (Arc::clone(&runs), options.clone());
             callers.push(tokio::spawn(async move {
-                herd.fanout_with("job", &options, move || async move {
+                herd.fanout_with("job", LONG, &options, move || async move {
                     runs.fetch_add(1, Ordering::SeqCst);
                     let deadline = Instant::now() + Duration::from_secs(10);
                     while a.stats().following + b.stats().following == 0 {
                         assert!(Instant::now() < deadline, "the other herd never followed");
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Ok::<_, JobError>(42u32)
+                    Ok(42u32)
                 })
                 .await
             }));
@@ -148,9 +148,9 @@ pub(crate) async fn semaphore(a: &Herd, b: &Herd, fair: bool, subscribed: impl F
 pub(crate) async fn once(a: &Herd, b: &Herd) {
     let outcome = a
         .once("o", || async {
-            let busy = b.once("o", || async { Ok::<_, Error>(()) }).await?;
+            let busy = b.once("o", || async { Ok(()) }).await?;
             assert!(matches!(busy, Outcome::Busy(_)), "{busy:?}");
-            Ok::<_, Error>(1)
+            Ok(1)
         })
         .await
         .expect("once");

@@ -130,22 +130,21 @@ async fn locks_and_semaphores_are_separate() {
 async fn results_are_separate() {
     let (pa, pb, a1, a2, b1, b2) = tenants("tenants::results").await;
     let options = FanoutOptions::new()
-        .timeout(Duration::from_secs(10))
         .linger(Duration::from_secs(30))
         .cache_age(Duration::from_secs(30));
     for key in keys(&pa, &pb) {
         let ra = a1
-            .fanout_with(&key, &options, {
+            .fanout_with(&key, Duration::from_secs(10), &options, {
                 let v = format!("a:{key}");
-                move || async move { Ok::<_, herdlock::Error>(v) }
+                move || async move { Ok(v) }
             })
             .await
             .expect("a fanout");
         assert_eq!(ra.value, format!("a:{key}"));
         let rb = b1
-            .fanout_with(&key, &options, {
+            .fanout_with(&key, Duration::from_secs(10), &options, {
                 let v = format!("b:{key}");
-                move || async move { Ok::<_, herdlock::Error>(v) }
+                move || async move { Ok(v) }
             })
             .await
             .expect("b fanout");
@@ -154,8 +153,8 @@ async fn results_are_separate() {
         // Each tenant's other node is served its own tenant's cached result.
         for (node, want) in [(&a2, format!("a:{key}")), (&b2, format!("b:{key}"))] {
             let got = node
-                .fanout_with(&key, &options, || async {
-                    Ok::<_, herdlock::Error>("ran again".to_owned())
+                .fanout_with(&key, Duration::from_secs(10), &options, || async {
+                    Ok("ran again".to_owned())
                 })
                 .await
                 .expect("cached fanout");

@@ -45,7 +45,7 @@ async fn smoke(a: &Herd, b: &Herd) {
             node.fanout("job", Duration::from_secs(5), move || async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                Ok::<_, std::io::Error>(42u32)
+                Ok(42u32)
             })
             .await
         }
@@ -68,10 +68,7 @@ async fn smoke(a: &Herd, b: &Herd) {
         TryLock::Busy(h) => panic!("released lock still held by {h:?}"),
     }
 
-    let ran = a
-        .once("once", || async { Ok::<_, herdlock::Error>(7) })
-        .await
-        .expect("once");
+    let ran = a.once("once", || async { Ok(7) }).await.expect("once");
     assert_eq!(ran, Outcome::Ran(7));
 
     let multi = match a.try_multi(&["{m}:1", "{m}:2"]).await.expect("try_multi") {

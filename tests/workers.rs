@@ -267,18 +267,21 @@ async fn fanout_takeover() {
     let ttl = Duration::from_millis(param_usize("TTL_MS") as u64);
     let job_ms = param_usize("JOB_MS") as u64;
     worker_ready_and_wait_go();
-    let options = FanoutOptions::new()
-        .ttl(ttl)
-        .timeout(Duration::from_secs(10));
+    let options = FanoutOptions::new().ttl(ttl);
     let started = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|_| {
             let (herd, options) = (herd.clone(), options.clone());
             tokio::spawn(async move {
-                herd.fanout_with("takeover", &options, move || async move {
-                    emit("running");
-                    counted_job("takeover".into(), Duration::from_millis(job_ms)).await
-                })
+                herd.fanout_with(
+                    "takeover",
+                    Duration::from_secs(10),
+                    &options,
+                    move || async move {
+                        emit("running");
+                        counted_job("takeover".into(), Duration::from_millis(job_ms)).await
+                    },
+                )
                 .await
             })
         })

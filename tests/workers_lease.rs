@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use herdlock::{FanoutOptions, Herd, JobError, LockOptions};
+use herdlock::{FanoutOptions, Herd, LockOptions};
 
 use crate::common::procs::{emit, worker_param, worker_read_line, worker_ready_and_wait_go};
 use crate::workers::herd;
@@ -62,17 +62,20 @@ pub(crate) async fn lease_waiter() {
 pub(crate) async fn lease_fanout() {
     let herd = herd().await;
     worker_ready_and_wait_go();
-    let options = FanoutOptions::new()
-        .ttl(ms("TTL_MS"))
-        .timeout(Duration::from_secs(20));
+    let options = FanoutOptions::new().ttl(ms("TTL_MS"));
     let job_time = ms("JOB_MS");
     let owner = worker_param("OWNER");
     let result = herd
-        .fanout_with("leased-job", &options, move || async move {
-            emit("running");
-            tokio::time::sleep(job_time).await;
-            Ok::<_, JobError>(format!("from {owner}"))
-        })
+        .fanout_with(
+            "leased-job",
+            Duration::from_secs(20),
+            &options,
+            move || async move {
+                emit("running");
+                tokio::time::sleep(job_time).await;
+                Ok(format!("from {owner}"))
+            },
+        )
         .await;
     match result {
         Ok(fanned) => emit(&format!("value {}", fanned.value)),
@@ -276,13 +279,11 @@ async fn run_op(
             let oldest = status
                 .holder
                 .map_or(status.last_fence + 1, |h| h.fence.get());
-            let options = FanoutOptions::new()
-                .timeout(deadline)
-                .ttl(Duration::from_secs(1));
+            let options = FanoutOptions::new().ttl(Duration::from_secs(1));
             let fanned = herd
-                .fanout_with(&job, &options, || async {
+                .fanout_with(&job, deadline, &options, || async {
                     tokio::time::sleep(Duration::from_millis(5)).await;
-                    Ok::<_, JobError>(())
+                    Ok(())
                 })
                 .await?;
             Ok(Some(fanned.generation.get() < oldest))

@@ -53,9 +53,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use herdlock::{
-    FanoutOptions, Herd, JobError, KeyRelease, Role, SemaphoreOptions, TryLock, TryMulti,
-};
+use herdlock::{FanoutOptions, Herd, KeyRelease, Role, SemaphoreOptions, TryLock, TryMulti};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use serde::de::DeserializeOwned;
@@ -1208,7 +1206,7 @@ struct PubReport {
 async fn herd_round(ctx: &mut WorkerCtx, round: usize, callers: usize) -> Res<HerdReport> {
     let job_id = format!("herd-{round}");
     let runs_key = format!("{}:runs:herd-{round}", ctx.prefix);
-    let options = FanoutOptions::new().timeout(CALL_TIMEOUT).ttl(RUN_TTL);
+    let options = FanoutOptions::new().ttl(RUN_TTL);
     ctx.barrier().await?;
     let mut tasks = JoinSet::new();
     for _ in 0..callers {
@@ -1217,7 +1215,7 @@ async fn herd_round(ctx: &mut WorkerCtx, round: usize, callers: usize) -> Res<He
         tasks.spawn(async move {
             let start = now_us();
             let result = herd
-                .fanout_with(&job_id, &options, move || async move {
+                .fanout_with(&job_id, CALL_TIMEOUT, &options, move || async move {
                     let (mut raw, job_start) = (raw, now_us());
                     // Count the run while the job "works", so the count costs no job time.
                     let mut incr = redis::cmd("INCR");
@@ -1225,7 +1223,7 @@ async fn herd_round(ctx: &mut WorkerCtx, round: usize, callers: usize) -> Res<He
                     let counted = incr.query_async::<i64>(&mut raw);
                     let (counted, ()) = tokio::join!(counted, tokio::time::sleep(HERD_JOB));
                     counted?;
-                    Ok::<(u64, u64), JobError>((job_start, now_us()))
+                    Ok((job_start, now_us()))
                 })
                 .await;
             (start, now_us(), result)
@@ -1582,7 +1580,7 @@ async fn tput_round(
     round: usize,
     ids: std::ops::Range<usize>,
 ) -> Res<TputReport> {
-    let options = FanoutOptions::new().timeout(CALL_TIMEOUT).ttl(RUN_TTL);
+    let options = FanoutOptions::new().ttl(RUN_TTL);
     let herd = ctx.herd.clone();
     ctx.barrier().await?;
     Ok(drive_ids(ids, move |i| {
@@ -1596,13 +1594,13 @@ async fn tput_round(
             let note = Arc::clone(&ran);
             let called = now_ns();
             let result = herd
-                .fanout_with(&job_id, &options, move || async move {
+                .fanout_with(&job_id, CALL_TIMEOUT, &options, move || async move {
                     let start = now_ns();
                     let end = now_ns();
                     if let Ok(mut slot) = note.lock() {
                         *slot = Some((start, end, called));
                     }
-                    Ok::<u8, JobError>(0)
+                    Ok(0)
                 })
                 .await;
             let mut r = TputReport {
