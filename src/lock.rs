@@ -565,6 +565,14 @@ async fn undo_acquire(
     release(backend, keys, &token, Duration::ZERO, None).await
 }
 
+/// "held by `owner` (fence N, M ms left)": who a timed-out waiter waited for.
+pub(crate) fn held_by(holder: &Holder) -> String {
+    let left = holder
+        .remaining
+        .map_or_else(String::new, |r| format!(", {} ms left", r.as_millis()));
+    format!("held by `{}` (fence {}{left})", holder.owner, holder.fence)
+}
+
 fn lost(key: &str) -> Error {
     Error::new(
         ErrorKind::LockLost,
@@ -725,7 +733,8 @@ impl Herd {
     ///
     /// # Errors
     ///
-    /// [`Timeout`](ErrorKind::Timeout) when `wait` passes;
+    /// [`Timeout`](ErrorKind::Timeout) when `wait` passes, naming the holder it waited for
+    /// (owner label and fencing token);
     /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad key or a zero or absurd wait
     /// (above [`MAX_WAIT`](crate::MAX_WAIT)); connection errors.
     ///
@@ -758,39 +767,46 @@ impl Herd {
         let resolved = options.resolve(self)?;
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
-        let timed_out = || {
-            Error::new(
-                ErrorKind::Timeout,
-                format!("timed out after {wait:?} waiting for lock `{key}`"),
-            )
-        };
+        // The holder last seen, named in the timeout error.
+        let mut last: Option<Holder> = None;
+        // `Ok(None)`: the deadline passed while waiting.
         let wait_loop = async {
             // Fast path: no subscription round trip when the lock is free.
-            if let TryLock::Acquired(guard) = self.attempt(keys.clone(), &resolved, false).await? {
-                return Ok(guard);
+            match self.attempt(keys.clone(), &resolved, false).await? {
+                TryLock::Acquired(guard) => return Ok(Some(guard)),
+                TryLock::Busy(holder) => last = Some(holder),
             }
             // Subscribe (confirmed), then re-check: a release after this point is seen.
             let mut sub = self.backend().subscribe(&keys).await?;
             loop {
-                let holder = match self.attempt(keys.clone(), &resolved, true).await? {
-                    TryLock::Acquired(guard) => return Ok(guard),
-                    TryLock::Busy(holder) => holder,
+                let remaining = match self.attempt(keys.clone(), &resolved, true).await? {
+                    TryLock::Acquired(guard) => return Ok(Some(guard)),
+                    TryLock::Busy(holder) => last.insert(holder).remaining,
                 };
-                let until = Until::lease(holder.remaining).deadline(deadline);
+                let until = Until::lease(remaining).deadline(deadline);
                 // Every notice (a release, a resync) is a reason to try again.
                 let woken = wait::wait(std::slice::from_mut(&mut sub), until, |_| {
                     Hint::<Infallible>::Recheck
                 })
                 .await;
                 if let Woken::Deadline = woken {
-                    return Err(timed_out());
+                    return Ok(None);
                 }
             }
         };
         match tokio::time::timeout_at(deadline, wait_loop).await {
-            Ok(result) => result,
-            Err(_) => Err(timed_out()),
+            Ok(Ok(Some(guard))) => return Ok(guard),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(None)) | Err(_) => {}
         }
+        let held = last.as_ref().map_or_else(
+            || " (no reply from the backend within the wait)".to_owned(),
+            |h| format!(", {}", held_by(h)),
+        );
+        Err(Error::new(
+            ErrorKind::Timeout,
+            format!("timed out after {wait:?} waiting for lock `{key}`{held}"),
+        ))
     }
 
     /// Runs `work` under the lock on `key` if it is free now; reports

@@ -336,7 +336,8 @@ impl Herd {
     ///
     /// # Errors
     ///
-    /// [`Timeout`](ErrorKind::Timeout), naming the keys still held, when `wait` passes;
+    /// [`Timeout`](ErrorKind::Timeout) when `wait` passes, naming the keys still held and
+    /// each one's holder (owner label and fencing token);
     /// otherwise as [`try_multi`](Herd::try_multi), plus
     /// [`InvalidInput`](ErrorKind::InvalidInput) for a zero or absurd wait.
     ///
@@ -369,7 +370,7 @@ impl Herd {
         let options = options.resolve(self)?;
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
-        let mut last_held: Vec<String> = Vec::new();
+        let mut last_held: Vec<HeldKey> = Vec::new();
         // `Ok(None)`: the deadline passed while waiting.
         let wait_loop = async {
             let mut subs: Vec<Subscription> = Vec::new();
@@ -377,8 +378,9 @@ impl Herd {
                 let earliest = match self.multi_attempt(keys.clone(), &options, true).await? {
                     TryMulti::Acquired(guard) => return Ok(Some(guard)),
                     TryMulti::Busy(held) => {
-                        last_held = held.iter().map(|h| h.key.clone()).collect();
-                        held.iter().filter_map(|h| h.holder.remaining).min()
+                        let earliest = held.iter().filter_map(|h| h.holder.remaining).min();
+                        last_held = held;
+                        earliest
                     }
                 };
                 if subs.is_empty() {
@@ -415,7 +417,11 @@ impl Herd {
                 ErrorKind::Timeout,
                 format!(
                     "timed out after {wait:?} waiting for multi-lock; still held: {}",
-                    quoted(&last_held.iter().map(String::as_str).collect::<Vec<_>>())
+                    last_held
+                        .iter()
+                        .map(|h| format!("`{}` {}", h.key, lock::held_by(&h.holder)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ))
         }

@@ -395,7 +395,8 @@ async fn blocking_multi_is_woken_by_release(fx: Fx) {
     got.release().await.expect("release");
 }
 
-/// Blocking form with nobody releasing: `Timeout` naming the held key (only it), after the
+/// Blocking form with nobody releasing: `Timeout` naming the held key (only it) and its
+/// holder, after the
 /// wait and not much later; nothing is left locked.
 async fn blocking_multi_times_out_naming_held_key(fx: Fx) {
     let holder = fx.node("holder").await;
@@ -415,6 +416,9 @@ async fn blocking_multi_times_out_naming_held_key(fx: Fx) {
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     assert!(e.message().contains("`held`"), "{e}");
     assert!(!e.message().contains("`free`"), "{e}");
+    // The holder it waited for: owner label and fencing token.
+    let named = format!("`held` held by `holder` (fence {}", guard.fence());
+    assert!(e.message().contains(&named), "{e}");
     assert!(
         took >= Duration::from_millis(290) && took < Duration::from_secs(3),
         "{took:?}"

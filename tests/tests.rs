@@ -12,6 +12,8 @@ mod lock;
 mod fanout;
 // Abandoned runs: a job nobody waits for any more is cancelled (opt-in).
 mod abandon;
+// Jobs: inference, every error type as a job error, the waiting closure form.
+mod jobs;
 // Real faults: killed/restarted/paused server, killed pub/sub, bad credentials, garbage.
 mod faults;
 // Cross-process behaviour with real OS processes.
