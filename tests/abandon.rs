@@ -49,10 +49,8 @@ fn follower_job(value: &'static str) -> Job {
     Box::new(move || Box::pin(async move { Ok(value.to_owned()) }))
 }
 
-fn options(timeout: Duration) -> FanoutOptions {
-    FanoutOptions::new()
-        .timeout(timeout)
-        .ttl(Duration::from_secs(10))
+fn options() -> FanoutOptions {
+    FanoutOptions::new().ttl(Duration::from_secs(10))
 }
 
 both_backends!(
@@ -73,7 +71,8 @@ async fn a_run_nobody_waits_for_is_cancelled(fx: Fx) {
         tokio::spawn(async move {
             a.fanout_with(
                 "job",
-                &options(Duration::from_millis(400)).cancel_when_abandoned(true),
+                Duration::from_millis(400),
+                &options().cancel_when_abandoned(true),
                 watched_job(started_tx, dropped_tx, finish_rx),
             )
             .await
@@ -85,7 +84,8 @@ async fn a_run_nobody_waits_for_is_cancelled(fx: Fx) {
     let followed = b
         .fanout_with(
             "job",
-            &options(Duration::from_millis(300)),
+            Duration::from_millis(300),
+            &options(),
             follower_job("b"),
         )
         .await;
@@ -109,7 +109,8 @@ async fn a_run_nobody_waits_for_is_cancelled(fx: Fx) {
         "a later caller",
         b.fanout_with(
             "job",
-            &options(Duration::from_secs(5)),
+            Duration::from_secs(5),
+            &options(),
             follower_job("again"),
         ),
     )
@@ -131,7 +132,8 @@ async fn a_waiting_follower_keeps_the_run(fx: Fx) {
         tokio::spawn(async move {
             a.fanout_with(
                 "job",
-                &options(Duration::from_millis(200)).cancel_when_abandoned(true),
+                Duration::from_millis(200),
+                &options().cancel_when_abandoned(true),
                 watched_job(started_tx, dropped_tx, finish_rx),
             )
             .await
@@ -143,8 +145,13 @@ async fn a_waiting_follower_keeps_the_run(fx: Fx) {
     let follower = {
         let b = b.clone();
         tokio::spawn(async move {
-            b.fanout_with("job", &options(Duration::from_secs(30)), follower_job("b"))
-                .await
+            b.fanout_with(
+                "job",
+                Duration::from_secs(30),
+                &options(),
+                follower_job("b"),
+            )
+            .await
         })
     };
     let led = leader.await.expect("leader task");
@@ -177,7 +184,8 @@ pub(crate) async fn abandon_leader() {
         tokio::spawn(async move {
             herd.fanout_with(
                 "job",
-                &options(Duration::from_millis(400)).cancel_when_abandoned(true),
+                Duration::from_millis(400),
+                &options().cancel_when_abandoned(true),
                 watched_job(started_tx, dropped_tx, finish_rx),
             )
             .await
@@ -222,7 +230,8 @@ async fn abandoned_across_two_processes() {
     let followed = herd
         .fanout_with(
             "job",
-            &options(Duration::from_millis(600)),
+            Duration::from_millis(600),
+            &options(),
             follower_job("follower"),
         )
         .await;
@@ -240,7 +249,8 @@ async fn abandoned_across_two_processes() {
         "a later caller",
         herd.fanout_with(
             "job",
-            &options(Duration::from_secs(5)),
+            Duration::from_secs(5),
+            &options(),
             follower_job("again"),
         ),
     )
