@@ -718,7 +718,7 @@ pub(crate) fn open<T: DeserializeOwned>(job_id: &str, env: &Arc<Envelope>) -> Re
         Status::TimedOut => {
             let je = job_error();
             Err(Error::job(
-                ErrorKind::Timeout,
+                ErrorKind::JobTimedOut,
                 format!("job `{job_id}` {}", je.full_message()),
                 je,
             ))

@@ -21,7 +21,9 @@ pub enum ErrorKind {
     /// An argument was rejected before anything was sent: an empty or oversized key, a zero
     /// or absurd duration, an invalid option.
     InvalidInput,
-    /// The caller's own deadline passed while it waited.
+    /// The caller's own deadline passed while it waited (the `wait` or `timeout` argument
+    /// of the call). A job stopped by its [`max_duration`](crate::FanoutOptions::max_duration)
+    /// is [`JobTimedOut`](ErrorKind::JobTimedOut) instead.
     Timeout,
     /// The lock (or run) this handle held has expired or was taken over by another holder.
     LockLost,
@@ -39,6 +41,9 @@ pub enum ErrorKind {
     JobFailed,
     /// A fan-out job panicked.
     JobPanicked,
+    /// A fan-out job ran past its [`max_duration`](crate::FanoutOptions::max_duration) and
+    /// was stopped; every caller of the run gets this, whatever its own deadline.
+    JobTimedOut,
     /// The run this caller waited for was abandoned before it produced a result.
     Abandoned,
     /// Too few replicas acknowledged an acquisition (see
@@ -69,6 +74,7 @@ impl ErrorKind {
             ErrorKind::Codec => "codec",
             ErrorKind::JobFailed => "job_failed",
             ErrorKind::JobPanicked => "job_panicked",
+            ErrorKind::JobTimedOut => "job_timed_out",
             ErrorKind::Abandoned => "abandoned",
             ErrorKind::NotReplicated => "not_replicated",
             ErrorKind::Permission => "permission",
@@ -82,7 +88,7 @@ impl ErrorKind {
     }
 }
 
-const ALL_KINDS: [ErrorKind; 13] = [
+const ALL_KINDS: [ErrorKind; 14] = [
     ErrorKind::InvalidInput,
     ErrorKind::Timeout,
     ErrorKind::LockLost,
@@ -92,6 +98,7 @@ const ALL_KINDS: [ErrorKind; 13] = [
     ErrorKind::Codec,
     ErrorKind::JobFailed,
     ErrorKind::JobPanicked,
+    ErrorKind::JobTimedOut,
     ErrorKind::Abandoned,
     ErrorKind::NotReplicated,
     ErrorKind::Permission,
@@ -169,14 +176,21 @@ impl Error {
         Error::new(ErrorKind::InvalidInput, message)
     }
 
-    /// Maps a redis-rs error, naming the operation that failed.
+    /// Maps a redis-rs error, naming the operation that failed and what the server (or the
+    /// connection) said: a server error's code and message (`OOM command not allowed …`,
+    /// `NOPERM …`, a script error), else redis-rs's description.
     pub(crate) fn redis(what: &str, err: redis::RedisError) -> Error {
         let kind = redis_kind(&err);
+        let said = match (err.code(), err.detail()) {
+            (Some(code), Some(detail)) => format!("{code} {detail}"),
+            (Some(code), None) => code.to_owned(),
+            _ => err.to_string(),
+        };
         let message = match kind {
-            ErrorKind::Auth => format!("redis rejected the credentials during {what}"),
-            ErrorKind::Connection => format!("redis connection failed during {what}"),
-            ErrorKind::Permission => format!("redis refused a permission during {what}"),
-            _ => format!("redis returned an error during {what}"),
+            ErrorKind::Auth => format!("redis rejected the credentials during {what}: {said}"),
+            ErrorKind::Connection => format!("redis connection failed during {what}: {said}"),
+            ErrorKind::Permission => format!("redis refused a permission during {what}: {said}"),
+            _ => format!("redis returned an error during {what}: {said}"),
         };
         Error::with_source(kind, message, err)
     }
@@ -198,7 +212,8 @@ impl Error {
         self.inner.kind
     }
 
-    /// The caller's wait deadline passed.
+    /// The caller's own wait deadline passed ([`ErrorKind::Timeout`]). Not a job stopped by
+    /// its maximum duration: that is [`is_job_failure`](Error::is_job_failure).
     pub fn is_timeout(&self) -> bool {
         self.kind() == ErrorKind::Timeout
     }
@@ -208,9 +223,19 @@ impl Error {
         self.kind() == ErrorKind::LockLost
     }
 
-    /// Redis was unreachable, refused the credentials, or did not answer in time.
+    /// Redis was unreachable, the connection dropped, or a command did not answer in time
+    /// ([`ErrorKind::Connection`]): worth retrying later. Refused credentials are not a
+    /// connection failure (retrying does not help): see [`is_auth`](Error::is_auth).
+    ///
+    /// The predicates are disjoint: at most one of `is_timeout`, `is_lock_lost`,
+    /// `is_connection`, `is_auth`, `is_invalid_input` and `is_job_failure` is true.
     pub fn is_connection(&self) -> bool {
-        matches!(self.kind(), ErrorKind::Connection | ErrorKind::Auth)
+        self.kind() == ErrorKind::Connection
+    }
+
+    /// Redis refused the credentials ([`ErrorKind::Auth`]).
+    pub fn is_auth(&self) -> bool {
+        self.kind() == ErrorKind::Auth
     }
 
     /// The caller passed an argument herdlock rejects.
@@ -218,10 +243,15 @@ impl Error {
         self.kind() == ErrorKind::InvalidInput
     }
 
-    /// A fan-out job failed, panicked or exceeded its maximum duration.
+    /// A job failed, panicked or exceeded its maximum duration ([`ErrorKind::JobFailed`],
+    /// [`ErrorKind::JobPanicked`], [`ErrorKind::JobTimedOut`]). A result rejected by its
+    /// codec is [`ErrorKind::Codec`], not a job failure, though it carries a
+    /// [`job_error`](Error::job_error) too.
     pub fn is_job_failure(&self) -> bool {
-        matches!(self.kind(), ErrorKind::JobFailed | ErrorKind::JobPanicked)
-            || self.inner.job.is_some()
+        matches!(
+            self.kind(),
+            ErrorKind::JobFailed | ErrorKind::JobPanicked | ErrorKind::JobTimedOut
+        )
     }
 
     /// The message without the source chain (what [`Display`](fmt::Display) prints).

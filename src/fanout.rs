@@ -132,7 +132,8 @@ impl FanoutOptions {
     }
 
     /// Stop a job that runs longer than this and give every waiter a
-    /// [`Timeout`](ErrorKind::Timeout) error.
+    /// [`JobTimedOut`](ErrorKind::JobTimedOut) error (distinct from a caller's own
+    /// [`Timeout`](ErrorKind::Timeout)).
     ///
     /// Default: none (the job runs until it finishes; every caller has its own timeout).
     pub fn max_duration(mut self, limit: Duration) -> Self {
@@ -262,6 +263,8 @@ impl Herd {
     /// [`Timeout`](ErrorKind::Timeout) when `timeout` passes (the job carries on for the
     /// others); [`JobFailed`](ErrorKind::JobFailed) with the job's message (and
     /// [`Error::job_error`]) when the job returned an error; [`JobPanicked`](ErrorKind::JobPanicked);
+    /// [`JobTimedOut`](ErrorKind::JobTimedOut) when it ran past its
+    /// [`max_duration`](FanoutOptions::max_duration);
     /// [`Codec`](ErrorKind::Codec) when the result could not be serialized, was too large,
     /// cannot make the round trip through the codec unchanged (a NaN or an infinity with
     /// JSON: the leader checks before publishing, so every caller gets the same error and

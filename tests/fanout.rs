@@ -607,7 +607,9 @@ async fn max_duration_and_bad_options(fx: Fx) {
         })
         .await
         .expect_err("over its maximum duration");
-    assert!(e.is_timeout());
+    // The job's own limit, not the caller's deadline.
+    assert_eq!(e.kind(), ErrorKind::JobTimedOut, "{e}");
+    assert!(e.is_job_failure() && !e.is_timeout(), "{e}");
     assert!(a
         .lock_status("stuck")
         .await

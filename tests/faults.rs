@@ -169,7 +169,10 @@ async fn wrong_password_is_an_auth_error() {
         .await
         .expect_err("wrong password");
     assert_eq!(e.kind(), ErrorKind::Auth, "{e:?}");
-    assert!(e.is_connection());
+    // Disjoint predicates: refused credentials are not a connection failure.
+    assert!(e.is_auth() && !e.is_connection(), "{e:?}");
+    let text = e.to_string().to_lowercase();
+    assert!(text.contains("authentication failed"), "what failed: {e}");
     let port = server.port();
     let e = Herd::connect(&format!("redis://127.0.0.1:{port}/"))
         .await

@@ -685,3 +685,42 @@ async fn a_full_server_refuses_a_completion_before_it_publishes() {
     assert_eq!(server.cmd(&["EXISTS", "{j}:lock"]), "0");
     server.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
 }
+
+/// Issue 12: an error Redis returns says what Redis said, code and message: `OOM` on a full
+/// server (noeviction), a script error (`WRONGTYPE` under a herdlock key), `NOPERM` for a
+/// right revoked while running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_errors_carry_the_servers_reply() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("server-said");
+    let url = user(&server, "app", &least_privilege(&prefix));
+    let herd = connect(&url, &prefix).await.expect("connect");
+
+    // A full server: the acquire script's first write is refused.
+    server.cmd(&["CONFIG", "SET", "maxmemory", "1"]);
+    let e = herd.try_lock("full").await.expect_err("OOM");
+    server.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    assert_eq!(e.kind(), ErrorKind::Redis, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("during acquire") && text.contains("OOM") && text.contains("maxmemory"),
+        "{text}"
+    );
+
+    // A script error: a value of the wrong type under a semaphore's key.
+    server.cmd(&["SET", &format!("{prefix}:{{s}}:sem"), "not a zset"]);
+    let sem = herd.semaphore("s", 2).expect("semaphore");
+    let e = sem.try_acquire().await.expect_err("WRONGTYPE");
+    assert_eq!(e.kind(), ErrorKind::Redis, "{e}");
+    assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+
+    // A right revoked: EVALSHA is refused before any script runs.
+    server.cmd(&["ACL", "SETUSER", "app", "-evalsha"]);
+    let e = herd.try_lock("revoked").await.expect_err("NOPERM");
+    assert_eq!(e.kind(), ErrorKind::Permission, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("NOPERM") && text.contains("evalsha"),
+        "{text}"
+    );
+}
