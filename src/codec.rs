@@ -28,6 +28,12 @@ const MAGIC: &[u8; 4] = b"HLE1";
 const HEADER: usize = 16;
 
 /// How fan-out results are serialized on the wire.
+///
+/// JSON is the default and always available. bincode is behind the crate feature `bincode`
+/// (off by default) because bincode 2 is flagged unmaintained (RUSTSEC-2025-0141): a
+/// service that wants it opts in knowingly. A process built without the feature that
+/// receives a bincode result (another process of the same job id used it) fails that call
+/// with [`Codec`](ErrorKind::Codec), naming the feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Codec {
@@ -35,22 +41,29 @@ pub enum Codec {
     #[default]
     Json,
     /// bincode 2 (standard configuration): smaller and faster; needs types whose serde
-    /// impls do not rely on self-description (`#[serde(flatten)]`, untagged enums).
+    /// impls do not rely on self-description (`#[serde(flatten)]`, untagged enums). Crate
+    /// feature `bincode` (see above for why it is off by default).
+    #[cfg(feature = "bincode")]
     Bincode,
 }
+
+/// The wire id of bincode payloads, known even to builds without the feature.
+const BINCODE_ID: u8 = 2;
 
 impl Codec {
     fn id(self) -> u8 {
         match self {
             Codec::Json => 1,
-            Codec::Bincode => 2,
+            #[cfg(feature = "bincode")]
+            Codec::Bincode => BINCODE_ID,
         }
     }
 
     fn from_id(id: u8) -> Option<Codec> {
         match id {
             1 => Some(Codec::Json),
-            2 => Some(Codec::Bincode),
+            #[cfg(feature = "bincode")]
+            BINCODE_ID => Some(Codec::Bincode),
             _ => None,
         }
     }
@@ -58,6 +71,7 @@ impl Codec {
     pub(crate) fn encode<T: Serialize>(self, value: &T) -> Result<Vec<u8>, CodecError> {
         Ok(match self {
             Codec::Json => serde_json::to_vec(value)?,
+            #[cfg(feature = "bincode")]
             Codec::Bincode => bincode::serde::encode_to_vec(value, bincode::config::standard())?,
         })
     }
@@ -65,6 +79,7 @@ impl Codec {
     pub(crate) fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, CodecError> {
         Ok(match self {
             Codec::Json => serde_json::from_slice(bytes)?,
+            #[cfg(feature = "bincode")]
             Codec::Bincode => {
                 let (value, used) =
                     bincode::serde::decode_from_slice(bytes, bincode::config::standard())?;
@@ -158,7 +173,17 @@ impl Envelope {
             return Err(bad("unknown magic or version"));
         }
         let status = Status::from_id(bytes[4]).ok_or_else(|| bad("unknown status"))?;
-        let codec = Codec::from_id(bytes[5]).ok_or_else(|| bad("unknown codec"))?;
+        let codec = match Codec::from_id(bytes[5]) {
+            Some(codec) => codec,
+            None if bytes[5] == BINCODE_ID => {
+                return Err(CodecError::Malformed(
+                    "the result was serialized with bincode, which this build of herdlock \
+                     leaves out: enable its `bincode` feature"
+                        .into(),
+                ))
+            }
+            None => return Err(bad("unknown codec")),
+        };
         let mut generation = [0u8; 8];
         generation.copy_from_slice(&bytes[6..14]);
         let token_len = usize::from(u16::from_be_bytes([bytes[14], bytes[15]]));
@@ -732,14 +757,31 @@ mod unit {
 
     #[test]
     fn envelope_round_trips() {
-        let body = body_of(Ok(vec![1u32, 2, 3]), Codec::Bincode, 1 << 20);
-        let bytes = Envelope::encode(42, "42:abc:host.1", &body);
-        let env = Envelope::decode(&bytes).expect("decodes");
-        assert_eq!(env.generation, 42);
-        assert_eq!(env.token, "42:abc:host.1");
-        assert_eq!(env.status, Status::Ok);
-        let v: Vec<u32> = open("j", &Arc::new(env)).expect("ok");
-        assert_eq!(v, vec![1, 2, 3]);
+        let codecs = [
+            Codec::Json,
+            #[cfg(feature = "bincode")]
+            Codec::Bincode,
+        ];
+        for codec in codecs {
+            let body = body_of(Ok(vec![1u32, 2, 3]), codec, 1 << 20);
+            let bytes = Envelope::encode(42, "42:abc:host.1", &body);
+            let env = Envelope::decode(&bytes).expect("decodes");
+            assert_eq!(env.generation, 42);
+            assert_eq!(env.token, "42:abc:host.1");
+            assert_eq!(env.status, Status::Ok);
+            let v: Vec<u32> = open("j", &Arc::new(env)).expect("ok");
+            assert_eq!(v, vec![1, 2, 3]);
+        }
+    }
+
+    /// A bincode result reaching a build without the feature names the feature.
+    #[cfg(not(feature = "bincode"))]
+    #[test]
+    fn a_bincode_result_without_the_feature_names_it() {
+        let mut bytes = Envelope::encode(1, "t", &body_of(Ok(1u8), Codec::Json, 1 << 20));
+        bytes[5] = BINCODE_ID;
+        let e = Envelope::decode(&bytes).expect_err("no bincode here");
+        assert!(e.to_string().contains("`bincode` feature"), "{e}");
     }
 
     #[test]
@@ -799,10 +841,13 @@ mod unit {
         keyed.insert("k".to_owned(), (1u8, f32::NAN));
         rejected(body_of(Ok(keyed), Codec::Json, max));
         // bincode carries NaN faithfully, but not a type that needs a self-describing format.
-        let body = body_of(Ok(nan_inside()), Codec::Bincode, max);
-        assert_eq!(body.status, Status::Ok);
-        let e = rejected(body_of(Ok(Loose::Number(3)), Codec::Bincode, max));
-        assert!(e.contains("decode back"), "{e}");
+        #[cfg(feature = "bincode")]
+        {
+            let body = body_of(Ok(nan_inside()), Codec::Bincode, max);
+            assert_eq!(body.status, Status::Ok);
+            let e = rejected(body_of(Ok(Loose::Number(3)), Codec::Bincode, max));
+            assert!(e.contains("decode back"), "{e}");
+        }
         // Finite values and self-describing JSON pass.
         for body in [
             body_of(

@@ -324,8 +324,10 @@ impl StdError for Error {
 pub(crate) enum CodecError {
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[cfg(feature = "bincode")]
     #[error("bincode encode: {0}")]
     BincodeEncode(#[from] bincode::error::EncodeError),
+    #[cfg(feature = "bincode")]
     #[error("bincode decode: {0}")]
     BincodeDecode(#[from] bincode::error::DecodeError),
     #[error("{0}")]

@@ -302,18 +302,17 @@ async fn run_locked_releases_on_error(fx: Fx) {
     assert!(!a.try_lock("import").await.expect("try").is_busy());
 }
 
+fn explode() -> u8 {
+    panic!("the work panicked (expected by this test)")
+}
+
 async fn run_locked_releases_on_panic(fx: Fx) {
     let a = fx.node("a").await;
     let task = tokio::spawn({
         let a = a.clone();
         async move {
-            a.run_locked("import", WAIT, || async {
-                if true {
-                    panic!("the work panicked (expected by this test)");
-                }
-                Ok(())
-            })
-            .await
+            a.run_locked("import", WAIT, || async { Ok(explode()) })
+                .await
         }
     });
     let joined = within(WAIT, "the panicking work", task).await;
