@@ -141,7 +141,9 @@ pub use fanout::{
 };
 pub use herd::{Builder, Herd, HerdStats};
 pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
-pub use lock::{FencingToken, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock};
+pub use lock::{
+    FencingToken, Held, HeldKind, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock,
+};
 pub use multi::{HeldKey, KeyRelease, MultiGuard, TryMulti, MAX_MULTI_KEYS};
 pub use semaphore::{
     Permit, PermitHolder, Semaphore, SemaphoreOptions, SemaphoreStatus, TryPermit, MAX_PERMITS,

@@ -73,6 +73,48 @@ impl Holder {
     }
 }
 
+/// Something held under a herd's prefix, as [`Herd::list_held`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Held {
+    /// The key (lock name, job id or semaphore name), as the caller gave it.
+    pub key: String,
+    /// What holds it.
+    pub kind: HeldKind,
+}
+
+/// What kind of primitive a [`Held`] entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum HeldKind {
+    /// A lock, a key of a multi-lock, or a fan-out run (which holds the lock of its job id).
+    Lock,
+    /// A semaphore with at least one permit held.
+    Semaphore,
+}
+
+impl Held {
+    /// The entry a Redis key under `prefix` stands for: `prefix:{k}:lock` is lock `k`,
+    /// `prefix:{t}:a:{t}:b:sem` semaphore `a:{t}:b` (see `JobKeys`); other keys, none.
+    fn parse(prefix: &str, name: &str) -> Option<Held> {
+        let rest = name.strip_prefix(prefix)?.strip_prefix(':')?;
+        let (base, kind) = if let Some(base) = rest.strip_suffix(":lock") {
+            (base, HeldKind::Lock)
+        } else {
+            (rest.strip_suffix(":sem")?, HeldKind::Semaphore)
+        };
+        let inner = base.strip_prefix('{')?;
+        let key = match inner.strip_suffix('}') {
+            Some(plain) if !plain.contains(['{', '}']) => plain,
+            _ => inner.split_once("}:")?.1,
+        };
+        Some(Held {
+            key: key.to_owned(),
+            kind,
+        })
+    }
+}
+
 /// A snapshot of one lock key, for debugging stuck work. See [`Herd::lock_status`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -953,6 +995,75 @@ impl Herd {
         run_under(guard, options.cancel_on_lost, work).await
     }
 
+    /// Breaks the lock `key`, whoever holds it (a lock or a fan-out run; not a semaphore
+    /// permit), and wakes its waiters: for an operator unsticking work (`herdlock release
+    /// --force`). Returns who held it, or `None` if nobody did.
+    ///
+    /// The holder is not asked: its guard learns the lock is lost at its next renewal
+    /// ([`LockGuard::lost`]), a fan-out leader's run is cancelled and publishes nothing. A
+    /// holder that acquired between this call's read and its release is released too.
+    ///
+    /// # Errors
+    ///
+    /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad key; connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// If cancelled, the lock may or may not have been released.
+    pub async fn force_release(&self, key: &str) -> Result<Option<Holder>> {
+        let keys = self.job_keys(key)?;
+        // Each round releases the holder it read; one that took the lock in between is
+        // read (and released) on the next round. Bounded: a lock taken again at once
+        // every time is held by a live herd that the caller cannot out-race anyway.
+        for _ in 0..8 {
+            let reply = self.backend().status(&keys).await?;
+            let Some(value) = reply.holder else {
+                return Ok(None);
+            };
+            let holder = Holder::parse(&value, reply.pttl_ms)?;
+            let token = holder_token(&value).ok_or_else(|| {
+                Error::new(ErrorKind::Redis, "the lock holds a malformed holder value")
+            })?;
+            if self.backend().release(&keys, token, Duration::ZERO).await? {
+                return Ok(Some(holder));
+            }
+        }
+        Err(Error::new(
+            ErrorKind::LockLost,
+            format!("`{key}` changed hands 8 times while being force-released"),
+        ))
+    }
+
+    /// What is held under this herd's prefix: every lock and fan-out run with a holder,
+    /// every semaphore with a permit held, found with `SCAN` (never `KEYS`; on a cluster,
+    /// on each master), sorted by key. Ask [`lock_status`](Herd::lock_status) or
+    /// [`Semaphore::status`](crate::Semaphore::status) for the holders.
+    ///
+    /// Like every `SCAN`, it is no snapshot: an entry taken or released during the scan
+    /// may or may not be listed. It reads every key under the prefix: for operators and
+    /// tools, not for a hot path.
+    ///
+    /// # Errors
+    ///
+    /// Connection errors.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: it only reads.
+    pub async fn list_held(&self) -> Result<Vec<Held>> {
+        let prefix = self.prefix();
+        let mut held: Vec<Held> = self
+            .backend()
+            .scan_held(prefix)
+            .await?
+            .iter()
+            .filter_map(|name| Held::parse(prefix, name))
+            .collect();
+        held.sort_by(|a, b| a.key.cmp(&b.key).then(a.kind.cmp(&b.kind)));
+        held.dedup();
+        Ok(held)
+    }
+
     /// The holder, remaining TTL and last fencing token of `key`, for debugging stuck work.
     ///
     /// # Errors
@@ -971,5 +1082,25 @@ impl Herd {
         };
         let last_fence = holder.as_ref().map_or(0, |h| h.fence.0);
         Ok(LockStatus { holder, last_fence })
+    }
+}
+
+#[cfg(test)]
+mod unit {
+    use super::{Held, HeldKind};
+    use crate::keys::JobKeys;
+
+    #[test]
+    fn held_entries_parse_back_from_their_redis_keys() {
+        for key in ["job:1", "acct:{bank}:1", "x:{t}", "{t}:y", "a"] {
+            let keys = JobKeys::new("pre:fix", key);
+            let lock = Held::parse("pre:fix", &keys.lock).expect("a lock key");
+            assert_eq!((lock.key.as_str(), lock.kind), (key, HeldKind::Lock));
+            let sem = Held::parse("pre:fix", &keys.sem()).expect("a semaphore key");
+            assert_eq!((sem.key.as_str(), sem.kind), (key, HeldKind::Semaphore));
+            assert_eq!(Held::parse("pre:fix", &keys.result()), None);
+            assert_eq!(Held::parse("pre:fix", &keys.sem_queue()), None);
+            assert_eq!(Held::parse("pre", &keys.lock), None);
+        }
     }
 }

@@ -224,6 +224,47 @@ async fn locks_and_once_behave_as_on_one_node() {
     assert!(ran.ran(), "once ran");
 }
 
+/// `list_held` on a cluster scans every master: locks whose slots are spread over the three
+/// masters are all listed, and `force_release` breaks one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_held_scans_every_master() {
+    let cluster = cluster::shared();
+    let prefix = unique_prefix("cluster::list");
+    let a = herd(cluster, &prefix, "a").await;
+    let keys: Vec<String> = (0..24).map(|i| format!("k{i}")).collect();
+    let masters: std::collections::BTreeSet<usize> = keys
+        .iter()
+        .map(|k| cluster.master_of_key(&format!("{prefix}:{{{k}}}:lock")))
+        .collect();
+    assert_eq!(masters.len(), 3, "the keys span every master");
+    let mut guards = Vec::new();
+    for key in &keys {
+        let guard = match a.try_lock(key).await.expect("try_lock") {
+            TryLock::Acquired(g) => g,
+            TryLock::Busy(h) => panic!("{key} busy: {h:?}"),
+        };
+        guards.push(guard);
+    }
+    let mut listed: Vec<String> = a
+        .list_held()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|h| h.key)
+        .collect();
+    let mut expected = keys.clone();
+    expected.sort();
+    listed.sort();
+    assert_eq!(listed, expected);
+    let holder = a.force_release("k0").await.expect("force").expect("held");
+    assert_eq!(holder.owner, "a");
+    assert_eq!(a.list_held().await.expect("list").len(), keys.len() - 1);
+    for (i, guard) in guards.into_iter().enumerate() {
+        let released = guard.release().await;
+        assert_eq!(released.is_ok(), i != 0, "{i}: {released:?}");
+    }
+}
+
 /// Multi-locks on a cluster: keys sharing a hash tag (or merely a slot) work and wake their
 /// waiters; keys in different slots are refused up front with a clear `InvalidInput`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

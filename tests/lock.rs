@@ -20,6 +20,7 @@ both_backends!(
     lock_status_reports_holder,
     dropped_guard_is_released,
     wait_times_out,
+    list_held_and_force_release,
 );
 
 async fn busy_reports_holder_owner(fx: Fx) {
@@ -433,4 +434,83 @@ async fn memory_ttl_expiry_with_paused_time() {
         .expect("expired");
     assert!(guard.release().await.expect_err("expired").is_lock_lost());
     second.release().await.expect("release");
+}
+
+/// `list_held` names every lock, fan-out run and semaphore held under the prefix (and
+/// nothing of another prefix); `force_release` breaks a lock, says who held it and wakes
+/// its waiters; the broken holder finds the lock lost.
+async fn list_held_and_force_release(fx: Fx) {
+    use herdlock::HeldKind;
+
+    let a = fx.node("holder-a").await;
+    let b = fx.node("waiter-b").await;
+    assert_eq!(a.list_held().await.expect("list"), []);
+    let options = LockOptions::new().ttl(Duration::from_secs(60));
+    let stuck = a
+        .try_lock_with("stuck", &options)
+        .await
+        .expect("try")
+        .acquired()
+        .expect("free");
+    let tagged = a
+        .try_multi(&["acct:{bank}:1", "acct:{bank}:2"])
+        .await
+        .expect("try multi")
+        .acquired()
+        .expect("free");
+    let permit = a
+        .semaphore("pool", 2)
+        .expect("semaphore")
+        .acquire(Duration::from_secs(5))
+        .await
+        .expect("permit");
+    let released = a
+        .try_lock("gone")
+        .await
+        .expect("try")
+        .acquired()
+        .expect("free");
+    released.release().await.expect("release");
+    let listed = b.list_held().await.expect("list");
+    let keys: Vec<(&str, HeldKind)> = listed.iter().map(|h| (h.key.as_str(), h.kind)).collect();
+    assert_eq!(
+        keys,
+        [
+            ("acct:{bank}:1", HeldKind::Lock),
+            ("acct:{bank}:2", HeldKind::Lock),
+            ("pool", HeldKind::Semaphore),
+            ("stuck", HeldKind::Lock),
+        ]
+    );
+
+    // A waiter is woken by the forced release, long before the holder's 60 s TTL.
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.lock("stuck", Duration::from_secs(20)).await }
+    });
+    fx.wait_subscribed(&["stuck"]).await;
+    let holder = b
+        .force_release("stuck")
+        .await
+        .expect("force release")
+        .expect("it was held");
+    assert_eq!(holder.owner, "holder-a");
+    assert_eq!(holder.fence, stuck.fence());
+    let taken = within(Duration::from_secs(10), "waiter woken", waiter)
+        .await
+        .expect("task")
+        .expect("the waiter gets the lock");
+    assert_eq!(taken.owner(), "waiter-b");
+    assert!(stuck.release().await.expect_err("broken").is_lock_lost());
+    taken.release().await.expect("release");
+    assert_eq!(b.force_release("stuck").await.expect("force release"), None);
+    assert!(b
+        .force_release("")
+        .await
+        .expect_err("bad key")
+        .is_invalid_input());
+
+    tagged.release().await.expect("release");
+    permit.release().await.expect("release");
+    assert_eq!(b.list_held().await.expect("list"), []);
 }

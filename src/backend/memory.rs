@@ -533,6 +533,19 @@ impl MemoryBackend {
         StatusReply { holder, pttl_ms }
     }
 
+    /// The names of live locks and held semaphores that start with `start`.
+    pub(crate) fn held_keys(&self, start: &str) -> Vec<String> {
+        let mut st = self.lock();
+        st.sweep(Instant::now());
+        let locks = st.values.keys().filter(|k| k.ends_with(":lock"));
+        let sems = st.semaphores.keys();
+        locks
+            .chain(sems)
+            .filter(|k| k.starts_with(start))
+            .cloned()
+            .collect()
+    }
+
     /// How many entries (locks, results, semaphores) the engine holds once everything
     /// expired has been dropped: 0 after every TTL, linger and queue TTL has run out.
     pub(crate) fn entries(&self) -> usize {

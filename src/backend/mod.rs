@@ -455,6 +455,15 @@ impl Backend {
         }
     }
 
+    /// Every lock (`prefix:…:lock`) and semaphore (`prefix:…:sem`) key under `prefix`, by
+    /// `SCAN` on Redis (each master of a cluster); possibly with duplicates.
+    pub(crate) async fn scan_held(&self, prefix: &str) -> Result<Vec<String>> {
+        match self {
+            Backend::Redis(b) => b.scan(&format!("{}:{{*", glob_escape(prefix))).await,
+            Backend::Memory(b) => Ok(b.held_keys(&format!("{prefix}:{{"))),
+        }
+    }
+
     /// Checks the backend answers (used by the eager constructor).
     pub(crate) async fn ping(&self) -> Result<()> {
         match self {
@@ -472,4 +481,16 @@ pub(crate) struct Retried<T> {
     pub(crate) after_error: bool,
     /// When the attempt that answered was sent.
     pub(crate) sent: std::time::Instant,
+}
+
+/// Escapes the glob characters of a `SCAN MATCH` pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }

@@ -155,6 +155,17 @@ impl ClusterClocks {
     }
 }
 
+/// Every master that owns a slot, once each, from a `CLUSTER SLOTS` reply.
+pub(super) fn masters_of(reply: Value) -> Option<Vec<Node>> {
+    let mut masters: Vec<Node> = parse_slots(reply)?
+        .into_iter()
+        .map(|(_, _, node)| node)
+        .collect();
+    masters.sort();
+    masters.dedup();
+    Some(masters)
+}
+
 /// `(start, end, master)` for each range of a `CLUSTER SLOTS` reply.
 fn parse_slots(reply: Value) -> Option<Vec<(u16, u16, Node)>> {
     let Value::Array(entries) = reply else {

@@ -609,6 +609,81 @@ impl RedisBackend {
         }
     }
 
+    /// Every key matching `pattern`, by `SCAN` (never `KEYS`): on a cluster, on each
+    /// master in turn. A key may be listed twice (`SCAN` promises every key present for
+    /// the whole scan at least once); the caller dedups.
+    pub(crate) async fn scan(&self, pattern: &str) -> Result<Vec<String>> {
+        use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+
+        self.ready().await?;
+        let timeout = self.inner.settings.command_timeout;
+        let mut conn = self.inner.conn.get()?.0;
+        let scan = |cursor: u64| {
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .clone()
+        };
+        let mut found = Vec::new();
+        match &mut conn {
+            Conn::Single(_) => {
+                let mut cursor = 0;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = self.noticed(
+                        bounded("scan", timeout, scan(cursor).query_async(&mut conn)).await,
+                    )?;
+                    found.extend(keys);
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            Conn::Cluster(cluster) => {
+                let slots = bounded(
+                    "scan",
+                    timeout,
+                    cluster.route_command(
+                        redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+                    ),
+                )
+                .await?;
+                let masters = clocks::masters_of(slots).ok_or_else(|| {
+                    Error::new(ErrorKind::Redis, "redis answered CLUSTER SLOTS oddly")
+                })?;
+                for (host, port) in masters {
+                    let mut cursor = 0;
+                    loop {
+                        let reply = bounded(
+                            "scan",
+                            timeout,
+                            cluster.route_command(
+                                scan(cursor),
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                                    host: host.clone(),
+                                    port,
+                                }),
+                            ),
+                        )
+                        .await?;
+                        let (next, keys): (u64, Vec<String>) = redis::from_redis_value(reply)
+                            .map_err(|e| Error::redis("scan", e.into()))?;
+                        found.extend(keys);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
     pub(crate) async fn acquire(
         &self,
         keys: &JobKeys,
