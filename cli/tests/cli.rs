@@ -365,6 +365,10 @@ fn a_lost_lock_kills_the_command() {
         (vec!["lock", "job"], format!("{prefix}:{{job}}:lock")),
         (vec!["once", "job"], format!("{prefix}:{{job}}:lock")),
         (
+            vec!["lock", "job", "--fanout"],
+            format!("{prefix}:{{job}}:lock"),
+        ),
+        (
             vec!["semaphore", "job", "--permits", "1"],
             format!("{prefix}:{{job}}:sem"),
         ),
