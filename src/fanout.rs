@@ -18,11 +18,8 @@ use crate::codec::{self, Body, Codec, JobResult};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::Herd;
 use crate::keys;
+use crate::limits::MAX_RESULT_SIZE_LIMIT;
 use crate::lock::FencingToken;
-
-/// The largest accepted [`FanoutOptions::max_result_size`]: 512 MiB, Redis' own limit
-/// for one string.
-pub const MAX_RESULT_SIZE_LIMIT: usize = 512 * 1024 * 1024;
 
 /// How often a leader whose callers are all gone checks whether another process still
 /// waits for its run ([`FanoutOptions::cancel_when_abandoned`]).
@@ -145,7 +142,7 @@ impl FanoutOptions {
     /// waiter gets a [`Codec`](ErrorKind::Codec) error instead.
     ///
     /// Default: 1 MiB, which protects Redis memory (the result is stored for the linger
-    /// and sent to every subscribed process). At most [`MAX_RESULT_SIZE_LIMIT`].
+    /// and sent to every subscribed process). At most [`MAX_RESULT_SIZE_LIMIT`](crate::limits::MAX_RESULT_SIZE_LIMIT).
     pub fn max_result_size(mut self, bytes: usize) -> Self {
         self.max_result_size = bytes;
         self

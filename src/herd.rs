@@ -104,7 +104,7 @@ impl Builder {
     ///
     /// Default: `herdlock`. Give each application (or test) its own prefix to keep their
     /// keys apart on a shared Redis. It must not contain `{` or `}` (the hash tag belongs
-    /// to the key) and is at most [`MAX_PREFIX_LEN`](crate::MAX_PREFIX_LEN) bytes.
+    /// to the key) and is at most [`MAX_PREFIX_LEN`](crate::limits::MAX_PREFIX_LEN) bytes.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
         self
@@ -114,7 +114,7 @@ impl Builder {
     /// [`Herd::lock_status`].
     ///
     /// Default: `<hostname>.<pid>`, which is what you want when debugging a stuck job
-    /// ("which machine, which process?"). At most [`MAX_OWNER_LEN`](crate::MAX_OWNER_LEN)
+    /// ("which machine, which process?"). At most [`MAX_OWNER_LEN`](crate::limits::MAX_OWNER_LEN)
     /// bytes, no control characters.
     pub fn owner(mut self, owner: impl Into<String>) -> Self {
         self.owner = Some(owner.into());

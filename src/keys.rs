@@ -4,29 +4,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// The longest accepted key (job id / lock name), in bytes.
-///
-/// Redis accepts far longer keys, but a key is copied into every script call and
-/// every notice; 512 bytes is ample for ids and keeps a runaway caller from bloating Redis.
-pub const MAX_KEY_LEN: usize = 512;
-
-/// The longest accepted key prefix, in bytes.
-pub const MAX_PREFIX_LEN: usize = 128;
-
-/// The longest accepted owner label, in bytes.
-pub const MAX_OWNER_LEN: usize = 256;
-
-/// The longest accepted lock TTL (and grace period): 7 days.
-///
-/// A lease longer than this is almost always a unit mistake (seconds passed as
-/// milliseconds); a job that truly runs for weeks should extend its lock as it goes.
-pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// The longest accepted wait timeout: 24 hours.
-pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
-
-/// The shortest accepted lock TTL: 1 ms, the resolution of Redis `PX`.
-pub const MIN_TTL: Duration = Duration::from_millis(1);
+pub(crate) use crate::limits::{
+    MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL,
+};
 
 /// Every Redis name one key uses. All share one hash tag, so a script that touches several
 /// of them stays in one Redis Cluster slot.

@@ -127,6 +127,7 @@ mod error;
 mod fanout;
 mod herd;
 mod keys;
+pub mod limits;
 mod lock;
 mod multi;
 mod semaphore;
@@ -135,19 +136,14 @@ mod watchdog;
 
 pub use codec::{Codec, JobError, JobResult};
 pub use error::{Error, ErrorKind, Result};
-pub use fanout::{
-    Completer, Fanned, FanoutOptions, Follower, Push, Role, ABANDON_CHECK_EVERY,
-    MAX_RESULT_SIZE_LIMIT,
-};
+pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role, ABANDON_CHECK_EVERY};
 pub use herd::{Builder, Herd, HerdStats};
-pub use keys::{MAX_KEY_LEN, MAX_OWNER_LEN, MAX_PREFIX_LEN, MAX_TTL, MAX_WAIT, MIN_TTL};
 pub use lock::{
     FencingToken, Held, HeldKind, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock,
 };
-pub use multi::{HeldKey, KeyRelease, MultiGuard, TryMulti, MAX_MULTI_KEYS};
+pub use multi::{HeldKey, KeyRelease, MultiGuard, TryMulti};
 pub use semaphore::{
-    Permit, PermitHolder, Semaphore, SemaphoreOptions, SemaphoreStatus, TryPermit, MAX_PERMITS,
-    QUEUE_TTL,
+    Permit, PermitHolder, Semaphore, SemaphoreOptions, SemaphoreStatus, TryPermit,
 };
 
 /// The README's examples, compiled as doc tests so they cannot rot.

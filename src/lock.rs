@@ -778,7 +778,7 @@ impl Herd {
     /// [`Timeout`](ErrorKind::Timeout) when `wait` passes, naming the holder it waited for
     /// (owner label and fencing token);
     /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad key or a zero or absurd wait
-    /// (above [`MAX_WAIT`](crate::MAX_WAIT)); connection errors.
+    /// (above [`MAX_WAIT`](crate::limits::MAX_WAIT)); connection errors.
     ///
     /// # Cancel safety
     ///

@@ -20,15 +20,10 @@ use crate::backend::{holder_nonce, holder_token, token_fence, Backend, MultiRepl
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
+use crate::limits::MAX_MULTI_KEYS;
 use crate::lock::{self, FencingToken, Holder, LockOptions, Resolved};
 use crate::wait::{self, Finished, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
-
-/// The most keys one multi-key lock may hold.
-///
-/// One script call carries every key; 64 keeps that call small and its atomic section short
-/// (Redis runs nothing else meanwhile).
-pub const MAX_MULTI_KEYS: usize = 64;
 
 /// A key of a multi-key request that someone else holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,7 +293,7 @@ impl Herd {
     /// # Errors
     ///
     /// [`InvalidInput`](ErrorKind::InvalidInput) for an empty key set, more than
-    /// [`MAX_MULTI_KEYS`] keys, or a bad key; connection errors. Contention is
+    /// [`MAX_MULTI_KEYS`](crate::limits::MAX_MULTI_KEYS) keys, or a bad key; connection errors. Contention is
     /// [`TryMulti::Busy`], not an error.
     ///
     /// # Cancel safety

@@ -18,7 +18,7 @@
 //!
 //! Fair waiters take a ticket (a Redis counter) and are admitted in ticket order,
 //! cluster-wide. A queued waiter refreshes its place while it waits; a waiter that gives up
-//! leaves the queue at once, and one that died is dropped after [`QUEUE_TTL`]. `try_acquire`
+//! leaves the queue at once, and one that died is dropped after [`QUEUE_TTL`](crate::limits::QUEUE_TTL). `try_acquire`
 //! never jumps the queue.
 //!
 //! ## Changing N
@@ -41,15 +41,9 @@ use crate::backend::{SemArgs, SemOp, SemReply};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
+use crate::limits::{MAX_PERMITS, QUEUE_TTL};
 use crate::wait::{self, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
-
-/// The largest accepted number of permits.
-pub const MAX_PERMITS: u32 = 100_000;
-
-/// How long a queued fair waiter keeps its place without refreshing it. Waiters refresh
-/// every third of it, so a waiter that died blocks the queue for at most this long.
-pub const QUEUE_TTL: Duration = Duration::from_secs(3);
 
 /// Options of a semaphore.
 #[derive(Debug, Clone, Default)]
@@ -175,7 +169,7 @@ impl Herd {
     /// # Errors
     ///
     /// [`InvalidInput`](ErrorKind::InvalidInput) for a bad key, zero permits or more than
-    /// [`MAX_PERMITS`].
+    /// [`MAX_PERMITS`](crate::limits::MAX_PERMITS).
     pub fn semaphore(&self, key: &str, permits: u32) -> Result<Semaphore> {
         self.semaphore_with(key, permits, &SemaphoreOptions::default())
     }
@@ -285,7 +279,7 @@ impl Semaphore {
     /// # Cancel safety
     ///
     /// Cancelling leaves nothing behind: in the background, a fair waiter's place in the
-    /// queue is given up (or expires after [`QUEUE_TTL`]), and a permit granted to an
+    /// queue is given up (or expires after [`QUEUE_TTL`](crate::limits::QUEUE_TTL)), and a permit granted to an
     /// attempt that was in flight when cancelled is given back.
     pub async fn acquire(&self, wait: Duration) -> Result<Permit> {
         keys::validate_wait(wait)?;

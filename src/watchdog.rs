@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::backend::{Backend, SemArgs, SemOp, SemReply};
 use crate::keys::JobKeys;
-use crate::semaphore::QUEUE_TTL;
+use crate::limits::QUEUE_TTL;
 
 /// How soon a failed renewal is retried.
 const RETRY: Duration = Duration::from_millis(100);

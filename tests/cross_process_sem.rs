@@ -367,7 +367,7 @@ fn killed_fair_waiter_is_dropped_from_the_queue() {
     holder[0].wait_line_prefix("released", Duration::from_secs(30));
     let line = waiters[1].wait_line_prefix("acquired ", Duration::from_secs(30));
     let after = killed_at.elapsed();
-    let limit = herdlock::QUEUE_TTL + Duration::from_millis(1500);
+    let limit = herdlock::limits::QUEUE_TTL + Duration::from_millis(1500);
     assert!(
         after < limit,
         "the next waiter was admitted {after:?} after the kill ({line})"

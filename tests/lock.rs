@@ -248,17 +248,17 @@ async fn concurrent_once_same_tick(fx: Fx) {
 /// Issue 2, test 9.
 async fn bad_input_is_rejected(fx: Fx) {
     let herd = fx.node("bad").await;
-    let long_key = "k".repeat(herdlock::MAX_KEY_LEN + 1);
+    let long_key = "k".repeat(herdlock::limits::MAX_KEY_LEN + 1);
     let cases = [
         herd.try_lock("").await.map(|_| ()),
         herd.try_lock(&long_key).await.map(|_| ()),
         herd.try_lock_with("k", &LockOptions::new().ttl(Duration::ZERO))
             .await
             .map(|_| ()),
-        herd.try_lock_with("k", &LockOptions::new().ttl(herdlock::MAX_TTL * 2))
+        herd.try_lock_with("k", &LockOptions::new().ttl(herdlock::limits::MAX_TTL * 2))
             .await
             .map(|_| ()),
-        herd.try_lock_with("k", &LockOptions::new().grace(herdlock::MAX_TTL * 2))
+        herd.try_lock_with("k", &LockOptions::new().grace(herdlock::limits::MAX_TTL * 2))
             .await
             .map(|_| ()),
         herd.lock("k", Duration::ZERO).await.map(|_| ()),
@@ -289,7 +289,7 @@ async fn bad_input_is_rejected(fx: Fx) {
         Herd::builder().prefix(""),
         Herd::builder().prefix("a{b}"),
         Herd::builder().owner(""),
-        Herd::builder().owner("x".repeat(herdlock::MAX_OWNER_LEN + 1)),
+        Herd::builder().owner("x".repeat(herdlock::limits::MAX_OWNER_LEN + 1)),
         Herd::builder().lock_ttl(Duration::ZERO),
         Herd::builder().command_timeout(Duration::ZERO),
     ] {

@@ -294,15 +294,15 @@ async fn duplicates_are_ignored(fx: Fx) {
         ]
     );
     // The set is what counts: 64 distinct keys, one repeated, is within the limit.
-    let mut keys: Vec<String> = (0..herdlock::MAX_MULTI_KEYS)
+    let mut keys: Vec<String> = (0..herdlock::limits::MAX_MULTI_KEYS)
         .map(|i| format!("k{i}"))
         .collect();
     keys.push("k0".to_owned());
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let all = acquired(herd.try_multi(&refs).await.expect("64 distinct keys"));
-    assert_eq!(all.keys().count(), herdlock::MAX_MULTI_KEYS);
+    assert_eq!(all.keys().count(), herdlock::limits::MAX_MULTI_KEYS);
     let outcomes = all.release().await.expect("release");
-    assert_eq!(outcomes.len(), herdlock::MAX_MULTI_KEYS);
+    assert_eq!(outcomes.len(), herdlock::limits::MAX_MULTI_KEYS);
     assert!(outcomes.iter().all(|(_, o)| *o == KeyRelease::Released));
 }
 
@@ -310,11 +310,11 @@ async fn duplicates_are_ignored(fx: Fx) {
 /// is left locked by a rejected request.
 async fn bad_input_is_rejected(fx: Fx) {
     let herd = fx.node("bad").await;
-    let too_many: Vec<String> = (0..=herdlock::MAX_MULTI_KEYS)
+    let too_many: Vec<String> = (0..=herdlock::limits::MAX_MULTI_KEYS)
         .map(|i| format!("k{i}"))
         .collect();
     let too_many: Vec<&str> = too_many.iter().map(String::as_str).collect();
-    let long_key = "k".repeat(herdlock::MAX_KEY_LEN + 1);
+    let long_key = "k".repeat(herdlock::limits::MAX_KEY_LEN + 1);
     let wait = Duration::from_secs(1);
     let cases = [
         herd.try_multi(&[]).await.map(|_| ()),
@@ -326,7 +326,7 @@ async fn bad_input_is_rejected(fx: Fx) {
         herd.try_multi(&["a", &long_key]).await.map(|_| ()),
         herd.multi(&["a", "{}", "b"], wait).await.map(|_| ()),
         herd.multi(&["a", "b"], Duration::ZERO).await.map(|_| ()),
-        herd.multi(&["a", "b"], herdlock::MAX_WAIT * 2)
+        herd.multi(&["a", "b"], herdlock::limits::MAX_WAIT * 2)
             .await
             .map(|_| ()),
         herd.try_multi_with(&["a", "b"], &LockOptions::new().ttl(Duration::ZERO))
@@ -335,7 +335,7 @@ async fn bad_input_is_rejected(fx: Fx) {
         herd.multi_with(
             &["a", "b"],
             wait,
-            &LockOptions::new().ttl(herdlock::MAX_TTL * 2),
+            &LockOptions::new().ttl(herdlock::limits::MAX_TTL * 2),
         )
         .await
         .map(|_| ()),

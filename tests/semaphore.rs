@@ -197,15 +197,15 @@ async fn bad_input_is_rejected(fx: Fx) {
     let lease = |d| SemaphoreOptions::new().lease(d);
     let handles = [
         herd.semaphore("k", 0).map(|_| ()),
-        herd.semaphore("k", herdlock::MAX_PERMITS + 1).map(|_| ()),
+        herd.semaphore("k", herdlock::limits::MAX_PERMITS + 1).map(|_| ()),
         herd.semaphore("k", u32::MAX).map(|_| ()),
         herd.semaphore("", 1).map(|_| ()),
         herd.semaphore("a{b", 1).map(|_| ()),
-        herd.semaphore(&"k".repeat(herdlock::MAX_KEY_LEN + 1), 1)
+        herd.semaphore(&"k".repeat(herdlock::limits::MAX_KEY_LEN + 1), 1)
             .map(|_| ()),
         herd.semaphore_with("k", 1, &lease(Duration::ZERO))
             .map(|_| ()),
-        herd.semaphore_with("k", 1, &lease(herdlock::MAX_TTL * 2))
+        herd.semaphore_with("k", 1, &lease(herdlock::limits::MAX_TTL * 2))
             .map(|_| ()),
     ];
     for (i, case) in handles.into_iter().enumerate() {
@@ -214,11 +214,11 @@ async fn bad_input_is_rejected(fx: Fx) {
         assert!(!e.message().is_empty());
     }
     let max = herd
-        .semaphore("k", herdlock::MAX_PERMITS)
+        .semaphore("k", herdlock::limits::MAX_PERMITS)
         .expect("MAX_PERMITS is accepted");
-    assert_eq!(max.permits(), herdlock::MAX_PERMITS);
+    assert_eq!(max.permits(), herdlock::limits::MAX_PERMITS);
     let ok = herd.semaphore("k", 1).expect("semaphore");
-    for wait in [Duration::ZERO, herdlock::MAX_WAIT * 2] {
+    for wait in [Duration::ZERO, herdlock::limits::MAX_WAIT * 2] {
         let e = ok.acquire(wait).await.expect_err("bad wait accepted");
         assert_eq!(e.kind(), ErrorKind::InvalidInput, "wait {wait:?}: {e}");
     }
@@ -289,7 +289,7 @@ async fn release_admits(held: Permit, waiter: Waiter, limit: Duration) -> Permit
     assert!(
         delay < limit,
         "admitted {delay:?} after the release (limit {limit:?}, QUEUE_TTL {:?})",
-        herdlock::QUEUE_TTL
+        herdlock::limits::QUEUE_TTL
     );
     permit
 }
