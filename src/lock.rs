@@ -121,9 +121,9 @@ impl Held {
 pub struct LockStatus {
     /// The current holder, if the lock is held.
     pub holder: Option<Holder>,
-    /// The current holder's fencing token (0 when nobody holds the key). Tokens are Redis
-    /// `TIME` in microseconds at acquisition, so no counter outlives a name's state.
-    pub last_fence: u64,
+    /// The current holder's fencing token, `None` when nobody holds the key. Tokens are
+    /// Redis `TIME` in microseconds at acquisition, so no counter outlives a name's state.
+    pub last_fence: Option<FencingToken>,
 }
 
 /// The result of [`Herd::try_lock`]: the lock, or who has it.
@@ -146,9 +146,22 @@ impl TryLock {
         }
     }
 
+    /// Whether the lock was acquired.
+    pub fn is_acquired(&self) -> bool {
+        matches!(self, TryLock::Acquired(_))
+    }
+
     /// Whether someone else held the lock.
     pub fn is_busy(&self) -> bool {
         matches!(self, TryLock::Busy(_))
+    }
+
+    /// Who held the lock, if it was busy.
+    pub fn holder(&self) -> Option<&Holder> {
+        match self {
+            TryLock::Acquired(_) => None,
+            TryLock::Busy(holder) => Some(holder),
+        }
     }
 }
 
@@ -1080,7 +1093,7 @@ impl Herd {
             Some(value) => Some(Holder::parse(&value, reply.pttl_ms)?),
             None => None,
         };
-        let last_fence = holder.as_ref().map_or(0, |h| h.fence.0);
+        let last_fence = holder.as_ref().map(|h| h.fence);
         Ok(LockStatus { holder, last_fence })
     }
 }

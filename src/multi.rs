@@ -53,6 +53,24 @@ impl TryMulti {
             TryMulti::Busy(_) => None,
         }
     }
+
+    /// Whether every key was acquired.
+    pub fn is_acquired(&self) -> bool {
+        matches!(self, TryMulti::Acquired(_))
+    }
+
+    /// Whether some keys were held by others.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, TryMulti::Busy(_))
+    }
+
+    /// The keys held by others with their holders, if the request was busy.
+    pub fn held(&self) -> Option<&[HeldKey]> {
+        match self {
+            TryMulti::Acquired(_) => None,
+            TryMulti::Busy(held) => Some(held),
+        }
+    }
 }
 
 /// What happened to one key when a [`MultiGuard`] was released.

@@ -121,6 +121,24 @@ impl TryPermit {
             TryPermit::Busy { .. } => None,
         }
     }
+
+    /// Whether a permit was acquired.
+    pub fn is_acquired(&self) -> bool {
+        matches!(self, TryPermit::Acquired(_))
+    }
+
+    /// Whether no permit was free.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, TryPermit::Busy { .. })
+    }
+
+    /// How many permits were in use, if none was free.
+    pub fn in_use(&self) -> Option<u32> {
+        match self {
+            TryPermit::Acquired(_) => None,
+            TryPermit::Busy { in_use } => Some(*in_use),
+        }
+    }
 }
 
 /// One holder of a semaphore, from [`Semaphore::status`].

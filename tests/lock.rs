@@ -315,14 +315,14 @@ async fn fencing_tokens_increase(fx: Fx) {
         // The status names the holder's token while it holds the lock.
         assert_eq!(
             herd.lock_status("fenced").await.expect("status").last_fence,
-            last
+            Some(guard.fence())
         );
         guard.release().await.expect("release");
     }
     // Free again: no token is kept once a name's state is gone.
     assert_eq!(
         herd.lock_status("fenced").await.expect("status").last_fence,
-        0
+        None
     );
 }
 
@@ -330,7 +330,7 @@ async fn lock_status_reports_holder(fx: Fx) {
     let herd = fx.node("status-owner").await;
     let status = herd.lock_status("s").await.expect("status");
     assert!(status.holder.is_none());
-    assert_eq!(status.last_fence, 0);
+    assert_eq!(status.last_fence, None);
     let guard = herd
         .try_lock_with("s", &LockOptions::new().ttl(Duration::from_secs(60)))
         .await

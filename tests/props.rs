@@ -272,7 +272,7 @@ impl Run<'_> {
                     holder: status
                         .holder
                         .map(|h| (h.owner, h.fence.get(), h.remaining.map(Ttl::of))),
-                    last_fence: status.last_fence,
+                    last_fence: status.last_fence.map_or(0, herdlock::FencingToken::get),
                 }
             }
             _ => unreachable!("not a lock step: {op:?}"),

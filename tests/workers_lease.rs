@@ -278,7 +278,7 @@ async fn run_op(
             let status = herd.lock_status(&job).await?;
             let oldest = status
                 .holder
-                .map_or(status.last_fence + 1, |h| h.fence.get());
+                .map_or(1, |h| h.fence.get());
             let options = FanoutOptions::new().ttl(Duration::from_secs(1));
             let fanned = herd
                 .fanout_with(&job, deadline, &options, || async {

@@ -373,7 +373,7 @@ async fn status(herd: &Herd, key: &str, json: bool) -> herdlock::Result<ExitCode
             "key": key,
             "held": status.holder.is_some(),
             "holder": holder,
-            "last_fence": status.last_fence,
+            "last_fence": status.last_fence.map_or(0, herdlock::FencingToken::get),
         });
         println!("{value}");
     } else {
@@ -386,7 +386,10 @@ async fn status(herd: &Herd, key: &str, json: bool) -> herdlock::Result<ExitCode
             ),
             None => println!("free"),
         }
-        println!("last fence {}", status.last_fence);
+        println!(
+            "last fence {}",
+            status.last_fence.map_or(0, herdlock::FencingToken::get)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
