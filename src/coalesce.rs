@@ -52,7 +52,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::JobKeys;
 use crate::wait::{self, Hint, Until, Woken};
-use crate::watchdog::{LeaseTerms, Renewal};
+use crate::watchdog::{self, LeaseTerms, LostToken, Renewal};
 
 /// A job, type-erased: it runs and encodes its own result.
 pub(crate) type JobFn = Box<dyn FnOnce() -> BoxFuture<'static, Body> + Send>;
@@ -94,10 +94,14 @@ pub(crate) struct RunSettings {
 pub(crate) enum Mode {
     /// Run this job.
     Run(JobFn),
-    /// Hand a completer to the pusher (`Some(body sender)`), or tell it it follows
-    /// (`None`). Push flights cannot take over a dead leader: they have no job.
-    Push(Option<oneshot::Sender<Option<oneshot::Sender<Body>>>>),
+    /// Hand a completer to the pusher (`Some` body sender and the run's lease token), or
+    /// tell it it follows (`None`). Push flights cannot take over a dead leader: they have
+    /// no job.
+    Push(Option<oneshot::Sender<Option<Lead>>>),
 }
+
+/// What a pusher that leads gets: where to send the body, and the run's lease token.
+pub(crate) type Lead = (oneshot::Sender<Body>, LostToken);
 
 /// When the newest caller of a flight called (it joined or started the flight then).
 type Joined = Arc<Mutex<Instant>>;
@@ -482,7 +486,7 @@ async fn lead(
     };
     let body = match mode {
         Mode::Run(job) => {
-            let run = run_job(job, settings.max_duration);
+            let run = watchdog::with_run_token(lease.token(), run_job(job, settings.max_duration));
             tokio::select! {
                 body = run => body,
                 () = lease.lost(), if settings.cancel_on_lost => return lost_outcome(),
@@ -505,7 +509,7 @@ async fn lead(
         }
         Mode::Push(role) => {
             let (done_tx, done_rx) = oneshot::channel();
-            let handed = role.is_some_and(|role| role.send(Some(done_tx)).is_ok());
+            let handed = role.is_some_and(|role| role.send(Some((done_tx, lease.token()))).is_ok());
             let body = if handed {
                 let completion = await_completion(done_rx, settings.max_duration);
                 tokio::select! {

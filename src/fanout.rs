@@ -20,6 +20,7 @@ use crate::herd::Herd;
 use crate::keys;
 use crate::limits::MAX_RESULT_SIZE_LIMIT;
 use crate::lock::FencingToken;
+use crate::watchdog::LostToken;
 
 /// How often a leader whose callers are all gone checks whether another process still
 /// waits for its run ([`FanoutOptions::cancel_when_abandoned`]).
@@ -420,8 +421,9 @@ impl Herd {
             return Ok(Push::Follower(follower(waiter)));
         }
         match role_rx.await {
-            Ok(Some(done)) => Ok(Push::Leader(Completer {
+            Ok(Some((done, token))) => Ok(Push::Leader(Completer {
                 done: Arc::new(Mutex::new(Some(done))),
+                token,
                 codec: options.codec,
                 max_size: options.max_result_size,
                 _value: PhantomData,
@@ -479,6 +481,7 @@ pub enum Push<T> {
 #[must_use = "dropping the completer without completing abandons the run"]
 pub struct Completer<T> {
     done: Arc<Mutex<Option<oneshot::Sender<Body>>>>,
+    token: LostToken,
     codec: Codec,
     max_size: usize,
     _value: PhantomData<fn(T)>,
@@ -488,6 +491,7 @@ impl<T> Clone for Completer<T> {
     fn clone(&self) -> Self {
         Completer {
             done: Arc::clone(&self.done),
+            token: self.token.clone(),
             codec: self.codec,
             max_size: self.max_size,
             _value: PhantomData,
@@ -500,6 +504,16 @@ impl<T> fmt::Debug for Completer<T> {
         f.debug_struct("Completer")
             .field("codec", &self.codec)
             .finish_non_exhaustive()
+    }
+}
+
+impl<T> Completer<T> {
+    /// The run's loss signal, cloneable and `'static`: it fires when the run's lease is lost
+    /// before completion (the run is then cancelled unless
+    /// [`cancel_on_lost`](FanoutOptions::cancel_on_lost) is off, and a later `complete`
+    /// reaches no one), and [ends](LostToken::ended) when the run completes or is given up.
+    pub fn lost_token(&self) -> LostToken {
+        self.token.clone()
     }
 }
 

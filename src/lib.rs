@@ -141,10 +141,11 @@ pub use herd::{Builder, Herd, HerdStats};
 pub use lock::{
     FencingToken, Held, HeldKind, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock,
 };
-pub use multi::{HeldKey, KeyRelease, MultiGuard, TryMulti};
+pub use multi::{HeldKey, MultiGuard, MultiOptions, TryMulti};
 pub use semaphore::{
     Permit, PermitHolder, Semaphore, SemaphoreOptions, SemaphoreStatus, TryPermit,
 };
+pub use watchdog::LostToken;
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]

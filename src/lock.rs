@@ -16,7 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::wait::{self, Finished, Hint, Until, Woken};
-use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
+use crate::watchdog::{self, BeatFailed, LeaseHandle, LeaseTerms, LostToken, Renewal};
 
 /// A fencing token: strictly increasing per key across every acquisition by any process.
 ///
@@ -192,6 +192,13 @@ impl<T> Outcome<T> {
 }
 
 /// Per-call lock options. Unset fields take the herd's defaults.
+///
+/// Every option is honoured by every primitive that takes it, or refused: the guard forms
+/// ([`Herd::try_lock_with`], [`Herd::lock_with`]) have no work to cancel, so
+/// [`cancel_on_lost`](LockOptions::cancel_on_lost) set on options passed to them is an
+/// [`InvalidInput`](ErrorKind::InvalidInput) error. Multi-locks take
+/// [`MultiOptions`](crate::MultiOptions), semaphores
+/// [`SemaphoreOptions`](crate::SemaphoreOptions).
 #[derive(Debug, Clone)]
 #[must_use]
 pub struct LockOptions {
@@ -199,7 +206,8 @@ pub struct LockOptions {
     grace: Duration,
     auto_extend: bool,
     max_hold: Option<Duration>,
-    cancel_on_lost: bool,
+    /// `None`: not set (on, for the closure forms).
+    cancel_on_lost: Option<bool>,
     replicas: Option<(u32, Duration)>,
 }
 
@@ -210,7 +218,7 @@ impl Default for LockOptions {
             grace: Duration::ZERO,
             auto_extend: true,
             max_hold: None,
-            cancel_on_lost: true,
+            cancel_on_lost: None,
             replicas: None,
         }
     }
@@ -275,10 +283,30 @@ impl LockOptions {
     /// [`LockLost`](ErrorKind::LockLost).
     ///
     /// Default: on, so a holder that lost its lock stops working at once ("seppuku"). Turn
-    /// it off to let the work finish and check [`LockGuard::is_lost`] yourself.
+    /// it off to let the work finish, and watch the loss yourself: inside the closure,
+    /// [`LostToken::current`] is the lock's loss signal.
+    ///
+    /// Only the closure forms ([`Herd::once`] and its kin) run work to cancel: set on
+    /// options passed to [`Herd::try_lock_with`] or [`Herd::lock_with`], it is an
+    /// [`InvalidInput`](ErrorKind::InvalidInput) error rather than silently ignored.
     pub fn cancel_on_lost(mut self, on: bool) -> Self {
-        self.cancel_on_lost = on;
+        self.cancel_on_lost = Some(on);
         self
+    }
+
+    /// Whether a closure form cancels its work on loss.
+    pub(crate) fn cancels_on_lost(&self) -> bool {
+        self.cancel_on_lost.unwrap_or(true)
+    }
+
+    /// Refuses the options a guard form (`what`) cannot honour.
+    fn for_guard(&self, what: &str) -> Result<()> {
+        if self.cancel_on_lost.is_some() {
+            return Err(Error::invalid(format!(
+                "`cancel_on_lost` applies to the closure forms (`once`, `run_locked`) only: `{what}` returns a guard and cancels nothing; watch `LockGuard::lost` or `LockGuard::lost_token` instead"
+            )));
+        }
+        Ok(())
     }
 
     /// Report the lock acquired only once `replicas` replicas have acknowledged it (Redis
@@ -336,7 +364,6 @@ pub struct LockGuard {
     keys: JobKeys,
     token: String,
     fence: FencingToken,
-    ttl: Duration,
     grace: Duration,
     /// The watchdog's registration (auto-extend), dropped first on release.
     lease: Option<LeaseHandle>,
@@ -413,7 +440,8 @@ impl LockGuard {
     }
 
     /// Resolves when the lock is lost (see [`is_lost`](LockGuard::is_lost)); never while it
-    /// is held. Race it against the work the lock protects to stop that work at once.
+    /// is held. Race it against the work the lock protects to stop that work at once; for a
+    /// spawned task, move a [`lost_token`](LockGuard::lost_token) into it instead.
     ///
     /// # Cancel safety
     ///
@@ -422,22 +450,38 @@ impl LockGuard {
         watchdog::lost(self.lease.as_ref()).await;
     }
 
-    /// Checks in with Redis: fails with [`LockLost`](ErrorKind::LockLost) once the lock is
-    /// lost, and otherwise extends it to its TTL (like `distributed-locker`'s heartbeat).
-    /// Call it between steps of long work to stop as soon as another holder took over.
+    /// A cloneable, `'static` loss signal for this lock, to move into spawned tasks: it
+    /// reports the same loss as [`lost`](LockGuard::lost) and
+    /// [`is_lost`](LockGuard::is_lost), and also when the guard was released or dropped
+    /// ([`LostToken::ended`]).
+    pub fn lost_token(&self) -> LostToken {
+        token_of(self.lease.as_ref())
+    }
+
+    /// Checks in, cheaply enough to call in a hot loop: fails with
+    /// [`LockLost`](ErrorKind::LockLost) as soon as the lock is known lost, and otherwise
+    /// makes sure it was renewed (to its TTL) within the last third of its TTL.
+    ///
+    /// Heartbeats coalesce: while the last successful renewal — the watchdog's, a
+    /// heartbeat's or [`extend`](LockGuard::extend)'s — or the acquisition was sent less
+    /// than TTL/3 ago, a heartbeat sends nothing. Otherwise the herd's watchdog thread
+    /// renews the lock once for every caller that asks meanwhile (joining its own renewal
+    /// if one is in flight), and each gets that renewal's outcome. With
+    /// [auto-extend](LockOptions::auto_extend) on, the watchdog renews every TTL/3 anyway,
+    /// so heartbeats add no Redis command; with it off, they keep the lock alive with at
+    /// most one renewal per TTL/3. A heartbeat renews even past
+    /// [`max_hold`](LockOptions::max_hold) (a holder that beats is not hung).
     ///
     /// # Errors
     ///
-    /// [`LockLost`](ErrorKind::LockLost); connection errors.
+    /// [`LockLost`](ErrorKind::LockLost); connection errors of the renewal it waited for
+    /// (the watchdog retries; the lock is not lost before its local deadline).
     ///
     /// # Cancel safety
     ///
-    /// If cancelled, the extension may or may not have been applied.
+    /// Cancel safe: the renewal belongs to the watchdog and goes on for other callers.
     pub async fn heartbeat(&self) -> Result<()> {
-        if self.is_lost() {
-            return Err(lost(&self.keys.key));
-        }
-        self.extend(self.ttl).await
+        beat(self.lease.as_ref(), || lost(&self.keys.key)).await
     }
 
     /// Releases the lock (or, with a [grace period](LockOptions::grace), shortens it to the
@@ -542,7 +586,8 @@ where
     Fut: Future<Output = JobResult<T>>,
 {
     let key = guard.keys.key.clone();
-    let work = AssertUnwindSafe(work()).catch_unwind();
+    let work =
+        AssertUnwindSafe(watchdog::with_run_token(guard.lost_token(), work())).catch_unwind();
     let finished = if cancel_on_lost {
         tokio::select! {
             finished = work => Some(finished),
@@ -628,6 +673,23 @@ pub(crate) fn held_by(holder: &Holder) -> String {
     format!("held by `{}` (fence {}{left})", holder.owner, holder.fence)
 }
 
+/// The token of `lease`; a guard without one (never handed out) gets an ended token.
+pub(crate) fn token_of(lease: Option<&LeaseHandle>) -> LostToken {
+    lease.map_or_else(LostToken::ended_already, LeaseHandle::token)
+}
+
+/// A coalesced heartbeat of `lease` ([`LeaseHandle::heartbeat`]); `lost` names what was lost.
+pub(crate) async fn beat(lease: Option<&LeaseHandle>, lost: impl FnOnce() -> Error) -> Result<()> {
+    let Some(lease) = lease else {
+        return Err(lost());
+    };
+    match lease.heartbeat().await {
+        Ok(()) => Ok(()),
+        Err(BeatFailed::Lost) => Err(lost()),
+        Err(BeatFailed::Error(e)) => Err(e),
+    }
+}
+
 fn lost(key: &str) -> Error {
     Error::new(
         ErrorKind::LockLost,
@@ -670,17 +732,31 @@ impl Herd {
         self.try_lock_with(key, &LockOptions::default()).await
     }
 
-    /// [`try_lock`](Herd::try_lock) with options (TTL, grace period).
+    /// [`try_lock`](Herd::try_lock) with options (TTL, grace period, auto-extend, maximum
+    /// hold time, replica acknowledgement).
     ///
     /// # Errors
     ///
     /// As [`try_lock`](Herd::try_lock), plus [`InvalidInput`](ErrorKind::InvalidInput) for
-    /// a TTL or grace period out of range.
+    /// a TTL or grace period out of range, or
+    /// [`cancel_on_lost`](LockOptions::cancel_on_lost) set (a guard cancels nothing);
+    /// [`NotReplicated`](ErrorKind::NotReplicated).
     ///
     /// # Cancel safety
     ///
     /// As [`try_lock`](Herd::try_lock).
     pub async fn try_lock_with(&self, key: &str, options: &LockOptions) -> Result<TryLock> {
+        options.for_guard("try_lock_with")?;
+        self.try_lock_options(key, options).await
+    }
+
+    /// [`try_lock_with`](Herd::try_lock_with) for the closure forms, which honour every
+    /// option.
+    pub(crate) async fn try_lock_options(
+        &self,
+        key: &str,
+        options: &LockOptions,
+    ) -> Result<TryLock> {
         let keys = self.job_keys(key)?;
         let resolved = options.resolve(self)?;
         self.attempt(keys, &resolved, false).await
@@ -732,7 +808,6 @@ impl Herd {
             keys,
             token,
             fence: FencingToken(fence),
-            ttl: options.ttl,
             grace: options.grace,
             lease,
             released: false,
@@ -802,17 +877,30 @@ impl Herd {
         self.lock_with(key, wait, &LockOptions::default()).await
     }
 
-    /// [`lock`](Herd::lock) with options (TTL, grace period).
+    /// [`lock`](Herd::lock) with options (TTL, grace period, auto-extend, maximum hold
+    /// time, replica acknowledgement).
     ///
     /// # Errors
     ///
     /// As [`lock`](Herd::lock), plus [`InvalidInput`](ErrorKind::InvalidInput) for a TTL or
-    /// grace period out of range.
+    /// grace period out of range, or [`cancel_on_lost`](LockOptions::cancel_on_lost) set (a
+    /// guard cancels nothing); [`NotReplicated`](ErrorKind::NotReplicated).
     ///
     /// # Cancel safety
     ///
     /// As [`lock`](Herd::lock).
     pub async fn lock_with(
+        &self,
+        key: &str,
+        wait: Duration,
+        options: &LockOptions,
+    ) -> Result<LockGuard> {
+        options.for_guard("lock_with")?;
+        self.lock_options(key, wait, options).await
+    }
+
+    /// [`lock_with`](Herd::lock_with) for the closure forms, which honour every option.
+    pub(crate) async fn lock_options(
         &self,
         key: &str,
         wait: Duration,
@@ -936,11 +1024,11 @@ impl Herd {
         F: FnOnce() -> Fut,
         Fut: Future<Output = JobResult<T>>,
     {
-        let guard = match self.try_lock_with(key, options).await? {
+        let guard = match self.try_lock_options(key, options).await? {
             TryLock::Acquired(guard) => guard,
             TryLock::Busy(holder) => return Ok(Outcome::Busy(holder)),
         };
-        run_under(guard, options.cancel_on_lost, work)
+        run_under(guard, options.cancels_on_lost(), work)
             .await
             .map(Outcome::Ran)
     }
@@ -1004,8 +1092,8 @@ impl Herd {
         F: FnOnce() -> Fut,
         Fut: Future<Output = JobResult<T>>,
     {
-        let guard = self.lock_with(key, wait, options).await?;
-        run_under(guard, options.cancel_on_lost, work).await
+        let guard = self.lock_options(key, wait, options).await?;
+        run_under(guard, options.cancels_on_lost(), work).await
     }
 
     /// Breaks the lock `key`, whoever holds it (a lock or a fan-out run; not a semaphore

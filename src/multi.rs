@@ -12,6 +12,7 @@
 
 use std::convert::Infallible;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -21,9 +22,105 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::limits::MAX_MULTI_KEYS;
-use crate::lock::{self, FencingToken, Holder, LockOptions, Resolved};
+use crate::lock::{self, FencingToken, Holder};
 use crate::wait::{self, Finished, Hint, Until, Woken};
-use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
+use crate::watchdog::{self, LeaseHandle, LeaseTerms, LostToken, Renewal};
+
+/// Options of a multi-key lock ([`Herd::try_multi_with`], [`Herd::multi_with`]). Unset
+/// fields take the herd's defaults.
+///
+/// A multi-lock has no grace period (its release frees every key at once) and no closure
+/// form to cancel, so unlike [`LockOptions`](crate::LockOptions) these options have no
+/// `grace` and no `cancel_on_lost`: every option here is honoured.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MultiOptions {
+    ttl: Option<Duration>,
+    auto_extend: bool,
+    max_hold: Option<Duration>,
+    replicas: Option<(u32, Duration)>,
+}
+
+impl Default for MultiOptions {
+    fn default() -> Self {
+        MultiOptions {
+            ttl: None,
+            auto_extend: true,
+            max_hold: None,
+            replicas: None,
+        }
+    }
+}
+
+/// Multi-lock options checked and resolved against the herd's defaults.
+#[derive(Debug, Clone, Copy)]
+struct Resolved {
+    ttl: Duration,
+    auto_extend: bool,
+    max_hold: Option<Duration>,
+    replicas: Option<(u32, Duration)>,
+}
+
+impl MultiOptions {
+    /// Options with every field at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every key's TTL. Default: the herd's [`lock_ttl`](crate::Builder::lock_ttl).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Keep every key alive while the guard lives: the herd's watchdog thread extends them
+    /// all every third of the TTL (all or none).
+    ///
+    /// Default: on. Turn it off for a lease that must run out on its own unless extended
+    /// by hand ([`MultiGuard::extend`], [`MultiGuard::heartbeat`]).
+    pub fn auto_extend(mut self, on: bool) -> Self {
+        self.auto_extend = on;
+        self
+    }
+
+    /// Stop extending the keys after they have been held this long, so they run out one
+    /// TTL later even if the holder hangs.
+    ///
+    /// Default: none (extend while the guard lives).
+    pub fn max_hold(mut self, limit: Duration) -> Self {
+        self.max_hold = Some(limit);
+        self
+    }
+
+    /// Report the keys acquired only once `replicas` replicas have acknowledged them (Redis
+    /// `WAIT`, up to `timeout`); if fewer do, release them all and fail with
+    /// [`NotReplicated`](ErrorKind::NotReplicated). As
+    /// [`LockOptions::replicas`](crate::LockOptions::replicas).
+    ///
+    /// Default: none. The in-memory backend has no replicas, so any `replicas > 0` fails
+    /// there.
+    pub fn replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some((replicas, timeout));
+        self
+    }
+
+    fn resolve(&self, herd: &Herd) -> Result<Resolved> {
+        let ttl = self.ttl.unwrap_or(herd.inner.lock_ttl);
+        keys::validate_ttl("lock ttl", ttl)?;
+        if let Some(limit) = self.max_hold {
+            keys::validate_ttl("maximum hold time", limit)?;
+        }
+        if let Some((_, timeout)) = self.replicas {
+            keys::validate_wait(timeout)?;
+        }
+        Ok(Resolved {
+            ttl,
+            auto_extend: self.auto_extend,
+            max_hold: self.max_hold,
+            replicas: self.replicas.filter(|(n, _)| *n > 0),
+        })
+    }
+}
 
 /// A key of a multi-key request that someone else holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,18 +170,12 @@ impl TryMulti {
     }
 }
 
-/// What happened to one key when a [`MultiGuard`] was released.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum KeyRelease {
-    /// The key was held and is now released.
-    Released,
-    /// The key had already expired or been taken over; it was left alone.
-    Lost,
-}
-
 /// Several locks held together. Release with [`release`](MultiGuard::release); dropping
 /// the guard releases in the background (best effort; the TTL is the backstop).
+///
+/// It reads like [`LockGuard`](crate::LockGuard): `extend`, `heartbeat`, `is_lost`,
+/// `lost`, `lost_token` take `&self`, and a key lost before the release is
+/// [`LockLost`](ErrorKind::LockLost) from [`release`](MultiGuard::release).
 #[must_use = "dropping the guard releases the locks in the background"]
 pub struct MultiGuard {
     herd: Herd,
@@ -93,7 +184,8 @@ pub struct MultiGuard {
     fences: Vec<FencingToken>,
     /// The watchdog's registration (auto-extend), dropped first on release.
     lease: Option<LeaseHandle>,
-    released: bool,
+    /// Released, or nothing left to release (a failed `extend` released the rest).
+    released: AtomicBool,
 }
 
 impl fmt::Debug for MultiGuard {
@@ -139,17 +231,25 @@ impl MultiGuard {
     /// # Cancel safety
     ///
     /// If cancelled, the extension may or may not have been applied.
-    pub async fn extend(&mut self, ttl: Duration) -> Result<()> {
+    pub async fn extend(&self, ttl: Duration) -> Result<()> {
         keys::validate_ttl("lock ttl", ttl)?;
+        let sent = std::time::Instant::now();
         let lost = self
             .herd
             .backend()
             .multi_extend(&self.keys, &self.tokens, ttl)
             .await?;
         if lost.is_empty() {
-            return Ok(());
+            // An extension that lands after the local deadline does not revive the locks.
+            if self.lease.as_ref().is_none_or(|l| l.extended(ttl, sent)) {
+                return Ok(());
+            }
+            return Err(self.lost_error());
         }
-        self.released = true;
+        self.released.store(true, Ordering::Release);
+        if let Some(lease) = &self.lease {
+            lease.mark_lost();
+        }
         let names: Vec<&str> = lost.iter().map(|&i| self.keys[i].key.as_str()).collect();
         Err(Error::new(
             ErrorKind::LockLost,
@@ -158,6 +258,39 @@ impl MultiGuard {
                 quoted(&names)
             ),
         ))
+    }
+
+    /// Checks in, cheaply enough to call in a hot loop: as
+    /// [`LockGuard::heartbeat`](crate::LockGuard::heartbeat), for every key at once (one
+    /// renewal of all of them per third of the TTL at most, shared by concurrent callers
+    /// and the watchdog). A renewal that finds a key lost releases the others.
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost); connection errors of the renewal it waited for.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn heartbeat(&self) -> Result<()> {
+        lock::beat(self.lease.as_ref(), || self.lost_error()).await
+    }
+
+    /// A cloneable, `'static` loss signal for these locks, to move into spawned tasks (see
+    /// [`LostToken`]).
+    pub fn lost_token(&self) -> LostToken {
+        lock::token_of(self.lease.as_ref())
+    }
+
+    fn lost_error(&self) -> Error {
+        let names: Vec<&str> = self.keys().collect();
+        Error::new(
+            ErrorKind::LockLost,
+            format!(
+                "multi-lock on {} is no longer held by this guard (a key expired or was taken over; the others were released)",
+                quoted(&names)
+            ),
+        )
     }
 
     /// Whether the locks are known lost: the watchdog found one of them taken or could not
@@ -175,57 +308,71 @@ impl MultiGuard {
         watchdog::lost(self.lease.as_ref()).await;
     }
 
-    /// Releases every lock still held and reports each key's outcome. A key that had
-    /// already expired is reported as [`KeyRelease::Lost`], not as an error.
+    /// Releases every lock still held, as [`LockGuard::release`](crate::LockGuard::release)
+    /// does one: every key this guard still holds is released, and a key that had already
+    /// expired or been taken over is an error naming it.
     ///
     /// A connection error is retried within the herd's
-    /// [command timeout](crate::Builder::command_timeout), as for
-    /// [`LockGuard::release`](crate::LockGuard::release): after a retry, a key found free
-    /// is [`Released`](KeyRelease::Released), one held by another [`Lost`](KeyRelease::Lost).
+    /// [command timeout](crate::Builder::command_timeout): after a retry, a key found free
+    /// counts as released, one held by another as lost.
     ///
     /// # Errors
     ///
-    /// Connection errors that outlast the command timeout (the locks then expire with their
+    /// [`LockLost`](ErrorKind::LockLost) naming the keys that had expired or been taken over
+    /// (their current holders are left untouched; every other key was released);
+    /// connection errors that outlast the command timeout (the locks then expire with their
     /// TTL).
     ///
     /// # Cancel safety
     ///
     /// If cancelled, the release may or may not have happened; the TTL is the backstop.
-    pub async fn release(mut self) -> Result<Vec<(String, KeyRelease)>> {
-        self.released = true;
+    pub async fn release(mut self) -> Result<()> {
+        let gone = self.released.swap(true, Ordering::AcqRel);
         self.lease = None; // stop renewing first
-        release_all(self.herd.backend(), &self.keys, &self.tokens).await
+        if gone {
+            // A failed `extend` already released what was left.
+            return Err(self.lost_error());
+        }
+        let lost = release_all(self.herd.backend(), &self.keys, &self.tokens).await?;
+        if lost.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::LockLost,
+            format!(
+                "multi-lock lost key(s) {} before the release (they expired or were taken over; left untouched); the other keys were released",
+                quoted(&lost.iter().map(String::as_str).collect::<Vec<_>>())
+            ),
+        ))
     }
 }
 
 /// Releases every key still held with its token, retrying through connection errors within
-/// the command timeout (as [`LockGuard::release`](crate::LockGuard::release)): after a retry,
-/// a key found free counts as released, one held by another as lost.
+/// the command timeout (as [`LockGuard::release`](crate::LockGuard::release)), and returns
+/// the keys that were lost: after a retry, a key found free counts as released, one held by
+/// another as lost.
 async fn release_all(
     backend: &Backend,
     keys: &[JobKeys],
     tokens: &[String],
-) -> Result<Vec<(String, KeyRelease)>> {
+) -> Result<Vec<String>> {
     let reply = backend
         .retry_release("multi release", || backend.multi_release(keys, tokens))
         .await?;
-    let mut outcomes = Vec::with_capacity(keys.len());
+    let mut lost = Vec::new();
     for (k, released) in keys.iter().zip(reply.value) {
         let released = released || (reply.after_error && lock::is_free(backend, k).await?);
-        let outcome = if released {
-            KeyRelease::Released
-        } else {
-            KeyRelease::Lost
-        };
-        outcomes.push((k.key.clone(), outcome));
+        if !released {
+            lost.push(k.key.clone());
+        }
     }
-    Ok(outcomes)
+    Ok(lost)
 }
 
 impl Drop for MultiGuard {
     fn drop(&mut self) {
         self.lease = None;
-        if self.released {
+        if *self.released.get_mut() {
             return;
         }
         let backend = self.herd.backend().clone();
@@ -320,22 +467,23 @@ impl Herd {
     /// background and the locks it took are released (outside a Tokio runtime, where
     /// nothing can run, their TTL is the backstop).
     pub async fn try_multi(&self, keys: &[&str]) -> Result<TryMulti> {
-        self.try_multi_with(keys, &LockOptions::default()).await
+        self.try_multi_with(keys, &MultiOptions::default()).await
     }
 
-    /// [`try_multi`](Herd::try_multi) with options: the TTL, [auto-extend](LockOptions::auto_extend)
-    /// (on by default: the watchdog keeps every key alive while the guard lives) and the
-    /// maximum hold time. A grace period, replica acknowledgement and `cancel_on_lost` do
-    /// not apply to multi-locks.
+    /// [`try_multi`](Herd::try_multi) with [options](MultiOptions): the TTL,
+    /// [auto-extend](MultiOptions::auto_extend) (on by default: the watchdog keeps every key
+    /// alive while the guard lives), the maximum hold time and replica acknowledgement.
     ///
     /// # Errors
     ///
-    /// As [`try_multi`](Herd::try_multi).
+    /// As [`try_multi`](Herd::try_multi), plus [`InvalidInput`](ErrorKind::InvalidInput)
+    /// for options out of range and [`NotReplicated`](ErrorKind::NotReplicated) (the keys
+    /// were released) when fewer replicas than asked acknowledged them.
     ///
     /// # Cancel safety
     ///
     /// As [`try_multi`](Herd::try_multi).
-    pub async fn try_multi_with(&self, keys: &[&str], options: &LockOptions) -> Result<TryMulti> {
+    pub async fn try_multi_with(&self, keys: &[&str], options: &MultiOptions) -> Result<TryMulti> {
         let keys = self.multi_keys(keys)?;
         let options = options.resolve(self)?;
         self.multi_attempt(keys, &options, false).await
@@ -360,14 +508,16 @@ impl Herd {
     /// flight when either strikes is finished in the background, and the locks it took are
     /// released.
     pub async fn multi(&self, keys: &[&str], wait: Duration) -> Result<MultiGuard> {
-        self.multi_with(keys, wait, &LockOptions::default()).await
+        self.multi_with(keys, wait, &MultiOptions::default()).await
     }
 
-    /// [`multi`](Herd::multi) with options (the TTL).
+    /// [`multi`](Herd::multi) with [options](MultiOptions) (TTL, auto-extend, maximum hold
+    /// time, replica acknowledgement).
     ///
     /// # Errors
     ///
-    /// As [`multi`](Herd::multi).
+    /// As [`multi`](Herd::multi), plus [`InvalidInput`](ErrorKind::InvalidInput) for
+    /// options out of range and [`NotReplicated`](ErrorKind::NotReplicated).
     ///
     /// # Cancel safety
     ///
@@ -376,7 +526,7 @@ impl Herd {
         &self,
         keys: &[&str],
         wait: Duration,
-        options: &LockOptions,
+        options: &MultiOptions,
     ) -> Result<MultiGuard> {
         let requested = keys;
         let keys = self.multi_keys(keys)?;
@@ -506,14 +656,35 @@ impl Herd {
                         max_hold: options.max_hold,
                     },
                 ));
-                Ok(TryMulti::Acquired(MultiGuard {
+                let guard = MultiGuard {
                     herd: self.clone(),
                     keys,
                     tokens,
                     fences,
                     lease,
-                    released: false,
-                }))
+                    released: AtomicBool::new(false),
+                };
+                if let Some((replicas, timeout)) = options.replicas {
+                    // Every key is in one slot (checked), so one WAIT covers them all.
+                    let acked = self
+                        .backend()
+                        .wait_replicas(&guard.keys[0], replicas, timeout)
+                        .await?;
+                    if acked < replicas {
+                        let names: Vec<String> = guard.keys().map(str::to_owned).collect();
+                        if let Err(e) = guard.release().await {
+                            tracing::warn!(error = %e, "releasing an under-replicated multi-lock failed");
+                        }
+                        return Err(Error::new(
+                            ErrorKind::NotReplicated,
+                            format!(
+                                "multi-lock on {} was acknowledged by {acked} of {replicas} replicas within {timeout:?}; it was released",
+                                quoted(&names.iter().map(String::as_str).collect::<Vec<_>>())
+                            ),
+                        ));
+                    }
+                }
+                Ok(TryMulti::Acquired(guard))
             }
             MultiReply::Busy(held) => held
                 .into_iter()

@@ -43,7 +43,7 @@ use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::limits::{MAX_PERMITS, QUEUE_TTL};
 use crate::wait::{self, Hint, Until, Woken};
-use crate::watchdog::{self, LeaseHandle, LeaseTerms, Renewal};
+use crate::watchdog::{self, LeaseHandle, LeaseTerms, LostToken, Renewal};
 
 /// Options of a semaphore.
 #[derive(Debug, Clone, Default)]
@@ -536,6 +536,29 @@ impl Permit {
     /// Cancel safe.
     pub async fn lost(&self) {
         watchdog::lost(self.lease.as_ref()).await;
+    }
+
+    /// A cloneable, `'static` loss signal for this permit, to move into spawned tasks (see
+    /// [`LostToken`]).
+    pub fn lost_token(&self) -> LostToken {
+        crate::lock::token_of(self.lease.as_ref())
+    }
+
+    /// Checks in, cheaply enough to call in a hot loop: as
+    /// [`LockGuard::heartbeat`](crate::LockGuard::heartbeat), for the permit's lease (at
+    /// most one renewal per third of the lease, shared by concurrent callers and the
+    /// watchdog, which renews it anyway).
+    ///
+    /// # Errors
+    ///
+    /// [`LockLost`](ErrorKind::LockLost) once the permit is known lost; connection errors
+    /// of the renewal it waited for.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn heartbeat(&self) -> Result<()> {
+        crate::lock::beat(self.lease.as_ref(), || self.lost_error()).await
     }
 
     /// Resets the lease to `lease` from now (the watchdog does this on its own; this is for

@@ -23,6 +23,21 @@
 //! decides what loss means (a fan-out leader cancels its job by default). Dropping the
 //! handle stops renewal at once. A lease registered without renewal (`auto_extend(false)`)
 //! or past its maximum hold time is not renewed, and is reported lost at its deadline.
+//!
+//! # Heartbeats
+//!
+//! A heartbeat ([`LeaseHandle::heartbeat`]) is a renewal the holder asks for, and this
+//! thread sends it: so at most one renewal of a lease is ever in flight, the watchdog's and
+//! every caller's alike. A heartbeat sends nothing while the last successful renewal (or the
+//! acquisition) was sent less than a third of the TTL ago — the watchdog's own period, so a
+//! lease the watchdog keeps alive costs no extra command at all; otherwise it asks for a
+//! renewal (or joins the one in flight) and returns its outcome. A lease known lost fails at
+//! once, without a round trip.
+//!
+//! # Tokens
+//!
+//! [`LostToken`] is a cloneable, `'static` view of one lease's standing (held, lost, or
+//! ended by a release), for tasks that must stop when the lease is lost.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -122,36 +137,117 @@ struct Lease {
     /// A renewal of this lease is on its way: when it was due (no later than it was sent)
     /// and the TTL it asks for.
     in_flight: Option<(Instant, Duration)>,
-    /// When the last manual extension (`extend`, `heartbeat`) was sent.
+    /// When the last manual extension (`extend`) was sent.
     last_manual: Option<Instant>,
+    /// A heartbeat asked for a renewal (sent even when `renew` is off or past `hold_until`).
+    requested: bool,
     state: Arc<LeaseState>,
 }
 
-/// What a lease's holder and the thread share: the lost flag and the local deadline.
+/// Where a lease stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Held (unless its local deadline has passed and the thread has not marked it yet).
+    Held,
+    /// Lost while held.
+    Lost,
+    /// Given up by its holder (released, or its guard dropped) while still held.
+    Ended,
+}
+
+/// What a lease's holder, its tokens and the thread share: its standing, the local
+/// deadline, and what heartbeats need.
 #[derive(Debug)]
 struct LeaseState {
-    lost: watch::Sender<bool>,
+    standing: watch::Sender<Standing>,
     /// The local deadline, as nanoseconds since [`epoch`].
     deadline: AtomicU64,
+    /// Until when a heartbeat sends nothing: the send time of the last successful renewal
+    /// (or the acquisition) plus a third of the TTL, as nanoseconds since [`epoch`].
+    fresh_until: AtomicU64,
+    /// Finished renewals, counted, with the last one's error (`None`: it succeeded, or
+    /// found the lease lost, which `standing` tells). Heartbeats wait on it.
+    beats: watch::Sender<(u64, Option<crate::Error>)>,
+}
+
+fn nanos_since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl LeaseState {
+    fn new(deadline: Instant, fresh_until: Instant) -> LeaseState {
+        LeaseState {
+            standing: watch::Sender::new(Standing::Held),
+            deadline: AtomicU64::new(nanos_since_epoch(deadline)),
+            fresh_until: AtomicU64::new(nanos_since_epoch(fresh_until)),
+            beats: watch::Sender::new((0, None)),
+        }
+    }
+
     fn deadline(&self) -> Instant {
         epoch() + Duration::from_nanos(self.deadline.load(Ordering::Acquire))
     }
 
     fn set_deadline(&self, at: Instant) {
-        let nanos = at.saturating_duration_since(epoch()).as_nanos();
         self.deadline
-            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Release);
+            .store(nanos_since_epoch(at), Ordering::Release);
+    }
+
+    fn fresh_until(&self) -> Instant {
+        epoch() + Duration::from_nanos(self.fresh_until.load(Ordering::Acquire))
+    }
+
+    /// Records a successful renewal sent at `sent` to `ttl`: heartbeats need none for a
+    /// third of the TTL from then.
+    fn renewed(&self, sent: Instant, ttl: Duration) {
+        self.fresh_until
+            .fetch_max(nanos_since_epoch(sent + period(ttl)), Ordering::AcqRel);
+    }
+
+    /// Marked lost by the thread or the holder (not counting a deadline not yet noticed).
+    fn marked_lost(&self) -> bool {
+        *self.standing.borrow() == Standing::Lost
     }
 
     fn is_lost(&self) -> bool {
-        *self.lost.borrow() || self.deadline() <= Instant::now()
+        match *self.standing.borrow() {
+            Standing::Lost => true,
+            Standing::Ended => false,
+            Standing::Held => self.deadline() <= Instant::now(),
+        }
     }
 
     fn mark_lost(&self) {
-        self.lost.send_replace(true);
+        self.standing.send_if_modified(|standing| {
+            let held = *standing == Standing::Held;
+            if held {
+                *standing = Standing::Lost;
+            }
+            held
+        });
+    }
+
+    /// The holder gave the lease up: lost if its deadline had passed, else ended.
+    fn end(&self) {
+        if self.is_lost() {
+            self.mark_lost();
+        } else {
+            self.standing.send_if_modified(|standing| {
+                let held = *standing == Standing::Held;
+                if held {
+                    *standing = Standing::Ended;
+                }
+                held
+            });
+        }
+    }
+
+    /// Tells heartbeats a renewal finished (`error`: it failed without an answer).
+    fn beat(&self, error: Option<crate::Error>) {
+        self.beats.send_modify(|(count, last)| {
+            *count += 1;
+            *last = error;
+        });
     }
 }
 
@@ -174,7 +270,7 @@ impl Leases {
     fn due(&mut self, now: Instant) -> Vec<(u64, Renewal, Duration)> {
         let mut due = Vec::new();
         for (id, lease) in &mut self.map {
-            if *lease.state.lost.borrow() {
+            if lease.state.marked_lost() {
                 continue;
             }
             if lease.state.deadline() <= now {
@@ -183,13 +279,13 @@ impl Leases {
                 lease.state.mark_lost();
                 continue;
             }
-            if !lease.renew
-                || lease.in_flight.is_some()
-                || lease.hold_until.is_some_and(|t| t <= now)
-            {
+            if lease.in_flight.is_some() {
                 continue;
             }
-            if lease.next_due <= now {
+            let scheduled =
+                lease.renew && lease.hold_until.is_none_or(|t| t > now) && lease.next_due <= now;
+            if scheduled || lease.requested {
+                lease.requested = false;
                 lease.in_flight = Some((now, lease.ttl));
                 due.push((*id, lease.renewal.clone(), lease.ttl));
             }
@@ -200,10 +296,15 @@ impl Leases {
     fn next_wake(&self, now: Instant) -> Instant {
         self.map
             .values()
-            .filter(|l| !*l.state.lost.borrow())
+            .filter(|l| !l.state.marked_lost())
             .map(|l| {
                 let deadline = l.state.deadline();
-                if !l.renew || l.in_flight.is_some() || l.hold_until.is_some_and(|t| t <= now) {
+                if l.requested && l.in_flight.is_none() {
+                    now
+                } else if !l.renew
+                    || l.in_flight.is_some()
+                    || l.hold_until.is_some_and(|t| t <= now)
+                {
                     deadline
                 } else {
                     l.next_due.min(deadline)
@@ -231,14 +332,9 @@ impl Watchdog {
     /// TTL after the acquisition was sent. Keep the handle while the lease is held;
     /// dropping it stops renewal.
     pub(crate) fn register(&self, renewal: Renewal, terms: LeaseTerms) -> LeaseHandle {
-        let (tx, rx) = watch::channel(false);
-        let state = Arc::new(LeaseState {
-            lost: tx,
-            deadline: AtomicU64::new(0),
-        });
         let deadline = local_deadline(terms.sent, terms.ttl);
-        state.set_deadline(deadline);
         let first_due = terms.sent + period(terms.ttl);
+        let state = Arc::new(LeaseState::new(deadline, first_due));
         let (id, wake) = {
             let mut leases = lock(&self.shared.leases);
             leases.next_id += 1;
@@ -253,6 +349,7 @@ impl Watchdog {
                     hold_until: terms.max_hold.map(|d| terms.sent + d),
                     in_flight: None,
                     last_manual: None,
+                    requested: false,
                     state: Arc::clone(&state),
                 },
             );
@@ -278,7 +375,6 @@ impl Watchdog {
             shared: Arc::downgrade(&self.shared),
             id,
             state,
-            lost: rx,
         }
     }
 
@@ -363,6 +459,10 @@ async fn run(weak: Weak<Shared>) {
                 if let Some(lease) = lock(&shared.leases).map.get_mut(&id) {
                     lease.renew = false;
                     lease.in_flight = None;
+                    lease.state.beat(Some(crate::Error::new(
+                        crate::ErrorKind::Connection,
+                        "the lease watchdog has no connection to renew on",
+                    )));
                 }
                 continue;
             };
@@ -413,13 +513,36 @@ fn apply(leases: &mut Leases, renewed: Renewed) -> Option<Renewal> {
     } = renewed;
     let lease = leases.map.get_mut(&id)?; // released meanwhile
     lease.in_flight = None;
+    // Every heartbeat waiting now is answered by this renewal.
+    lease.requested = false;
+    let state = Arc::clone(&lease.state);
+    let late = apply_outcome(lease, sent, ttl, outcome);
+    match late {
+        Ok(late) => {
+            state.beat(None);
+            late
+        }
+        Err(e) => {
+            state.beat(Some(e));
+            None
+        }
+    }
+}
+
+/// [`apply`] for one lease; `Err`: the renewal failed without an answer.
+fn apply_outcome(
+    lease: &mut Lease,
+    sent: Instant,
+    ttl: Duration,
+    outcome: crate::Result<bool>,
+) -> crate::Result<Option<Renewal>> {
     match outcome {
         Ok(true) => {
             let deadline = local_deadline(sent, ttl);
             if lease.state.is_lost() || deadline <= Instant::now() {
                 tracing::warn!(renewal = ?lease.renewal, "a renewal succeeded after the lease's local deadline; releasing it");
                 lease.state.mark_lost();
-                return Some(lease.renewal.clone());
+                return Ok(Some(lease.renewal.clone()));
             }
             let current = lease.state.deadline();
             if lease.last_manual.is_some_and(|m| m >= sent) {
@@ -430,18 +553,21 @@ fn apply(leases: &mut Leases, renewed: Renewed) -> Option<Renewal> {
             } else if deadline > current {
                 lease.state.set_deadline(deadline);
             }
+            lease.state.renewed(sent, ttl);
             lease.next_due = sent + period(lease.ttl);
+            Ok(None)
         }
         Ok(false) => {
             tracing::warn!(renewal = ?lease.renewal, "lease lost: another holder has it, or it expired");
             lease.state.mark_lost();
+            Ok(None)
         }
         Err(e) => {
             tracing::warn!(error = %e, renewal = ?lease.renewal, "lease renewal failed; retrying");
             lease.next_due = Instant::now() + RETRY.min(period(ttl));
+            Err(e)
         }
     }
-    None
 }
 
 /// Releases, in the background, a lease that was renewed after it was reported lost.
@@ -505,7 +631,15 @@ pub(crate) struct LeaseHandle {
     shared: Weak<Shared>,
     id: u64,
     state: Arc<LeaseState>,
-    lost: watch::Receiver<bool>,
+}
+
+/// Why a heartbeat failed.
+#[derive(Debug)]
+pub(crate) enum BeatFailed {
+    /// The lease is lost.
+    Lost,
+    /// The renewal it waited for failed without an answer (a connection error).
+    Error(crate::Error),
 }
 
 impl LeaseHandle {
@@ -520,26 +654,88 @@ impl LeaseHandle {
     ///
     /// Cancel safe.
     pub(crate) async fn lost(&self) {
-        let mut rx = self.lost.clone();
-        if rx.wait_for(|lost| *lost).await.is_err() {
-            // The watchdog is gone (the herd was dropped): nothing will ever report loss.
-            std::future::pending::<()>().await;
+        self.token().lost().await;
+    }
+
+    /// A cloneable, `'static` view of this lease's standing.
+    pub(crate) fn token(&self) -> LostToken {
+        LostToken {
+            state: Arc::clone(&self.state),
         }
     }
 
     /// The lease's local deadline: until then nobody else can hold it (unless it is lost to
     /// another holder found by a renewal, or to data loss).
     pub(crate) fn deadline(&self) -> Instant {
-        if *self.lost.borrow() {
+        if self.state.marked_lost() {
             epoch()
         } else {
             self.state.deadline()
         }
     }
 
-    /// Records that the holder found the lease lost itself (a failed extend or heartbeat).
+    /// Records that the holder found the lease lost itself (a failed extend).
     pub(crate) fn mark_lost(&self) {
         self.state.mark_lost();
+    }
+
+    /// A coalesced renewal (see the module docs, "Heartbeats"): nothing is sent while the
+    /// last successful renewal was sent less than a third of the TTL ago; otherwise the
+    /// thread renews (once, however many callers ask, joining a renewal in flight) and this
+    /// returns that renewal's outcome. A lease known lost fails at once.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: the renewal is the thread's, and goes on for the other callers.
+    pub(crate) async fn heartbeat(&self) -> Result<(), BeatFailed> {
+        if self.state.is_lost() {
+            return Err(BeatFailed::Lost);
+        }
+        if Instant::now() < self.state.fresh_until() {
+            return Ok(());
+        }
+        let mut beats = self.state.beats.subscribe();
+        let seen = beats.borrow_and_update().0;
+        let mut standing = self.state.standing.subscribe();
+        {
+            let Some(shared) = self.shared.upgrade() else {
+                return Err(BeatFailed::Error(crate::Error::new(
+                    crate::ErrorKind::Connection,
+                    "the herd's lease watchdog is gone",
+                )));
+            };
+            let mut leases = lock(&shared.leases);
+            let Some(lease) = leases.map.get_mut(&self.id) else {
+                return Err(BeatFailed::Lost);
+            };
+            lease.requested = true;
+            let idle = lease.in_flight.is_none();
+            drop(leases);
+            if idle {
+                shared.wake.notify_one();
+            }
+        }
+        loop {
+            tokio::select! {
+                changed = beats.changed() => {
+                    if changed.is_err() {
+                        return Err(BeatFailed::Lost);
+                    }
+                    let (count, error) = beats.borrow_and_update().clone();
+                    if count == seen {
+                        continue;
+                    }
+                    if self.state.is_lost() {
+                        return Err(BeatFailed::Lost);
+                    }
+                    return match error {
+                        None => Ok(()),
+                        Some(e) => Err(BeatFailed::Error(e)),
+                    };
+                }
+                _ = standing.wait_for(|s| *s != Standing::Held) => return Err(BeatFailed::Lost),
+            }
+        }
     }
 
     /// Records a successful manual extension to `ttl` that was sent at `sent`. Returns
@@ -565,6 +761,10 @@ impl LeaseHandle {
             lease.last_manual = Some(sent);
             lease.next_due = sent + period(ttl);
             self.state.set_deadline(deadline);
+            self.state.fresh_until.store(
+                nanos_since_epoch((sent + period(ttl)).min(deadline)),
+                Ordering::Release,
+            );
         }
         shared.wake.notify_one();
         true
@@ -582,10 +782,121 @@ pub(crate) async fn lost(lease: Option<&LeaseHandle>) {
 
 impl Drop for LeaseHandle {
     fn drop(&mut self) {
+        self.state.end();
         if let Some(shared) = self.shared.upgrade() {
             lock(&shared.leases).map.remove(&self.id);
         }
     }
+}
+
+/// A cloneable, `'static` signal that one lease — a lock, a multi-lock, a semaphore
+/// permit or a fan-out run — was lost, for a task of its own to watch.
+///
+/// Get one from [`LockGuard::lost_token`](crate::LockGuard::lost_token),
+/// [`MultiGuard::lost_token`](crate::MultiGuard::lost_token),
+/// [`Permit::lost_token`](crate::Permit::lost_token),
+/// [`Completer::lost_token`](crate::Completer::lost_token), or inside a fan-out job or a
+/// `once` closure from [`LostToken::current`]. Clones share one lease; a token keeps no connection, lock or
+/// herd alive, and holding it does not keep the lease alive (its guard does).
+///
+/// A lease is *lost* when the watchdog found another holder (or none) at a renewal, or
+/// when its local deadline passed before a renewal succeeded (the instant the last
+/// successful acquisition or renewal was sent, plus the TTL, minus 1 % + 2 ms), which is
+/// never later than the lease runs out on Redis. A lease its holder released (or whose
+/// guard was dropped) while still held is *ended*, not lost: [`lost`](LostToken::lost)
+/// then never resolves, and [`ended`](LostToken::ended) does.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), herdlock::Error> {
+/// let herd = herdlock::Herd::memory();
+/// let guard = herd.lock("report", std::time::Duration::from_secs(1)).await?;
+/// let token = guard.lost_token();
+/// let worker = tokio::spawn(async move {
+///     tokio::select! {
+///         () = token.lost() => "stopped: the lock was lost",
+///         () = token.ended() => "done: the lock was released",
+///     }
+/// });
+/// guard.release().await?;
+/// assert_eq!(worker.await.expect("task ran"), "done: the lock was released");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct LostToken {
+    state: Arc<LeaseState>,
+}
+
+impl LostToken {
+    /// Inside a fan-out job run by [`Herd::fanout`](crate::Herd::fanout) or
+    /// [`Herd::fanout_with`](crate::Herd::fanout_with), the token of the run's lease; inside
+    /// the closure of [`Herd::once`](crate::Herd::once), the token of its lock; `None`
+    /// anywhere else. It is read from the task polling the job: a task the job spawns does
+    /// not inherit it, so take it first and move it in.
+    ///
+    /// The job or closure is cancelled when its lease is lost unless `cancel_on_lost` is off
+    /// ([`FanoutOptions`](crate::FanoutOptions::cancel_on_lost),
+    /// [`LockOptions`](crate::LockOptions::cancel_on_lost)); the token serves work that runs
+    /// on with it off, or work handed to other tasks.
+    pub fn current() -> Option<LostToken> {
+        CURRENT_RUN.try_with(LostToken::clone).ok()
+    }
+
+    /// A token of no lease: already ended, never lost.
+    pub(crate) fn ended_already() -> LostToken {
+        let state = LeaseState::new(epoch(), epoch());
+        state.standing.send_replace(Standing::Ended);
+        LostToken {
+            state: Arc::new(state),
+        }
+    }
+
+    /// Whether the lease was lost while held (see the type's docs). `false` while it is
+    /// held and after a release that found it held.
+    pub fn is_lost(&self) -> bool {
+        self.state.is_lost()
+    }
+
+    /// Whether the lease is over: lost, or given up by its holder.
+    pub fn is_ended(&self) -> bool {
+        *self.state.standing.borrow() != Standing::Held || self.state.is_lost()
+    }
+
+    /// Resolves when the lease is lost; never while it is held, and never after its holder
+    /// released it (select on [`ended`](LostToken::ended) too for a task that must also
+    /// stop then).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn lost(&self) {
+        let mut standing = self.state.standing.subscribe();
+        // The sender lives in `state`, which this token keeps: `wait_for` cannot fail.
+        let _ = standing.wait_for(|s| *s == Standing::Lost).await;
+        if !self.is_lost() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Resolves when the lease is over: lost, released, or its guard dropped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe.
+    pub async fn ended(&self) {
+        let mut standing = self.state.standing.subscribe();
+        let _ = standing.wait_for(|s| *s != Standing::Held).await;
+    }
+}
+
+tokio::task_local! {
+    /// The lease token of the fan-out run whose job this task is polling.
+    static CURRENT_RUN: LostToken;
+}
+
+/// Runs `job` with `token` as its [`LostToken::current`].
+pub(crate) async fn with_run_token<F: std::future::Future>(token: LostToken, job: F) -> F::Output {
+    CURRENT_RUN.scope(token, job).await
 }
 
 #[cfg(test)]

@@ -258,9 +258,12 @@ async fn bad_input_is_rejected(fx: Fx) {
         herd.try_lock_with("k", &LockOptions::new().ttl(herdlock::limits::MAX_TTL * 2))
             .await
             .map(|_| ()),
-        herd.try_lock_with("k", &LockOptions::new().grace(herdlock::limits::MAX_TTL * 2))
-            .await
-            .map(|_| ()),
+        herd.try_lock_with(
+            "k",
+            &LockOptions::new().grace(herdlock::limits::MAX_TTL * 2),
+        )
+        .await
+        .map(|_| ()),
         herd.lock("k", Duration::ZERO).await.map(|_| ()),
         herd.lock("k", Duration::from_secs(365 * 24 * 3600))
             .await

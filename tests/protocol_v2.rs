@@ -19,11 +19,11 @@ use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use herdlock::limits::QUEUE_TTL;
 use herdlock::{
     FanoutOptions, Herd, JobError, LockOptions, Outcome, Push, SemaphoreOptions, TryLock, TryMulti,
     TryPermit,
 };
-use herdlock::limits::QUEUE_TTL;
 
 use crate::common::procs::{emit, worker_param, worker_read_line, worker_ready_and_wait_go};
 use crate::common::{ready_then_go, unique_prefix, RedisServer, Worker, STEP_TIMEOUT};

@@ -197,7 +197,8 @@ async fn bad_input_is_rejected(fx: Fx) {
     let lease = |d| SemaphoreOptions::new().lease(d);
     let handles = [
         herd.semaphore("k", 0).map(|_| ()),
-        herd.semaphore("k", herdlock::limits::MAX_PERMITS + 1).map(|_| ()),
+        herd.semaphore("k", herdlock::limits::MAX_PERMITS + 1)
+            .map(|_| ()),
         herd.semaphore("k", u32::MAX).map(|_| ()),
         herd.semaphore("", 1).map(|_| ()),
         herd.semaphore("a{b", 1).map(|_| ()),

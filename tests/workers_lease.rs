@@ -276,9 +276,7 @@ async fn run_op(
             // The oldest generation this caller may accept: the run in progress now, or a
             // run that starts after the last finished one.
             let status = herd.lock_status(&job).await?;
-            let oldest = status
-                .holder
-                .map_or(1, |h| h.fence.get());
+            let oldest = status.holder.map_or(1, |h| h.fence.get());
             let options = FanoutOptions::new().ttl(Duration::from_secs(1));
             let fanned = herd
                 .fanout_with(&job, deadline, &options, || async {
