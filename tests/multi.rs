@@ -1,10 +1,10 @@
-//! Multi-key locks: all or none, per-key outcomes, waiting, fencing, hash tags (both
+//! Multi-key locks: all or none, lost keys, waiting, fencing, hash tags (both
 //! backends, plus Redis-only forms that lose exactly one key).
 
 use std::time::{Duration, Instant};
 
 use herdlock::{
-    ErrorKind, Herd, KeyRelease, LockGuard, LockOptions, MultiGuard, TryLock, TryMulti,
+    ErrorKind, Herd, LockGuard, LockOptions, MultiGuard, MultiOptions, TryLock, TryMulti,
 };
 
 use crate::fixture::{both_backends, within, Fx, Kind};
@@ -13,7 +13,7 @@ both_backends!(
     busy_names_held_key_and_locks_nothing,
     busy_behind_another_multi_names_every_held_key,
     extend_after_expiry_and_takeover_is_lock_lost,
-    release_after_expiry_reports_lost_not_error,
+    release_after_expiry_is_lock_lost,
     duplicates_are_ignored,
     bad_input_is_rejected,
     blocking_multi_is_woken_by_release,
@@ -28,6 +28,10 @@ const LONG: Duration = Duration::from_secs(30);
 
 fn long() -> LockOptions {
     LockOptions::new().ttl(LONG)
+}
+
+fn long_multi() -> MultiOptions {
+    MultiOptions::new().ttl(LONG)
 }
 
 /// The guard of an acquired multi-lock; panics naming the holders otherwise.
@@ -64,7 +68,7 @@ fn lock_key(fx: &Fx, key: &str) -> String {
 /// takes `b`. Returns `x`'s multi-guard and `y`'s lock on `b`.
 async fn abc_with_b_taken(fx: &Fx, x: &Herd, y: &Herd) -> (MultiGuard, LockGuard) {
     let guard = acquired(
-        x.try_multi_with(&["a", "b", "c"], &long())
+        x.try_multi_with(&["a", "b", "c"], &long_multi())
             .await
             .expect("try_multi"),
     );
@@ -113,8 +117,7 @@ async fn busy_names_held_key_and_locks_nothing(fx: Fx) {
     assert_free(&c, "3").await;
     guard.release().await.expect("release");
     let all = acquired(b.try_multi(&["1", "2", "3"]).await.expect("try_multi"));
-    let outcomes = all.release().await.expect("release");
-    assert!(outcomes.iter().all(|(_, o)| *o == KeyRelease::Released));
+    all.release().await.expect("release");
 }
 
 /// Issue 4, test 3 (holder is a multi-lock): every held key is reported, with its holder.
@@ -122,7 +125,7 @@ async fn busy_behind_another_multi_names_every_held_key(fx: Fx) {
     let a = fx.node("multi-a").await;
     let b = fx.node("multi-b").await;
     let first = acquired(
-        a.try_multi_with(&["x", "1", "3"], &long())
+        a.try_multi_with(&["x", "1", "3"], &long_multi())
             .await
             .expect("try_multi"),
     );
@@ -141,15 +144,10 @@ async fn busy_behind_another_multi_names_every_held_key(fx: Fx) {
         TryMulti::Acquired(g) => panic!("acquired {g:?} while 1 and 3 are held"),
     }
     assert_free(&b, "2").await;
-    let outcomes = first.release().await.expect("release");
-    assert_eq!(
-        outcomes,
-        [
-            ("x".to_owned(), KeyRelease::Released),
-            ("1".to_owned(), KeyRelease::Released),
-            ("3".to_owned(), KeyRelease::Released),
-        ]
-    );
+    first.release().await.expect("release");
+    for key in ["x", "1", "3"] {
+        assert_free(&b, key).await;
+    }
     let second = acquired(b.try_multi(&["1", "2", "3"]).await.expect("try_multi"));
     second.release().await.expect("release");
 }
@@ -157,7 +155,7 @@ async fn busy_behind_another_multi_names_every_held_key(fx: Fx) {
 /// Takes `a, b, c` on `x` with a 150 ms TTL, lets it run out, and has `y` take `b`.
 async fn expire_then_take_b(x: &Herd, y: &Herd) -> (MultiGuard, herdlock::LockGuard) {
     // No auto-extension: this lease must run out on its own.
-    let short = LockOptions::new()
+    let short = MultiOptions::new()
         .ttl(Duration::from_millis(150))
         .auto_extend(false);
     let guard = acquired(
@@ -179,40 +177,34 @@ async fn expire_then_take_b(x: &Herd, y: &Herd) -> (MultiGuard, herdlock::LockGu
 async fn extend_after_expiry_and_takeover_is_lock_lost(fx: Fx) {
     let x = fx.node("x").await;
     let y = fx.node("y").await;
-    let (mut guard, taken) = expire_then_take_b(&x, &y).await;
+    let (guard, taken) = expire_then_take_b(&x, &y).await;
     let e = guard.extend(LONG).await.expect_err("b is lost");
     assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
     assert!(e.message().contains("`b`"), "{e}");
     assert_held_by(&y, "b", "y").await;
     assert_free(&y, "a").await;
     assert_free(&y, "c").await;
-    // The guard holds nothing now; releasing it reports that and never fails.
-    let outcomes = guard.release().await.expect("release never fails on loss");
-    assert!(
-        outcomes.iter().all(|(_, o)| *o == KeyRelease::Lost),
-        "{outcomes:?}"
-    );
+    // The guard holds nothing now; releasing it says so, as for a lock guard.
+    assert!(guard.is_lost());
+    let e = guard.release().await.expect_err("nothing left to release");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
     taken
         .release()
         .await
         .expect("the new holder's lock is intact");
 }
 
-/// Release after every key expired and one was taken over: each key is `Lost`, no error,
-/// and the new holder's lock is intact.
-async fn release_after_expiry_reports_lost_not_error(fx: Fx) {
+/// Release after every key expired and one was taken over: `LockLost` naming every key
+/// (as `LockGuard::release`), and the new holder's lock is intact.
+async fn release_after_expiry_is_lock_lost(fx: Fx) {
     let x = fx.node("x").await;
     let y = fx.node("y").await;
     let (guard, taken) = expire_then_take_b(&x, &y).await;
-    let outcomes = guard.release().await.expect("release never fails on loss");
-    assert_eq!(
-        outcomes,
-        [
-            ("a".to_owned(), KeyRelease::Lost),
-            ("b".to_owned(), KeyRelease::Lost),
-            ("c".to_owned(), KeyRelease::Lost),
-        ]
-    );
+    let e = guard.release().await.expect_err("every key was lost");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    for key in ["`a`", "`b`", "`c`"] {
+        assert!(e.message().contains(key), "{key} in {e}");
+    }
     assert_held_by(&y, "b", "y").await;
     taken
         .release()
@@ -227,7 +219,7 @@ async fn extend_with_one_key_lost_releases_the_others_redis() {
     let fx = Fx::new(Kind::Redis, "multi::extend_with_one_key_lost");
     let x = fx.node("x").await;
     let y = fx.node("y").await;
-    let (mut guard, taken) = abc_with_b_taken(&fx, &x, &y).await;
+    let (guard, taken) = abc_with_b_taken(&fx, &x, &y).await;
     // Before the extend, `a` and `c` are still held by `x`.
     assert_held_by(&y, "a", "x").await;
     assert_held_by(&y, "c", "x").await;
@@ -241,30 +233,25 @@ async fn extend_with_one_key_lost_releases_the_others_redis() {
     assert_free(&y, "a").await;
     assert_free(&y, "c").await;
     assert_held_by(&y, "b", "y").await;
-    let outcomes = guard.release().await.expect("release");
-    assert!(
-        outcomes.iter().all(|(_, o)| *o == KeyRelease::Lost),
-        "{outcomes:?}"
-    );
+    let e = guard.release().await.expect_err("nothing left to release");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
     taken.release().await.expect("y's lock is intact");
 }
 
-/// Release with exactly one key lost (Redis): `Lost` for it, `Released` for the rest, no
-/// error; the other node's lock on it is left alone.
+/// Release with exactly one key lost (Redis): `LockLost` naming it alone, the rest
+/// released; the other node's lock on it is left alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_with_one_key_lost_reports_it_redis() {
     let fx = Fx::new(Kind::Redis, "multi::release_with_one_key_lost");
     let x = fx.node("x").await;
     let y = fx.node("y").await;
     let (guard, taken) = abc_with_b_taken(&fx, &x, &y).await;
-    let outcomes = guard.release().await.expect("release never fails on loss");
-    assert_eq!(
-        outcomes,
-        [
-            ("a".to_owned(), KeyRelease::Released),
-            ("b".to_owned(), KeyRelease::Lost),
-            ("c".to_owned(), KeyRelease::Released),
-        ]
+    let e = guard.release().await.expect_err("b was lost");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    assert!(e.message().contains("`b`"), "{e}");
+    assert!(
+        !e.message().contains("`a`") && !e.message().contains("`c`"),
+        "only b was lost: {e}"
     );
     assert_free(&y, "a").await;
     assert_free(&y, "c").await;
@@ -285,14 +272,9 @@ async fn duplicates_are_ignored(fx: Fx) {
     for key in ["a", "b"] {
         assert!(other.try_lock(key).await.expect("try").is_busy(), "{key}");
     }
-    let outcomes = guard.release().await.expect("release");
-    assert_eq!(
-        outcomes,
-        [
-            ("a".to_owned(), KeyRelease::Released),
-            ("b".to_owned(), KeyRelease::Released),
-        ]
-    );
+    guard.release().await.expect("release");
+    assert_free(&other, "a").await;
+    assert_free(&other, "b").await;
     // The set is what counts: 64 distinct keys, one repeated, is within the limit.
     let mut keys: Vec<String> = (0..herdlock::limits::MAX_MULTI_KEYS)
         .map(|i| format!("k{i}"))
@@ -301,9 +283,7 @@ async fn duplicates_are_ignored(fx: Fx) {
     let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let all = acquired(herd.try_multi(&refs).await.expect("64 distinct keys"));
     assert_eq!(all.keys().count(), herdlock::limits::MAX_MULTI_KEYS);
-    let outcomes = all.release().await.expect("release");
-    assert_eq!(outcomes.len(), herdlock::limits::MAX_MULTI_KEYS);
-    assert!(outcomes.iter().all(|(_, o)| *o == KeyRelease::Released));
+    all.release().await.expect("release");
 }
 
 /// Empty and oversized key sets, bad keys, waits and TTLs are `InvalidInput`, and nothing
@@ -329,13 +309,13 @@ async fn bad_input_is_rejected(fx: Fx) {
         herd.multi(&["a", "b"], herdlock::limits::MAX_WAIT * 2)
             .await
             .map(|_| ()),
-        herd.try_multi_with(&["a", "b"], &LockOptions::new().ttl(Duration::ZERO))
+        herd.try_multi_with(&["a", "b"], &MultiOptions::new().ttl(Duration::ZERO))
             .await
             .map(|_| ()),
         herd.multi_with(
             &["a", "b"],
             wait,
-            &LockOptions::new().ttl(herdlock::limits::MAX_TTL * 2),
+            &MultiOptions::new().ttl(herdlock::limits::MAX_TTL * 2),
         )
         .await
         .map(|_| ()),
@@ -348,12 +328,11 @@ async fn bad_input_is_rejected(fx: Fx) {
     assert_free(&herd, "a").await;
     assert_free(&herd, "b").await;
     // A bad TTL on extend is rejected before anything is touched: the guard still holds.
-    let mut guard = acquired(herd.try_multi(&["a", "b"]).await.expect("try_multi"));
+    let guard = acquired(herd.try_multi(&["a", "b"]).await.expect("try_multi"));
     let e = guard.extend(Duration::ZERO).await.expect_err("zero ttl");
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     guard.extend(LONG).await.expect("still held");
-    let outcomes = guard.release().await.expect("release");
-    assert!(outcomes.iter().all(|(_, o)| *o == KeyRelease::Released));
+    guard.release().await.expect("release");
 }
 
 /// Blocking form: `multi(a, b)` waits while `b` is held (TTL 30 s), holds nothing while it
@@ -370,7 +349,7 @@ async fn blocking_multi_is_woken_by_release(fx: Fx) {
         .expect("free");
     let task = tokio::spawn(async move {
         let got = waiter
-            .multi_with(&["a", "b"], Duration::from_secs(20), &long())
+            .multi_with(&["a", "b"], Duration::from_secs(20), &long_multi())
             .await;
         (got, Instant::now())
     });
@@ -459,15 +438,15 @@ async fn fences_increase_per_key(fx: Fx) {
             assert!(fx_ > lx, "x: {fx_} after {lx}");
             assert!(fy > ly, "y: {fy} after {ly}");
         }
-        let last = |key: &'static str| {
+        let status_fence = |key: &'static str| {
             let herd = &herd;
             async move {
                 let status = herd.lock_status(key).await.expect("status");
                 status.last_fence.map(herdlock::FencingToken::get)
             }
         };
-        assert_eq!(last("x").await, Some(fx_));
-        assert_eq!(last("y").await, Some(fy));
+        assert_eq!(status_fence("x").await, Some(fx_));
+        assert_eq!(status_fence("y").await, Some(fy));
         last = Some((fx_, fy));
         guard.release().await.expect("release");
     }
@@ -506,8 +485,7 @@ async fn hash_tag_keys_lock_together(fx: Fx) {
             assert!(lock.starts_with(&slot), "{lock} is not under {slot}");
         }
     }
-    let outcomes = guard.release().await.expect("release");
-    assert!(outcomes.iter().all(|(_, o)| *o == KeyRelease::Released));
+    guard.release().await.expect("release");
     let next = acquired(
         b.try_multi(&["acct:{bank}:2", "acct:{bank}:3"])
             .await
@@ -531,10 +509,10 @@ async fn hash_tag_keys_lock_together(fx: Fx) {
 async fn extend_keeps_every_key(fx: Fx) {
     let x = fx.node("x").await;
     let y = fx.node("y").await;
-    let short = LockOptions::new()
+    let short = MultiOptions::new()
         .ttl(Duration::from_millis(300))
         .auto_extend(false);
-    let mut guard = acquired(
+    let guard = acquired(
         x.try_multi_with(&["a", "b", "c"], &short)
             .await
             .expect("try_multi"),
@@ -557,8 +535,7 @@ async fn extend_keeps_every_key(fx: Fx) {
         y.try_multi(&["c"]).await.expect("try_multi"),
         TryMulti::Busy(_)
     ));
-    let outcomes = guard.release().await.expect("release");
-    assert!(outcomes.iter().all(|(_, o)| *o == KeyRelease::Released));
+    guard.release().await.expect("release");
 }
 
 /// A dropped guard is released in the background: a waiter gets every key long before
@@ -567,7 +544,7 @@ async fn dropped_guard_is_released(fx: Fx) {
     let x = fx.node("x").await;
     let y = fx.node("y").await;
     let guard = acquired(
-        x.try_multi_with(&["a", "b"], &long())
+        x.try_multi_with(&["a", "b"], &long_multi())
             .await
             .expect("try_multi"),
     );

@@ -519,6 +519,7 @@ async fn a_refused_publish_leaves_nothing_half_done() {
     let url = user(&server, "app", &least_privilege(&prefix));
     let herd = connect(&url, &prefix).await.expect("connect");
     let long = herdlock::LockOptions::new().ttl(Duration::from_secs(60));
+    let long_multi = herdlock::MultiOptions::new().ttl(Duration::from_secs(60));
     let lock = herd
         .try_lock_with("l", &long)
         .await
@@ -526,13 +527,13 @@ async fn a_refused_publish_leaves_nothing_half_done() {
         .acquired()
         .expect("free");
     let multi = herd
-        .try_multi_with(&["m1", "m2"], &long)
+        .try_multi_with(&["m1", "m2"], &long_multi)
         .await
         .expect("try_multi")
         .acquired()
         .expect("free");
-    let mut extended = herd
-        .try_multi_with(&["e1", "e2"], &long)
+    let extended = herd
+        .try_multi_with(&["e1", "e2"], &long_multi)
         .await
         .expect("try_multi")
         .acquired()

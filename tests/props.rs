@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use herdlock::{
-    ErrorKind, FanoutOptions, Herd, JobError, KeyRelease, LockGuard, LockOptions, MultiGuard,
+    ErrorKind, FanoutOptions, Herd, JobError, LockGuard, LockOptions, MultiGuard, MultiOptions,
     Permit, Role, Semaphore, SemaphoreOptions, TryLock, TryMulti, TryPermit,
 };
 use proptest::prelude::*;
@@ -141,7 +141,6 @@ enum Obs {
         fences: Vec<(String, u64)>,
     },
     MultiBusy(Vec<(String, String, u64)>),
-    MultiReleased(Vec<(String, KeyRelease)>),
     Fanned {
         value: u32,
         role: Role,
@@ -216,6 +215,10 @@ fn lock_opts(ttl: Ttl) -> LockOptions {
     LockOptions::new().ttl(ttl.duration()).auto_extend(false)
 }
 
+fn multi_opts(ttl: Ttl) -> MultiOptions {
+    MultiOptions::new().ttl(ttl.duration()).auto_extend(false)
+}
+
 /// One run of a sequence on one backend.
 struct Run<'a> {
     nodes: &'a [Herd],
@@ -285,7 +288,7 @@ impl Run<'_> {
             Op::TryMulti { node, keys, ttl } => {
                 let names: Vec<&str> = keys.iter().map(|&k| LOCK_KEYS[k]).collect();
                 match self.nodes[*node]
-                    .try_multi_with(&names, &lock_opts(*ttl))
+                    .try_multi_with(&names, &multi_opts(*ttl))
                     .await
                     .expect("try_multi")
                 {
@@ -308,7 +311,10 @@ impl Run<'_> {
                 None => Obs::NoGuard,
                 Some(i) => {
                     let guard = held[i].take().expect("live");
-                    Obs::MultiReleased(guard.release().await.expect("multi release"))
+                    guard
+                        .release()
+                        .await
+                        .map_or_else(|e| failed(&e), |()| Obs::Done)
                 }
             },
             Op::MultiExtend { guard, ttl } => match pick(held, *guard) {

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use herdlock::limits::QUEUE_TTL;
 use herdlock::{
-    FanoutOptions, Herd, JobError, LockOptions, Outcome, Push, SemaphoreOptions, TryLock, TryMulti,
-    TryPermit,
+    FanoutOptions, Herd, JobError, LockOptions, MultiOptions, Outcome, Push, SemaphoreOptions,
+    TryLock, TryMulti, TryPermit,
 };
 
 use crate::common::procs::{emit, worker_param, worker_read_line, worker_ready_and_wait_go};
@@ -262,7 +262,7 @@ async fn footprint_lock(a: Herd, b: Herd) {
 
 /// `multi` over 4 names, busy for b's `try_multi`, then b waits for all of them.
 async fn footprint_multi(a: Herd, b: Herd) {
-    let options = LockOptions::new().ttl(SHORT_TTL);
+    let options = MultiOptions::new().ttl(SHORT_TTL);
     each(MULTI_GROUPS, |i| {
         let (a, b, options) = (&a, &b, &options);
         async move {

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use herdlock::{ErrorKind, Herd, KeyRelease, LockOptions, SemaphoreOptions};
+use herdlock::{ErrorKind, Herd, LockOptions, MultiOptions, SemaphoreOptions};
 use redis::aio::MultiplexedConnection;
 
 use crate::common::proxy::{Direction, Proxy};
@@ -84,11 +84,14 @@ async fn take(herd: &Herd, kind: Kind, ttl: Duration) -> Held {
                 .expect("free"),
         ),
         Kind::Multi => Held::Multi(
-            herd.try_multi_with(&["k", "k2"], &options)
-                .await
-                .expect("try")
-                .acquired()
-                .expect("free"),
+            herd.try_multi_with(
+                &["k", "k2"],
+                &MultiOptions::new().ttl(ttl).auto_extend(false),
+            )
+            .await
+            .expect("try")
+            .acquired()
+            .expect("free"),
         ),
         Kind::Permit => Held::Permit(
             herd.semaphore_with("k", 1, &SemaphoreOptions::new().lease(ttl))
@@ -109,19 +112,18 @@ async fn release(held: Held) -> herdlock::Result<Released> {
             Err(e) if e.kind() == ErrorKind::LockLost => Ok(Released::Lost),
             Err(e) => Err(e),
         },
-        Held::Multi(guard) => {
-            let outcomes = guard.release().await?;
-            assert_eq!(outcomes.len(), 2);
-            if outcomes.iter().all(|(_, r)| *r == KeyRelease::Released) {
-                Ok(Released::Ok)
-            } else {
+        Held::Multi(guard) => match guard.release().await {
+            Ok(()) => Ok(Released::Ok),
+            Err(e) if e.kind() == ErrorKind::LockLost => {
+                // Both keys share one fate (one lease, one script).
                 assert!(
-                    outcomes.iter().all(|(_, r)| *r == KeyRelease::Lost),
-                    "{outcomes:?}"
+                    e.message().contains("`k`") && e.message().contains("`k2`"),
+                    "{e}"
                 );
                 Ok(Released::Lost)
             }
-        }
+            Err(e) => Err(e),
+        },
         Held::Permit(permit) => match permit.release().await {
             Ok(()) => Ok(Released::Ok),
             Err(e) if e.kind() == ErrorKind::LockLost => Ok(Released::Lost),

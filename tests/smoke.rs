@@ -107,7 +107,7 @@ pub(crate) async fn lock(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) 
 
 /// b waits for a multi-lock sharing a key (and the hash tag) with a's.
 pub(crate) async fn multi(a: &Herd, b: &Herd, subscribed: impl Fn(&str) -> bool) {
-    let options = LockOptions::new().ttl(LONG);
+    let options = herdlock::MultiOptions::new().ttl(LONG);
     let held = a
         .try_multi_with(&["{m}:1", "{m}:2"], &options)
         .await

@@ -145,7 +145,7 @@ async fn multi_deadline_during_acquire_leaves_no_lock() {
         .multi_with(
             &["a", "b"],
             Duration::from_millis(300),
-            &LockOptions::new().ttl(LONG_TTL),
+            &herdlock::MultiOptions::new().ttl(LONG_TTL),
         )
         .await
         .expect_err("Redis is paused: the locks cannot be taken in time");
@@ -206,10 +206,18 @@ async fn memory_contended_expiries_never_error() {
     let opts = LockOptions::new()
         .ttl(Duration::from_millis(1))
         .auto_extend(false);
+    let multi_opts = herdlock::MultiOptions::new()
+        .ttl(Duration::from_millis(1))
+        .auto_extend(false);
     let busy_seen = Arc::new(AtomicU64::new(0));
     let tasks: Vec<_> = (0..CONTENDERS)
         .map(|i| {
-            let (herd, opts, busy_seen) = (herd.clone(), opts.clone(), Arc::clone(&busy_seen));
+            let (herd, opts, multi_opts, busy_seen) = (
+                herd.clone(),
+                opts.clone(),
+                multi_opts.clone(),
+                Arc::clone(&busy_seen),
+            );
             tokio::spawn(async move {
                 let mut guards = Vec::new();
                 for round in 0..ROUNDS {
@@ -220,7 +228,7 @@ async fn memory_contended_expiries_never_error() {
                         }
                         Err(e) => panic!("contender {i}, round {round}: try_lock failed: {e}"),
                     }
-                    match herd.try_multi_with(&["hot", "cold"], &opts).await {
+                    match herd.try_multi_with(&["hot", "cold"], &multi_opts).await {
                         Ok(TryMulti::Acquired(guard)) => drop(guard),
                         Ok(TryMulti::Busy(_)) => {}
                         Err(e) => panic!("contender {i}, round {round}: try_multi failed: {e}"),

@@ -53,7 +53,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use herdlock::{FanoutOptions, Herd, KeyRelease, Role, SemaphoreOptions, TryLock, TryMulti};
+use herdlock::{FanoutOptions, Herd, Role, SemaphoreOptions, TryLock, TryMulti};
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use serde::de::DeserializeOwned;
@@ -921,12 +921,11 @@ fn multi_keys(tag: &str, i: u64) -> [String; MULTI_KEYS] {
 async fn herd_multi_cycle(herd: &Herd, keys: &[String; MULTI_KEYS]) -> Res<bool> {
     let keys = keys.each_ref().map(String::as_str);
     match herd.try_multi(&keys).await? {
-        TryMulti::Acquired(guard) => {
-            let released = guard.release().await?;
-            Ok(released
-                .iter()
-                .all(|(_, outcome)| *outcome == KeyRelease::Released))
-        }
+        TryMulti::Acquired(guard) => match guard.release().await {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == herdlock::ErrorKind::LockLost => Ok(false),
+            Err(e) => Err(e.into()),
+        },
         TryMulti::Busy(_) => Ok(false),
     }
 }
