@@ -696,6 +696,14 @@ impl LeaseHandle {
         }
         let mut beats = self.state.beats.subscribe();
         let seen = beats.borrow_and_update().0;
+        // A renewal that finished between the check above and the subscription made the
+        // lease fresh before it counted itself: look again rather than ask for another.
+        if self.state.is_lost() {
+            return Err(BeatFailed::Lost);
+        }
+        if Instant::now() < self.state.fresh_until() {
+            return Ok(());
+        }
         let mut standing = self.state.standing.subscribe();
         {
             let Some(shared) = self.shared.upgrade() else {

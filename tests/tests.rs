@@ -65,3 +65,5 @@ mod cluster;
 mod acl_scale;
 // The smoke set those permission tests run as restricted users.
 mod smoke;
+// One shape for every guard: coalescing heartbeats, lost tokens, refused options, Send/Sync.
+mod guards;
