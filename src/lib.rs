@@ -101,6 +101,27 @@
 //!   when the holder's TTL runs out (and at least every 30 s), and after the pub/sub
 //!   connection reconnects every local waiter re-checks at once.
 //!
+//! # One shape for every primitive
+//!
+//! - **Guards read alike.** [`LockGuard`], [`MultiGuard`] and [`Permit`] each have
+//!   `extend(&self, ttl)`, `heartbeat()`, `is_lost()`, `lost()`, `lost_token()` and a
+//!   consuming `release()`; a lock lost before its release is
+//!   [`LockLost`](ErrorKind::LockLost) from `release` for all three.
+//! - **Heartbeats coalesce.** `heartbeat()` fails at once when the lease is known lost and
+//!   otherwise renews at most once per third of the TTL, one renewal shared by every caller
+//!   and the watchdog: call it in a hot loop.
+//! - **A loss signal that travels.** [`LostToken`] is cloneable and `'static`: move it into
+//!   a spawned task. Every guard and permit, a push [`Completer`], and (through
+//!   [`LostToken::current`]) a fan-out job or a `once` closure hand one out.
+//! - **Non-blocking results read alike.** [`TryLock`], [`TryMulti`] and [`TryPermit`] have
+//!   `acquired()`, `is_acquired()`, `is_busy()`, and what was busy.
+//! - **Options are honoured or refused.** Each primitive takes options it honours
+//!   ([`LockOptions`], [`MultiOptions`], [`SemaphoreOptions`], [`FanoutOptions`]); an option
+//!   a call cannot honour (`cancel_on_lost` on a guard form) is
+//!   [`InvalidInput`](ErrorKind::InvalidInput), never silently ignored. Input limits are in
+//!   [`limits`].
+//! - Every public future, guard and handle is `Send`, and every guard and handle `Sync`.
+//!
 //! # Backends
 //!
 //! [`Herd::connect`] (or [`Builder::connect`]) for Redis, [`Herd::memory`] for the
@@ -146,6 +167,23 @@ pub use semaphore::{
     Permit, PermitHolder, Semaphore, SemaphoreOptions, SemaphoreStatus, TryPermit,
 };
 pub use watchdog::LostToken;
+
+// Every guard and handle crosses threads (the futures are checked in tests/guards.rs).
+const _: () = {
+    const fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Herd>();
+    send_sync::<LockGuard>();
+    send_sync::<MultiGuard>();
+    send_sync::<Permit>();
+    send_sync::<Semaphore>();
+    send_sync::<LostToken>();
+    send_sync::<Completer<()>>();
+    send_sync::<Follower<()>>();
+    send_sync::<TryLock>();
+    send_sync::<TryMulti>();
+    send_sync::<TryPermit>();
+    send_sync::<Error>();
+};
 
 /// The README's examples, compiled as doc tests so they cannot rot.
 #[cfg(doctest)]
