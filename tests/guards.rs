@@ -63,7 +63,7 @@ async fn heartbeat_renews_once_per_third_of_the_ttl(fx: Fx) {
     }
     let left = remaining(&herd, "beat").await;
     assert!(
-        left > ttl - ttl / 4,
+        left > ttl * 3 / 4,
         "renewed to the full TTL: {left:?} left"
     );
     // Renewed to the full TTL after the first third: past the acquisition's TTL, still held.
@@ -159,12 +159,12 @@ async fn tokens_end_on_release_and_fire_on_expiry(fx: Fx) {
     // The local deadline comes a little before the keys expire: once another node has
     // them, the release is `LockLost` too.
     let other = fx.node("other").await;
-    let taken = other
+    let new_holder = other
         .multi(&["m1", "m2"], LIMIT)
         .await
         .expect("free after expiry");
     assert!(multi.release().await.expect_err("lost").is_lock_lost());
-    taken.release().await.expect("the new holder is intact");
+    new_holder.release().await.expect("the new holder is intact");
     drop(lock);
     // A permit's token ends with the permit.
     let permit = herd
@@ -320,7 +320,7 @@ async fn heartbeats_coalesce_on_redis() {
         .and_then(|h| h.remaining)
         .expect("held");
     assert!(
-        left > ttl - ttl / 4,
+        left > ttl * 3 / 4,
         "renewed to the full TTL: {left:?} left"
     );
     guard.release().await.expect("release");
@@ -540,14 +540,14 @@ mod send_sync {
     }
 
     /// Builds (never awaits) every public future: the body only has to compile.
-    async fn futures(
-        herd: Herd,
+    fn futures(
+        herd: &Herd,
         guard: LockGuard,
         multi: MultiGuard,
         permit: Permit,
-        semaphore: Semaphore,
+        semaphore: &Semaphore,
         follower: Follower<u32>,
-        token: LostToken,
+        token: &LostToken,
     ) {
         let wait = Duration::from_secs(1);
         let lock_options = LockOptions::new();
