@@ -505,15 +505,18 @@ impl LockGuard {
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
         let held = self.held_until();
+        let token = self.lost_token();
         self.lease = None; // stop renewing first
-        release(
+        let released = release(
             self.herd.backend(),
             &self.keys,
             &self.token,
             self.grace,
             held,
         )
-        .await
+        .await;
+        token.found_lost_if(&released);
+        released
     }
 
     /// Until when nobody else can have the lock (the lease's local deadline), if known.

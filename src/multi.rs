@@ -328,6 +328,7 @@ impl MultiGuard {
     /// If cancelled, the release may or may not have happened; the TTL is the backstop.
     pub async fn release(mut self) -> Result<()> {
         let gone = self.released.swap(true, Ordering::AcqRel);
+        let token = self.lost_token();
         self.lease = None; // stop renewing first
         if gone {
             // A failed `extend` already released what was left.
@@ -337,13 +338,15 @@ impl MultiGuard {
         if lost.is_empty() {
             return Ok(());
         }
-        Err(Error::new(
+        let lost = Err(Error::new(
             ErrorKind::LockLost,
             format!(
                 "multi-lock lost key(s) {} before the release (they expired or were taken over; left untouched); the other keys were released",
                 quoted(&lost.iter().map(String::as_str).collect::<Vec<_>>())
             ),
-        ))
+        ));
+        token.found_lost_if(&lost);
+        lost
     }
 }
 

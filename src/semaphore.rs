@@ -617,11 +617,14 @@ impl Permit {
     /// If cancelled, the release may or may not have happened; the lease is the backstop.
     pub async fn release(mut self) -> Result<()> {
         self.released = true;
+        let token = self.lost_token();
         self.lease = None; // stop renewing first
         if self.semaphore.release_member(&self.member).await? {
             Ok(())
         } else {
-            Err(self.lost_error())
+            let lost = Err(self.lost_error());
+            token.found_lost_if(&lost);
+            lost
         }
     }
 

@@ -812,7 +812,8 @@ impl Drop for LeaseHandle {
 /// successful acquisition or renewal was sent, plus the TTL, minus 1 % + 2 ms), which is
 /// never later than the lease runs out on Redis. A lease its holder released (or whose
 /// guard was dropped) while still held is *ended*, not lost: [`lost`](LostToken::lost)
-/// then never resolves, and [`ended`](LostToken::ended) does.
+/// then never resolves, and [`ended`](LostToken::ended) does. A release that finds the
+/// lease already lost ([`LockLost`](crate::ErrorKind::LockLost)) marks the token lost.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
@@ -856,6 +857,18 @@ impl LostToken {
         state.standing.send_replace(Standing::Ended);
         LostToken {
             state: Arc::new(state),
+        }
+    }
+
+    /// A release found the lease lost (`LockLost`): it was lost while still held, even if
+    /// the token already reads ended.
+    pub(crate) fn found_lost_if<T>(&self, released: &crate::Result<T>) {
+        if released.as_ref().is_err_and(crate::Error::is_lock_lost) {
+            self.state.standing.send_if_modified(|standing| {
+                let changed = *standing != Standing::Lost;
+                *standing = Standing::Lost;
+                changed
+            });
         }
     }
 

@@ -62,10 +62,7 @@ async fn heartbeat_renews_once_per_third_of_the_ttl(fx: Fx) {
         guard.heartbeat().await.expect("beat");
     }
     let left = remaining(&herd, "beat").await;
-    assert!(
-        left > ttl * 3 / 4,
-        "renewed to the full TTL: {left:?} left"
-    );
+    assert!(left > ttl * 3 / 4, "renewed to the full TTL: {left:?} left");
     // Renewed to the full TTL after the first third: past the acquisition's TTL, still held.
     let until_first_ttl = ttl.saturating_sub(acquired.elapsed());
     tokio::time::sleep(until_first_ttl + Duration::from_millis(50)).await;
@@ -164,7 +161,10 @@ async fn tokens_end_on_release_and_fire_on_expiry(fx: Fx) {
         .await
         .expect("free after expiry");
     assert!(multi.release().await.expect_err("lost").is_lock_lost());
-    new_holder.release().await.expect("the new holder is intact");
+    new_holder
+        .release()
+        .await
+        .expect("the new holder is intact");
     drop(lock);
     // A permit's token ends with the permit.
     let permit = herd
@@ -319,10 +319,7 @@ async fn heartbeats_coalesce_on_redis() {
         .holder
         .and_then(|h| h.remaining)
         .expect("held");
-    assert!(
-        left > ttl * 3 / 4,
-        "renewed to the full TTL: {left:?} left"
-    );
+    assert!(left > ttl * 3 / 4, "renewed to the full TTL: {left:?} left");
     guard.release().await.expect("release");
 
     // With auto-extend: the watchdog renews every TTL/3 anyway; heartbeats add nothing.
@@ -423,6 +420,23 @@ async fn tokens_fire_in_spawned_tasks_on_a_real_loss_redis() {
     assert!(multi.release().await.expect_err("lost").is_lock_lost());
     assert_eq!(server.cmd(&["GET", &lock_key]), "999:x:30000:0:thief");
     drop(permit);
+
+    // Taken over and released before any renewal noticed: the release finds the loss, and
+    // the token says lost (not merely ended).
+    let guard = herd
+        .try_lock_with("quiet", &LockOptions::new().ttl(LONG))
+        .await
+        .expect("try")
+        .acquired()
+        .expect("free");
+    let token = guard.lost_token();
+    let quiet_key = format!("{}:{{quiet}}:lock", fx.prefix);
+    server.cmd(&["SET", &quiet_key, "999:z:30000:0:thief", "PX", "30000"]);
+    assert!(!token.is_lost(), "no renewal ran yet");
+    assert!(guard.release().await.expect_err("taken").is_lock_lost());
+    assert!(token.is_lost() && token.is_ended());
+    within(LIMIT, "the token fires", token.lost()).await;
+    assert_eq!(server.cmd(&["GET", &quiet_key]), "999:z:30000:0:thief");
 }
 
 /// The run token of a fan-out job (`LostToken::current`) and of a push leader's completer,
