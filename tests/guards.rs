@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use herdlock::{
-    ErrorKind, FanoutOptions, Herd, JobError, LockOptions, LostToken, MultiOptions, Push,
-    SemaphoreOptions,
+    ErrorKind, FanoutOptions, Herd, LockOptions, LostToken, MultiOptions, Push, SemaphoreOptions,
 };
 
 use crate::common::server::{unique_prefix, RedisServer};
@@ -209,7 +208,7 @@ async fn options_a_guard_cannot_honour_are_refused(fx: Fx) {
     let outcome = herd
         .once_with("k", &options, || async {
             let token = LostToken::current().expect("inside once");
-            Ok::<_, herdlock::Error>(token.is_lost())
+            Ok(token.is_lost())
         })
         .await
         .expect("once");
@@ -448,18 +447,17 @@ async fn run_tokens_fire_on_a_real_loss_redis() {
     let herd = fx.node("runner").await;
     let options = FanoutOptions::new()
         .ttl(Duration::from_millis(600))
-        .timeout(LIMIT)
         .cancel_on_lost(false);
     let (token_tx, token_rx) = tokio::sync::oneshot::channel::<LostToken>();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let run = tokio::spawn({
         let (herd, options) = (herd.clone(), options.clone());
         async move {
-            herd.fanout_with("job", &options, move || async move {
+            herd.fanout_with("job", LIMIT, &options, move || async move {
                 let token = LostToken::current().expect("inside a fan-out job");
                 let _ = token_tx.send(token);
                 let _ = stop_rx.await;
-                Ok::<_, JobError>(1_u32)
+                Ok(1_u32)
             })
             .await
         }
@@ -483,6 +481,7 @@ async fn run_tokens_fire_on_a_real_loss_redis() {
     let push = herd
         .push::<u32>(
             "pushed",
+            LIMIT,
             &FanoutOptions::new().ttl(Duration::from_millis(600)),
         )
         .await
@@ -576,11 +575,13 @@ mod send_sync {
         send(&herd.lock("k", wait));
         send(&herd.lock_with("k", wait, &lock_options));
         send(&herd.lock_status("k"));
-        send(&herd.once("k", || async { Ok::<_, Error>(1) }));
-        send(&herd.once_with("k", &lock_options, || async { Ok::<_, Error>(1) }));
-        send(&herd.fanout("k", wait, || async { Ok::<_, JobError>(1) }));
-        send(&herd.fanout_with("k", &fanout_options, || async { Ok::<_, JobError>(1) }));
-        send(&herd.push::<u32>("k", &fanout_options));
+        send(&herd.once("k", || async { Ok(1) }));
+        send(&herd.once_with("k", &lock_options, || async { Ok(1) }));
+        send(&herd.run_locked("k", wait, || async { Ok(1) }));
+        send(&herd.run_locked_with("k", wait, &lock_options, || async { Ok(1) }));
+        send(&herd.fanout("k", wait, || async { Ok(1) }));
+        send(&herd.fanout_with("k", wait, &fanout_options, || async { Ok(1) }));
+        send(&herd.push::<u32>("k", wait, &fanout_options));
         send(&herd.try_multi(&["a", "b"]));
         send(&herd.try_multi_with(&["a", "b"], &multi_options));
         send(&herd.multi(&["a", "b"], wait));

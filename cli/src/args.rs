@@ -179,10 +179,10 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
             humantime::format_duration(ttl)
         ));
     }
-    if ttl > herdlock::MAX_TTL {
+    if ttl > herdlock::limits::MAX_TTL {
         return Err(format!(
             "a TTL must be at most {}",
-            humantime::format_duration(herdlock::MAX_TTL)
+            humantime::format_duration(herdlock::limits::MAX_TTL)
         ));
     }
     Ok(ttl)
@@ -191,10 +191,10 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 /// A grace period: zero (none) up to the library's TTL limit.
 fn parse_grace(text: &str) -> Result<Duration, String> {
     let grace = parse_duration(text)?;
-    if grace > herdlock::MAX_TTL {
+    if grace > herdlock::limits::MAX_TTL {
         return Err(format!(
             "a grace period must be at most {}",
-            humantime::format_duration(herdlock::MAX_TTL)
+            humantime::format_duration(herdlock::limits::MAX_TTL)
         ));
     }
     Ok(grace)
@@ -207,10 +207,10 @@ fn parse_wait(text: &str) -> Result<Duration, String> {
     if wait.is_zero() {
         return Err("a wait must be longer than zero (`once` does not wait)".to_owned());
     }
-    if wait > herdlock::MAX_WAIT {
+    if wait > herdlock::limits::MAX_WAIT {
         return Err(format!(
             "a wait must be at most {}",
-            humantime::format_duration(herdlock::MAX_WAIT)
+            humantime::format_duration(herdlock::limits::MAX_WAIT)
         ));
     }
     Ok(wait)

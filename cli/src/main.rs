@@ -129,46 +129,59 @@ async fn once(
     let kill_after = run.kill_after;
     let command = run.command;
     // The work runs inside `once_with`, which cancels it (dropping the child, whose whole
-    // process group then gets SIGKILL) as soon as the lock is lost.
+    // process group then gets SIGKILL) as soon as the lock is lost. How the command failed
+    // is kept here: `once_with` sees only that it failed (and releases at once, no grace).
+    let failed: std::sync::Mutex<Option<OnceFailure>> = std::sync::Mutex::new(None);
     let outcome = herd
-        .once_with(key, &options, || async move {
-            let ended = child::run(&command, std::future::pending(), signals, kill_after)
-                .await
-                .map_err(OnceError::Spawn)?;
+        .once_with(key, &options, || async {
+            let ended =
+                match child::run(&command, std::future::pending(), signals, kill_after).await {
+                    Ok(ended) => ended,
+                    Err(e) => {
+                        let message = e.to_string();
+                        *lock_failure(&failed) = Some(OnceFailure::Spawn(e));
+                        return Err(herdlock::JobError::new(message));
+                    }
+                };
             match ended {
                 Ended::Exited(0) => Ok(()),
-                other => Err(OnceError::Ended(other)),
+                other => {
+                    *lock_failure(&failed) = Some(OnceFailure::Ended(other));
+                    Err(herdlock::JobError::new("the command failed"))
+                }
             }
         })
         .await;
-    Ok(match outcome {
-        Ok(herdlock::Outcome::Ran(())) => ExitCode::SUCCESS,
-        Ok(herdlock::Outcome::Busy(holder)) => {
+    let failure = lock_failure(&failed).take();
+    Ok(match (outcome, failure) {
+        (Ok(herdlock::Outcome::Ran(())), _) => ExitCode::SUCCESS,
+        (Ok(herdlock::Outcome::Busy(holder)), _) => {
             eprintln!(
                 "herdlock: `{key}` is held by {} (fence {}); not running",
                 holder.owner, holder.fence
             );
             ExitCode::from(exit::TEMPFAIL)
         }
-        Err(OnceError::Ended(ended)) => ended.exit_code(),
-        Err(OnceError::Spawn(e)) => exit::spawn_failed(&e),
-        Err(OnceError::Herd(e)) if e.is_lock_lost() => exit::lock_lost(key),
-        Err(OnceError::Herd(e)) => return Err(e),
+        (Err(_), Some(OnceFailure::Ended(ended))) => ended.exit_code(),
+        (Err(_), Some(OnceFailure::Spawn(e))) => exit::spawn_failed(&e),
+        (Err(e), None) if e.is_lock_lost() => exit::lock_lost(key),
+        (Err(e), None) => return Err(e),
     })
 }
 
-/// What `once`'s work can end with besides success.
+/// How `once`'s command failed, kept beside `once_with` (which sees only a job error).
 #[derive(Debug)]
-enum OnceError {
-    Herd(herdlock::Error),
+enum OnceFailure {
     Ended(Ended),
     Spawn(std::io::Error),
 }
 
-impl From<herdlock::Error> for OnceError {
-    fn from(e: herdlock::Error) -> Self {
-        OnceError::Herd(e)
-    }
+fn lock_failure(
+    failed: &std::sync::Mutex<Option<OnceFailure>>,
+) -> std::sync::MutexGuard<'_, Option<OnceFailure>> {
+    failed
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `lock`: wait for the lock, run under it, release it.
@@ -268,7 +281,6 @@ async fn fanned(
 ) -> herdlock::Result<ExitCode> {
     let cap = fanout.max_output;
     let options = FanoutOptions::new()
-        .timeout(wait)
         .ttl(run.ttl)
         .max_result_size(output::max_result_size(cap));
     // Set by the job when it runs in this process: then this process leads, whatever the
@@ -286,7 +298,7 @@ async fn fanned(
     };
     let command = run.command;
     let kill_after = run.kill_after;
-    let result = herd.fanout_with(key, &options, move || async move {
+    let result = herd.fanout_with(key, wait, &options, move || async move {
         Led::update(&job_led, |led| led.running = true);
         let ran = child::run_captured(&command, cap, &mut job_signals, kill_after).await;
         let (ended, captured) = match ran {

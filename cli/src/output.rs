@@ -43,7 +43,7 @@ impl LeaderRun {
 pub(crate) fn max_result_size(cap: usize) -> usize {
     cap.saturating_mul(4)
         .saturating_add(4096)
-        .min(herdlock::MAX_RESULT_SIZE_LIMIT)
+        .min(herdlock::limits::MAX_RESULT_SIZE_LIMIT)
 }
 
 /// Output captured while it streams, up to a cap over stdout and stderr together.
