@@ -44,6 +44,7 @@ use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+use crate::backend::gate::{shutting_down, Stage};
 use crate::backend::{
     holder_token, parse_holder, AcquireReply, Backend, FanoutReply, ResultAges, Subscription,
 };
@@ -52,7 +53,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::JobKeys;
 use crate::wait::{self, Hint, Until, Woken};
-use crate::watchdog::{self, LeaseTerms, LostToken, Renewal};
+use crate::watchdog::{self, LeaseHandle, LeaseTerms, LostToken, Renewal};
 
 /// A job, type-erased: it runs and encodes its own result.
 pub(crate) type JobFn = Box<dyn FnOnce() -> BoxFuture<'static, Body> + Send>;
@@ -141,6 +142,9 @@ pub(crate) struct Flights {
     map: Mutex<HashMap<String, Entry>>,
     /// Flights currently subscribed and waiting for another node's run (a gauge).
     following: AtomicUsize,
+    /// Runs this process leads right now (a gauge), and a wake-up when one ends.
+    leading: AtomicUsize,
+    led: tokio::sync::Notify,
 }
 
 impl Flights {
@@ -157,6 +161,22 @@ impl Flights {
     /// Flights subscribed and waiting for another node's run.
     pub(crate) fn following(&self) -> usize {
         self.following.load(Ordering::SeqCst)
+    }
+
+    /// Runs this process leads right now.
+    pub(crate) fn leading(&self) -> usize {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once this process leads no run (at once if it leads none).
+    pub(crate) async fn none_leading(&self) {
+        loop {
+            let ended = self.led.notified();
+            if self.leading.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
     fn map(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.map
@@ -220,6 +240,7 @@ pub(crate) fn join_or_start(
     settings: RunSettings,
     mode: Mode,
 ) -> Result<(Waiter, bool)> {
+    herd.backend().gate().admit_acquire("a fan-out call")?;
     let flights = &herd.inner.flights;
     let mut map = flights.map();
     let now = Instant::now();
@@ -462,6 +483,10 @@ async fn lead(
 ) -> FlightOutcome {
     let Led { token, fence, sent } = run;
     let backend = herd.backend();
+    let flights = &herd.inner.flights;
+    flights.leading.fetch_add(1, Ordering::SeqCst);
+    let _leading = Leading(flights);
+    let closed = backend.gate().reached(Stage::Closed);
     let lease = herd.inner.watchdog.register(
         Renewal::Lock {
             keys: keys.clone(),
@@ -487,24 +512,24 @@ async fn lead(
     let body = match mode {
         Mode::Run(job) => {
             let run = watchdog::with_run_token(lease.token(), run_job(job, settings.max_duration));
-            tokio::select! {
-                body = run => body,
+            let cancelled = tokio::select! {
+                body = run => Ok(body),
                 () = lease.lost(), if settings.cancel_on_lost => return lost_outcome(),
                 () = abandoned_by_all(herd, keys, slot), if settings.cancel_when_abandoned => {
-                    drop(lease);
                     tracing::debug!(job = %keys.key, generation = fence, "no caller waits for the run any more; cancelled");
-                    // Give the run up so a later caller starts a new one at once.
-                    if let Err(e) = backend.release(keys, &token, Duration::ZERO).await {
-                        tracing::warn!(job = %keys.key, error = %e, "releasing an abandoned run failed");
-                    }
-                    return FlightOutcome {
-                        result: Err(abandoned(&format!(
-                            "no caller waited for the run of job `{}` any more; it was cancelled",
-                            keys.key
-                        ))),
-                        how: How::Led,
-                    };
+                    Err(abandoned(&format!(
+                        "no caller waited for the run of job `{}` any more; it was cancelled",
+                        keys.key
+                    )))
                 }
+                () = closed => Err(shutting_down(&format!(
+                    "the run of job `{}` (still running when the shutdown's grace ended; it was cancelled)",
+                    keys.key
+                ))),
+            };
+            match cancelled {
+                Ok(body) => body,
+                Err(e) => return give_up(backend, keys, &token, lease, e).await,
             }
         }
         Mode::Push(role) => {
@@ -513,27 +538,28 @@ async fn lead(
             let body = if handed {
                 let completion = await_completion(done_rx, settings.max_duration);
                 tokio::select! {
-                    body = completion => body,
+                    body = completion => body.ok_or(None),
                     () = lease.lost(), if settings.cancel_on_lost => return lost_outcome(),
+                    () = closed => Err(Some(shutting_down(&format!(
+                        "the push run of job `{}` (not completed when the shutdown's grace ended)",
+                        keys.key
+                    )))),
                 }
             } else {
-                None
+                Err(None)
             };
-            let Some(body) = body else {
-                drop(lease);
-                // Give the run up so remote waiters contend again at once.
-                if let Err(e) = backend.release(keys, &token, Duration::ZERO).await {
-                    tracing::warn!(job = %keys.key, error = %e, "releasing an abandoned push run failed");
+            match body {
+                Ok(body) => body,
+                Err(e) => {
+                    let e = e.unwrap_or_else(|| {
+                        abandoned(&format!(
+                            "the leader of job `{}` dropped its completer without completing",
+                            keys.key
+                        ))
+                    });
+                    return give_up(backend, keys, &token, lease, e).await;
                 }
-                return FlightOutcome {
-                    result: Err(abandoned(&format!(
-                        "the leader of job `{}` dropped its completer without completing",
-                        keys.key
-                    ))),
-                    how: How::Led,
-                };
-            };
-            body
+            }
         }
     };
     drop(lease);
@@ -555,6 +581,36 @@ async fn lead(
     FlightOutcome {
         result: decode_stored(&keys.key, &bytes).map(Arc::new),
         how: How::Led,
+    }
+}
+
+/// Gives a led run up without a result: stops its lease, releases its lock at once (so
+/// remote waiters contend again without waiting out the TTL) and reports `error` to the
+/// local callers.
+async fn give_up(
+    backend: &Backend,
+    keys: &JobKeys,
+    token: &str,
+    lease: LeaseHandle,
+    error: Error,
+) -> FlightOutcome {
+    drop(lease);
+    if let Err(e) = backend.release(keys, token, Duration::ZERO).await {
+        tracing::warn!(job = %keys.key, error = %e, "releasing a run given up failed");
+    }
+    FlightOutcome {
+        result: Err(error),
+        how: How::Led,
+    }
+}
+
+/// Decrements the leading gauge and wakes [`Flights::none_leading`] on every exit path.
+struct Leading<'a>(&'a Flights);
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        self.0.leading.fetch_sub(1, Ordering::SeqCst);
+        self.0.led.notify_waiters();
     }
 }
 

@@ -58,6 +58,10 @@ pub enum ErrorKind {
     /// policy other than `noeviction`, which could evict a held lock (see
     /// [`Builder::allow_eviction`](crate::Builder::allow_eviction)).
     ServerConfig,
+    /// The herd is shutting down ([`Herd::shutdown`](crate::Herd::shutdown)): it takes no
+    /// new acquisitions or runs, its waits end, and a lock it released on the way out is
+    /// reported with this kind to its holder.
+    ShuttingDown,
 }
 
 impl ErrorKind {
@@ -79,6 +83,7 @@ impl ErrorKind {
             ErrorKind::NotReplicated => "not_replicated",
             ErrorKind::Permission => "permission",
             ErrorKind::ServerConfig => "server_config",
+            ErrorKind::ShuttingDown => "shutting_down",
         }
     }
 
@@ -88,7 +93,7 @@ impl ErrorKind {
     }
 }
 
-const ALL_KINDS: [ErrorKind; 14] = [
+const ALL_KINDS: [ErrorKind; 15] = [
     ErrorKind::InvalidInput,
     ErrorKind::Timeout,
     ErrorKind::LockLost,
@@ -103,6 +108,7 @@ const ALL_KINDS: [ErrorKind; 14] = [
     ErrorKind::NotReplicated,
     ErrorKind::Permission,
     ErrorKind::ServerConfig,
+    ErrorKind::ShuttingDown,
 ];
 
 impl fmt::Display for ErrorKind {
@@ -236,6 +242,11 @@ impl Error {
     /// Redis refused the credentials ([`ErrorKind::Auth`]).
     pub fn is_auth(&self) -> bool {
         self.kind() == ErrorKind::Auth
+    }
+
+    /// The herd is shutting down ([`ErrorKind::ShuttingDown`]).
+    pub fn is_shutting_down(&self) -> bool {
+        self.kind() == ErrorKind::ShuttingDown
     }
 
     /// The caller passed an argument herdlock rejects.

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use crate::backend::gate::Stage;
 use crate::backend::memory::MemoryBackend;
 use crate::backend::preflight::Preflight;
 use crate::backend::redis::{ConnectSettings, RedisBackend};
@@ -54,6 +55,22 @@ pub struct HerdStats {
     pub following: usize,
     /// Callers waiting on those runs (all local callers of a job id share one run).
     pub waiting: usize,
+}
+
+/// What [`Herd::shutdown`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Fan-out runs this process led when the shutdown began that finished (and published)
+    /// within the grace period.
+    pub runs_finished: usize,
+    /// Runs still going when the grace period ended: cancelled, their locks released.
+    pub runs_cancelled: usize,
+    /// Locks, multi-locks and permits still held that were released at once.
+    pub released: usize,
+    /// Locks, multi-locks and permits whose release failed (Redis unreachable): they run
+    /// out with their TTL.
+    pub release_failures: usize,
 }
 
 /// Configures and builds a [`Herd`]. Every setter documents its default and why.
@@ -348,7 +365,7 @@ impl Builder {
     pub fn memory_peer(self, other: &Herd) -> Result<Herd> {
         self.settings()?;
         match &other.inner.backend {
-            Backend::Memory(memory) => Ok(self.finish(Backend::Memory(memory.clone()))),
+            Backend::Memory(memory) => Ok(self.finish(Backend::Memory(memory.peer()))),
             Backend::Redis(_) => Err(Error::invalid(
                 "memory_peer needs an in-memory herd to share state with",
             )),
@@ -453,6 +470,77 @@ impl Herd {
             following: self.inner.flights.following(),
             waiting: self.inner.flights.waiting(),
         }
+    }
+
+    /// Shuts this herd down cleanly, for a service being stopped or redeployed.
+    ///
+    /// In order:
+    /// 1. **Drain**: every new acquisition, fan-out call and push of this herd (any clone)
+    ///    fails with [`ShuttingDown`](crate::ErrorKind::ShuttingDown); waiting lock,
+    ///    multi-lock and permit callers stop waiting with that error; `heartbeat()` on every
+    ///    guard, permit and run fails with it, so long work can stop at a safe point and
+    ///    release.
+    /// 2. **Finish runs**: fan-out jobs this process leads keep running, up to `grace`,
+    ///    and publish their results as usual (their callers, here and elsewhere, get them).
+    ///    Followers here keep waiting for other processes' runs meanwhile.
+    /// 3. **Close**: a run still going after `grace` is cancelled and its lock released
+    ///    (remote waiters take over at once); the remaining callers here get
+    ///    `ShuttingDown`.
+    /// 4. **Release**: every lock, multi-lock and permit still held through this herd is
+    ///    released at once instead of being left to its TTL, after its holder is told
+    ///    (its [`LostToken`](crate::LostToken) fires; its `release()` then returns
+    ///    `ShuttingDown`). Another process waiting for one gets it right away.
+    /// 5. **Stop**: the watchdog thread ends, and the pub/sub listener and its connection
+    ///    stop. The command connection closes when the last clone of the herd is dropped.
+    ///
+    /// Calling it again (or from another clone) runs the remaining steps again, which finds
+    /// nothing left to do. A release that cannot reach Redis is counted in the report; that
+    /// lock runs out with its TTL.
+    ///
+    /// # Errors
+    ///
+    /// None today: what could not be done is counted in the [`ShutdownReport`]. (The
+    /// `Result` leaves room for a failure that must stop a deployment.)
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe in the sense that dropping it midway leaves the herd draining (or
+    /// closed) with some leases not yet released (they run out with their TTL).
+    pub async fn shutdown(&self, grace: Duration) -> Result<ShutdownReport> {
+        let backend = self.backend();
+        let gate = backend.gate();
+        gate.advance(Stage::Draining);
+        // Lock, multi-lock and permit waiters re-check now and are refused.
+        backend.wake_all();
+        let leading = self.inner.flights.leading();
+        let finished = tokio::time::timeout(grace, self.inner.flights.none_leading())
+            .await
+            .is_ok();
+        let cancelled = if finished {
+            0
+        } else {
+            self.inner.flights.leading()
+        };
+        gate.advance(Stage::Closed);
+        // Followers re-check and are refused; runs still going are cancelled (each releases
+        // its lock, within a command timeout).
+        backend.wake_all();
+        let _ = tokio::time::timeout(backend.command_timeout(), self.inner.flights.none_leading())
+            .await;
+        let (released, release_failures) = self.inner.watchdog.release_all(backend).await;
+        self.inner.watchdog.stop();
+        backend.close();
+        Ok(ShutdownReport {
+            runs_finished: leading.saturating_sub(cancelled),
+            runs_cancelled: cancelled,
+            released,
+            release_failures,
+        })
+    }
+
+    /// Whether [`shutdown`](Herd::shutdown) has begun on this herd (or any clone of it).
+    pub fn is_shutting_down(&self) -> bool {
+        self.backend().gate().stage() >= Stage::Draining
     }
 
     /// Whether this herd runs on the in-memory backend.

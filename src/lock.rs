@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::time::Instant;
 
+use crate::backend::gate::{released_by_shutdown, Stage};
 use crate::backend::{holder_nonce, holder_token, parse_holder, AcquireReply, Backend};
 use crate::codec::{JobError, JobResult};
 use crate::error::{Error, ErrorKind, Result};
@@ -507,6 +508,9 @@ impl LockGuard {
         let held = self.held_until();
         let token = self.lost_token();
         self.lease = None; // stop renewing first
+        if token.is_lost() && self.herd.backend().gate().stage() == Stage::Closed {
+            return Err(released_by_shutdown("lock"));
+        }
         let released = release(
             self.herd.backend(),
             &self.keys,

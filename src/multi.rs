@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backend::gate::{released_by_shutdown, Stage};
 use crate::backend::{holder_nonce, holder_token, token_fence, Backend, MultiReply, Subscription};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
@@ -330,6 +331,9 @@ impl MultiGuard {
         let gone = self.released.swap(true, Ordering::AcqRel);
         let token = self.lost_token();
         self.lease = None; // stop renewing first
+        if token.is_lost() && self.herd.backend().gate().stage() == Stage::Closed {
+            return Err(released_by_shutdown("multi-lock"));
+        }
         if gone {
             // A failed `extend` already released what was left.
             return Err(self.lost_error());

@@ -37,6 +37,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backend::gate::{released_by_shutdown, Stage};
 use crate::backend::{SemArgs, SemOp, SemReply};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
@@ -619,6 +620,9 @@ impl Permit {
         self.released = true;
         let token = self.lost_token();
         self.lease = None; // stop renewing first
+        if token.is_lost() && self.semaphore.herd.backend().gate().stage() == Stage::Closed {
+            return Err(released_by_shutdown("permit"));
+        }
         if self.semaphore.release_member(&self.member).await? {
             Ok(())
         } else {

@@ -124,6 +124,8 @@ struct Leases {
     thread_started: bool,
     /// When the thread will next wake on its own (`None` while it is working).
     planned_wake: Option<Instant>,
+    /// Set by [`Watchdog::stop`]: the thread ends at its next wake-up.
+    stopped: bool,
 }
 
 #[derive(Debug)]
@@ -378,6 +380,45 @@ impl Watchdog {
         }
     }
 
+    /// Releases every lease still held, at once and concurrently, each after telling its
+    /// holder it is gone (its [`LostToken`] fires first: no one else can have it before
+    /// the holder is told). Returns how many were released and how many could not be
+    /// (those run out with their TTL). For [`Herd::shutdown`](crate::Herd::shutdown).
+    pub(crate) async fn release_all(&self, backend: &Backend) -> (usize, usize) {
+        let held: Vec<Renewal> = {
+            let leases = lock(&self.shared.leases);
+            leases
+                .map
+                .values()
+                .filter(|lease| {
+                    !lease.state.is_lost() && *lease.state.standing.borrow() == Standing::Held
+                })
+                .map(|lease| {
+                    lease.state.mark_lost();
+                    lease.renewal.clone()
+                })
+                .collect()
+        };
+        let outcomes =
+            futures::future::join_all(held.iter().map(|r| release_renewal(backend, r))).await;
+        let failed = outcomes
+            .iter()
+            .zip(&held)
+            .filter_map(|(outcome, renewal)| outcome.as_ref().err().map(|e| (e, renewal)))
+            .inspect(|(e, renewal)| {
+                tracing::warn!(error = %e, ?renewal, "shutdown could not release a lease; it runs out with its TTL");
+            })
+            .count();
+        (held.len() - failed, failed)
+    }
+
+    /// Ends the thread (after [`release_all`](Watchdog::release_all), at shutdown): it
+    /// renews nothing from now on.
+    pub(crate) fn stop(&self) {
+        lock(&self.shared.leases).stopped = true;
+        self.shared.wake.notify_one();
+    }
+
     fn start_thread(&self) {
         let weak = Arc::downgrade(&self.shared);
         let spawned = std::thread::Builder::new()
@@ -432,6 +473,9 @@ async fn run(weak: Weak<Shared>) {
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Renewed>();
     loop {
         let Some(shared) = weak.upgrade() else { return };
+        if lock(&shared.leases).stopped {
+            return;
+        }
         // Outcomes first: a success moves deadlines, so apply it before judging them.
         let mut late = Vec::new();
         {
@@ -574,28 +618,32 @@ fn apply_outcome(
 fn spawn_release(backend: &Backend, renewal: Renewal) {
     let backend = backend.clone();
     tokio::spawn(async move {
-        let released = match &renewal {
-            Renewal::Lock { keys, token } => {
-                backend.release(keys, token, Duration::ZERO).await.map(drop)
-            }
-            Renewal::Multi { keys, tokens } => backend.multi_release(keys, tokens).await.map(drop),
-            Renewal::Permit {
-                keys,
-                member,
-                permits,
-            } => backend
-                .semaphore(
-                    keys,
-                    SemOp::Release,
-                    permit_args(member, *permits, Duration::ZERO),
-                )
-                .await
-                .map(drop),
-        };
-        if let Err(e) = released {
+        if let Err(e) = release_renewal(&backend, &renewal).await {
             tracing::warn!(error = %e, ?renewal, "could not release a lease renewed after its deadline; it runs out with its TTL");
         }
     });
+}
+
+/// Releases what `renewal` holds, at once (no grace).
+async fn release_renewal(backend: &Backend, renewal: &Renewal) -> crate::Result<()> {
+    match renewal {
+        Renewal::Lock { keys, token } => {
+            backend.release(keys, token, Duration::ZERO).await.map(drop)
+        }
+        Renewal::Multi { keys, tokens } => backend.multi_release(keys, tokens).await.map(drop),
+        Renewal::Permit {
+            keys,
+            member,
+            permits,
+        } => backend
+            .semaphore(
+                keys,
+                SemOp::Release,
+                permit_args(member, *permits, Duration::ZERO),
+            )
+            .await
+            .map(drop),
+    }
 }
 
 async fn renew(backend: &Backend, renewal: &Renewal, ttl: Duration) -> crate::Result<bool> {
@@ -690,6 +738,14 @@ impl LeaseHandle {
     pub(crate) async fn heartbeat(&self) -> Result<(), BeatFailed> {
         if self.state.is_lost() {
             return Err(BeatFailed::Lost);
+        }
+        if let Some(shared) = self.shared.upgrade() {
+            // A draining herd tells long work to stop at a safe point.
+            shared
+                .backend
+                .gate()
+                .admit_acquire("a heartbeat (stop at a safe point and release)")
+                .map_err(BeatFailed::Error)?;
         }
         if Instant::now() < self.state.fresh_until() {
             return Ok(());

@@ -101,14 +101,14 @@ async fn fanout_jobs_take_every_error(fx: Fx) {
         c.fanout("herd-error", WAIT, {
             let a = a.clone();
             move || async move {
-                herd_timeout(&a, "held").await?;
+                Box::pin(herd_timeout(&a, "held")).await?;
                 Ok(())
             }
         }),
         d.fanout("herd-error", WAIT, {
             let a = a.clone();
             move || async move {
-                herd_timeout(&a, "held").await?;
+                Box::pin(herd_timeout(&a, "held")).await?;
                 Ok(())
             }
         }),
@@ -166,7 +166,7 @@ async fn once_takes_every_error(fx: Fx) {
     // A herdlock::Error from the work comes back unchanged.
     let err = a
         .once("cron", || async {
-            herd_timeout(&a, "held").await?;
+            Box::pin(herd_timeout(&a, "held")).await?;
             Ok(())
         })
         .await

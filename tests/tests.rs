@@ -12,6 +12,8 @@ mod lock;
 mod fanout;
 // Abandoned runs: a job nobody waits for any more is cancelled (opt-in).
 mod abandon;
+// Graceful shutdown: drain, finish runs, release everything at once.
+mod shutdown;
 // Jobs: inference, every error type as a job error, the waiting closure form.
 mod jobs;
 // Real faults: killed/restarted/paused server, killed pub/sub, bad credentials, garbage.

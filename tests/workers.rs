@@ -42,6 +42,7 @@ fn worker_entry() {
             "fence_expiry" => crate::protocol_v2::fence_expiry().await,
             "fanout_misses" => crate::protocol_v2::fanout_misses().await,
             "abandon_leader" => crate::abandon::abandon_leader().await,
+            "shutdown_holder" => crate::shutdown::shutdown_holder().await,
             other => panic!("unknown worker role {other}"),
         }
     });

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use super::gate::Gate;
 use super::wire::{held_by, holder_value, wake_notice, RELEASED};
 use super::{
     AcquireReply, CheckReply, FanoutReply, MultiReply, Notice, ResultAges, SemArgs, SemOp,
@@ -24,6 +25,8 @@ const CHANNEL_CAPACITY: usize = 16;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct MemoryBackend {
     state: Arc<Mutex<State>>,
+    /// This herd's gate: each peer has its own (it is one "process").
+    gate: Arc<Gate>,
 }
 
 #[derive(Debug, Default)]
@@ -550,6 +553,25 @@ impl MemoryBackend {
     /// expired has been dropped: 0 after every TTL, linger and queue TTL has run out.
     pub(crate) fn entries(&self) -> usize {
         self.lock().len(Instant::now())
+    }
+
+    /// Another herd ("process") on the same in-memory state, with a gate of its own.
+    pub(crate) fn peer(&self) -> MemoryBackend {
+        MemoryBackend {
+            state: Arc::clone(&self.state),
+            gate: Arc::default(),
+        }
+    }
+
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// Makes every waiter re-check now (every peer's: a spurious re-check is harmless).
+    pub(crate) fn wake_all(&self) {
+        for tx in self.lock().channels.values() {
+            let _ = tx.send(Notice::Resync);
+        }
     }
 
     /// How many subscriptions, across every herd of this engine, listen on `keys`' channel.

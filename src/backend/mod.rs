@@ -6,6 +6,7 @@
 //! suite runs against both.
 
 mod clock;
+pub(crate) mod gate;
 pub(crate) mod memory;
 pub(crate) mod preflight;
 pub(crate) mod redis;
@@ -219,6 +220,7 @@ impl Backend {
         ttl: Duration,
         waiting: bool,
     ) -> Result<AcquireReply> {
+        self.gate().admit_acquire("a lock acquisition")?;
         match self {
             Backend::Redis(b) => b.acquire(keys, nonce, owner, ttl, waiting).await,
             Backend::Memory(b) => Ok(b.acquire(keys, nonce, owner, ttl, waiting)),
@@ -242,6 +244,7 @@ impl Backend {
     /// Atomically: if `token` still holds the lock, set its TTL to `ttl`. `false`: not the
     /// holder.
     pub(crate) async fn extend(&self, keys: &JobKeys, token: &str, ttl: Duration) -> Result<bool> {
+        self.gate().admit("an extension")?;
         match self {
             Backend::Redis(b) => b.extend(keys, token, ttl).await,
             Backend::Memory(b) => Ok(b.extend(keys, token, ttl)),
@@ -250,6 +253,7 @@ impl Backend {
 
     /// The holder, remaining TTL and last fence of a key.
     pub(crate) async fn status(&self, keys: &JobKeys) -> Result<StatusReply> {
+        self.gate().admit("a status read")?;
         match self {
             Backend::Redis(b) => b.status(keys).await,
             Backend::Memory(b) => Ok(b.status(keys)),
@@ -259,6 +263,7 @@ impl Backend {
     /// Subscribes to the key's channel; returns once the subscription is confirmed, so
     /// every notice published after this returns is delivered (or a Resync is).
     pub(crate) async fn subscribe(&self, keys: &JobKeys) -> Result<Subscription> {
+        self.gate().admit("a subscription")?;
         match self {
             Backend::Redis(b) => b.subscribe(keys).await,
             Backend::Memory(b) => Ok(b.subscribe(keys)),
@@ -295,6 +300,7 @@ impl Backend {
         ttl: Duration,
         ages: ResultAges,
     ) -> Result<FanoutReply> {
+        self.gate().admit_acquire("a fan-out call")?;
         match self {
             Backend::Redis(b) => b.fanout_acquire(keys, nonce, owner, ttl, ages).await,
             Backend::Memory(b) => Ok(b.fanout_acquire(keys, nonce, owner, ttl, ages)),
@@ -303,6 +309,7 @@ impl Backend {
 
     /// The holder, its remaining TTL and the last stored result envelope, in one snapshot.
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
+        self.gate().admit("a fan-out check")?;
         match self {
             Backend::Redis(b) => b.fanout_check(keys).await,
             Backend::Memory(b) => Ok(b.fanout_check(keys)),
@@ -319,6 +326,7 @@ impl Backend {
         ok: bool,
         linger: Duration,
     ) -> Result<bool> {
+        self.gate().admit("a completion")?;
         match self {
             Backend::Redis(b) => b.complete(keys, token, envelope, ok, linger).await,
             Backend::Memory(b) => Ok(b.complete(keys, token, envelope, ok, linger)),
@@ -335,6 +343,7 @@ impl Backend {
         ttl: Duration,
         waiting: bool,
     ) -> Result<MultiReply> {
+        self.gate().admit_acquire("a multi-lock acquisition")?;
         match self {
             Backend::Redis(b) => b.multi_acquire(keys, nonce, owner, ttl, waiting).await,
             Backend::Memory(b) => Ok(b.multi_acquire(keys, nonce, owner, ttl, waiting)),
@@ -365,6 +374,7 @@ impl Backend {
         tokens: &[String],
         ttl: Duration,
     ) -> Result<Vec<usize>> {
+        self.gate().admit("an extension")?;
         match self {
             Backend::Redis(b) => b.multi_extend(keys, tokens, ttl).await,
             Backend::Memory(b) => Ok(b.multi_extend(keys, tokens, ttl)),
@@ -378,6 +388,11 @@ impl Backend {
         op: SemOp,
         args: SemArgs<'_>,
     ) -> Result<SemReply> {
+        match op {
+            SemOp::Try | SemOp::Queue => self.gate().admit_acquire("a permit acquisition")?,
+            SemOp::Extend | SemOp::Status => self.gate().admit("a semaphore step")?,
+            SemOp::Release | SemOp::Leave => {}
+        }
         match self {
             Backend::Redis(b) => b.semaphore(keys, op, args).await,
             Backend::Memory(b) => Ok(b.semaphore(keys, op, args)),
@@ -465,6 +480,31 @@ impl Backend {
     }
 
     /// Checks the backend answers (used by the eager constructor).
+    /// The herd's gate (its shutdown stage).
+    pub(crate) fn gate(&self) -> &std::sync::Arc<gate::Gate> {
+        match self {
+            Backend::Redis(b) => b.gate(),
+            Backend::Memory(b) => b.gate(),
+        }
+    }
+
+    /// Makes every waiter on this herd's subscriptions re-check now.
+    pub(crate) fn wake_all(&self) {
+        match self {
+            Backend::Redis(b) => b.wake_all(),
+            Backend::Memory(b) => b.wake_all(),
+        }
+    }
+
+    /// Stops the herd's background connection work (the pub/sub listener) and wakes its
+    /// waiters; the command connection closes with the last clone of the herd.
+    pub(crate) fn close(&self) {
+        match self {
+            Backend::Redis(b) => b.close(),
+            Backend::Memory(b) => b.wake_all(),
+        }
+    }
+
     pub(crate) async fn ping(&self) -> Result<()> {
         match self {
             Backend::Redis(b) => b.ping().await,

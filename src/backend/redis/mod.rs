@@ -37,6 +37,7 @@ use self::conn::{bounded, manager_config, Commands, Conn, Invocation, Lua};
 pub(crate) use self::notifier::ChannelGuard;
 use self::notifier::Notifier;
 use super::clock::RedisClock;
+use super::gate::Gate;
 use super::preflight::Preflight;
 use super::target::{self, Endpoint, Managed, TlsFiles};
 use super::wire::{
@@ -64,6 +65,8 @@ pub(crate) struct ConnectSettings {
 #[derive(Clone)]
 pub(crate) struct RedisBackend {
     inner: Arc<Inner>,
+    /// The herd's gate (shared with its watchdog's detached backend).
+    gate: Arc<Gate>,
 }
 
 /// The engine variant and how to reach it again (a detached backend, the clock probe, the
@@ -328,6 +331,7 @@ impl RedisBackend {
                 settings,
                 checks,
             }),
+            gate: Arc::default(),
         }
     }
 
@@ -410,7 +414,27 @@ impl RedisBackend {
                 settings: self.inner.settings,
                 checks: None,
             }),
+            gate: Arc::clone(&self.gate),
         })
+    }
+
+    pub(crate) fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// Makes every waiter on this herd's subscriptions re-check now (a shutdown began).
+    pub(crate) fn wake_all(&self) {
+        if let Some(notifier) = &self.inner.notifier {
+            notifier.resync_all();
+        }
+    }
+
+    /// Stops the pub/sub listener (its connection closes); every waiter re-checks, and
+    /// finds the herd closed.
+    pub(crate) fn close(&self) {
+        if let Some(notifier) = &self.inner.notifier {
+            notifier.close();
+        }
     }
 
     /// `WAIT replicas timeout`: how many replicas acknowledged this connection's writes. On

@@ -108,8 +108,9 @@ struct NotifierShared {
     /// (which the sweep holds across its UNSUBSCRIBE).
     epoch: AtomicU64,
     command_timeout: Duration,
-    /// Dropped with this struct, which tells the listener task to stop.
-    _shutdown: oneshot::Sender<()>,
+    /// Dropped with this struct (or taken by [`Notifier::close`]), which tells the
+    /// listener task to stop.
+    shutdown: Mutex<Option<oneshot::Sender<()>>>,
 }
 
 struct ChannelEntry {
@@ -184,7 +185,7 @@ impl Notifier {
             sink: tokio::sync::Mutex::new(None),
             epoch: AtomicU64::new(0),
             command_timeout: settings.command_timeout,
-            _shutdown: shutdown_tx,
+            shutdown: Mutex::new(Some(shutdown_tx)),
         });
         tokio::spawn(single::listen(
             Arc::downgrade(&shared),
@@ -212,7 +213,7 @@ impl Notifier {
             sink: tokio::sync::Mutex::new(Some((Sink::Sharded(conn), 1))),
             epoch: AtomicU64::new(1),
             command_timeout: settings.command_timeout,
-            _shutdown: shutdown_tx,
+            shutdown: Mutex::new(Some(shutdown_tx)),
         });
         tokio::spawn(sharded::listen(
             Arc::downgrade(&shared),
@@ -220,6 +221,26 @@ impl Notifier {
             shutdown_rx,
         ));
         Notifier { shared }
+    }
+
+    /// Sends every local subscriber a `Resync`: re-check now.
+    pub(super) fn resync_all(&self) {
+        self.shared.resync_all();
+    }
+
+    /// Stops the listener task (closing the pub/sub connection) and makes every local
+    /// subscriber re-check.
+    pub(super) fn close(&self) {
+        let stop = self
+            .shared
+            .shutdown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(stop) = stop {
+            let _ = stop.send(());
+        }
+        self.shared.resync_all();
     }
 
     /// Registers a local subscriber, then, unless the channel is already confirmed on the

@@ -1,0 +1,85 @@
+//! Whether a herd still takes work: open, draining (no new acquisitions or runs; running
+//! fan-out jobs may still complete, holders may still release) or closed (only releases).
+//! One gate per herd, shared by its backend and its watchdog's ([`Herd::shutdown`]).
+//!
+//! [`Herd::shutdown`]: crate::Herd::shutdown
+
+use tokio::sync::watch;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Where a herd stands in its shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Stage {
+    Open,
+    Draining,
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct Gate {
+    stage: watch::Sender<Stage>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            stage: watch::Sender::new(Stage::Open),
+        }
+    }
+}
+
+impl Gate {
+    pub(crate) fn stage(&self) -> Stage {
+        *self.stage.borrow()
+    }
+
+    /// Moves on to `stage` (never back); `true` if this call moved it.
+    pub(crate) fn advance(&self, stage: Stage) -> bool {
+        self.stage.send_if_modified(|current| {
+            let moved = *current < stage;
+            if moved {
+                *current = stage;
+            }
+            moved
+        })
+    }
+
+    /// Refuses a new acquisition or run once draining.
+    pub(crate) fn admit_acquire(&self, what: &str) -> Result<()> {
+        if self.stage() >= Stage::Draining {
+            return Err(shutting_down(what));
+        }
+        Ok(())
+    }
+
+    /// Refuses anything but a release once closed.
+    pub(crate) fn admit(&self, what: &str) -> Result<()> {
+        if self.stage() >= Stage::Closed {
+            return Err(shutting_down(what));
+        }
+        Ok(())
+    }
+
+    /// Resolves once the gate reaches `stage` (at once if it has).
+    pub(crate) async fn reached(&self, stage: Stage) {
+        let mut rx = self.stage.subscribe();
+        // The sender lives as long as `self`: `wait_for` cannot fail while we borrow it.
+        let _ = rx.wait_for(|s| *s >= stage).await;
+    }
+}
+
+pub(crate) fn shutting_down(what: &str) -> Error {
+    Error::new(
+        ErrorKind::ShuttingDown,
+        format!("the herd is shutting down (Herd::shutdown): {what} refused"),
+    )
+}
+
+/// A holder's `release` after [`Herd::shutdown`](crate::Herd::shutdown) released its lease.
+pub(crate) fn released_by_shutdown(what: &str) -> Error {
+    Error::new(
+        ErrorKind::ShuttingDown,
+        format!("the herd shut down (Herd::shutdown) and released this {what} already"),
+    )
+}
