@@ -505,7 +505,6 @@ async fn run_tokens_fire_on_a_real_loss_redis() {
         .await
         .expect("task"));
     assert!(completer.lost_token().is_lost());
-    assert!(!completer.complete(Ok(2)), "the lost run was cancelled");
 }
 
 /// Compile-time checks: every public future, guard and handle is `Send` (and the handles
