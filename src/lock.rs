@@ -279,15 +279,16 @@ impl LockOptions {
         self
     }
 
-    /// Whether [`Herd::once`] cancels its work when the lock is lost (the watchdog found
-    /// another holder, or could not renew the lease in time); the caller then gets
-    /// [`LockLost`](ErrorKind::LockLost).
+    /// Whether [`Herd::once`] and [`Herd::run_locked`] cancel their work when the lock is
+    /// lost (the watchdog found another holder, or could not renew the lease in time); the
+    /// caller then gets [`LockLost`](ErrorKind::LockLost).
     ///
     /// Default: on, so a holder that lost its lock stops working at once ("seppuku"). Turn
     /// it off to let the work finish, and watch the loss yourself: inside the closure,
     /// [`LostToken::current`] is the lock's loss signal.
     ///
-    /// Only the closure forms ([`Herd::once`] and its kin) run work to cancel: set on
+    /// Only the closure forms ([`Herd::once`], [`Herd::run_locked`] and their `_with`
+    /// forms) run work to cancel: set on
     /// options passed to [`Herd::try_lock_with`] or [`Herd::lock_with`], it is an
     /// [`InvalidInput`](ErrorKind::InvalidInput) error rather than silently ignored.
     pub fn cancel_on_lost(mut self, on: bool) -> Self {

@@ -895,7 +895,8 @@ pub struct LostToken {
 impl LostToken {
     /// Inside a fan-out job run by [`Herd::fanout`](crate::Herd::fanout) or
     /// [`Herd::fanout_with`](crate::Herd::fanout_with), the token of the run's lease; inside
-    /// the closure of [`Herd::once`](crate::Herd::once), the token of its lock; `None`
+    /// the closure of [`Herd::once`](crate::Herd::once) or
+    /// [`Herd::run_locked`](crate::Herd::run_locked), the token of its lock; `None`
     /// anywhere else. It is read from the task polling the job: a task the job spawns does
     /// not inherit it, so take it first and move it in.
     ///
