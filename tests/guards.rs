@@ -214,13 +214,13 @@ async fn options_a_guard_cannot_honour_are_refused(fx: Fx) {
         .expect("once");
     assert_eq!(outcome.into_value(), Some(false));
     // So does the waiting closure form.
-    let held = herd
+    let sees_token = herd
         .run_locked_with("k", LIMIT, &options, || async {
             Ok(LostToken::current().is_some_and(|t| !t.is_ended()))
         })
         .await
         .expect("run_locked honours cancel_on_lost");
-    assert!(held, "run_locked's closure sees its lock's token");
+    assert!(sees_token, "run_locked's closure sees its lock's token");
     assert!(LostToken::current().is_none(), "outside any run");
 }
 
