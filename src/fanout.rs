@@ -55,7 +55,7 @@ pub struct Fanned<T> {
 /// Options of one fan-out call. Every field has a documented default.
 ///
 /// When several callers in one process join the same run, the run uses the options of
-/// the caller that started it. A caller's timeout is not an option: it is the positional
+/// the caller that started it. A caller's wait is not an option: it is the positional
 /// argument after the job id of [`Herd::fanout_with`] and [`Herd::push`] (the crate-wide
 /// rule, see [the crate docs](crate#waiting)), and always the caller's own.
 #[derive(Debug, Clone)]
@@ -258,7 +258,7 @@ impl Herd {
     ///
     /// # Errors
     ///
-    /// [`Timeout`](ErrorKind::Timeout) when `timeout` passes (the job carries on for the
+    /// [`Timeout`](ErrorKind::Timeout) when `wait` passes (the job carries on for the
     /// others); [`JobFailed`](ErrorKind::JobFailed) with the job's message (and
     /// [`Error::job_error`]) when the job returned an error; [`JobPanicked`](ErrorKind::JobPanicked);
     /// [`JobTimedOut`](ErrorKind::JobTimedOut) when it ran past its
@@ -281,21 +281,18 @@ impl Herd {
     ///
     /// Cancel safe: dropping the future only stops this caller from waiting. The job, if
     /// this caller started it, keeps running for the others.
-    pub async fn fanout<T, F, Fut>(&self, job_id: &str, timeout: Duration, job: F) -> Result<T>
+    pub async fn fanout<T, F, Fut>(&self, job_id: &str, wait: Duration, job: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = JobResult<T>> + Send + 'static,
     {
         let options = FanoutOptions::default();
-        Ok(self
-            .fanout_with(job_id, timeout, &options, job)
-            .await?
-            .value)
+        Ok(self.fanout_with(job_id, wait, &options, job).await?.value)
     }
 
     /// [`fanout`](Herd::fanout) with options, also reporting this caller's [`Role`].
-    /// `timeout` is this caller's own wait, as in `fanout`.
+    /// `wait` is this caller's own, as in `fanout`.
     ///
     /// # Examples
     ///
@@ -328,7 +325,7 @@ impl Herd {
     pub async fn fanout_with<T, F, Fut>(
         &self,
         job_id: &str,
-        timeout: Duration,
+        wait: Duration,
         options: &FanoutOptions,
         job: F,
     ) -> Result<Fanned<T>>
@@ -338,21 +335,21 @@ impl Herd {
         Fut: Future<Output = JobResult<T>> + Send + 'static,
     {
         let keys = self.job_keys(job_id)?;
-        let settings = options.validate(self, timeout)?;
-        let deadline = Instant::now() + timeout;
+        let settings = options.validate(self, wait)?;
+        let deadline = Instant::now() + wait;
         let codec = options.codec;
         let max_size = options.max_result_size;
         let job: coalesce::JobFn =
             Box::new(move || async move { codec::body_of(job().await, codec, max_size) }.boxed());
         let (waiter, started) =
             coalesce::join_or_start(self, &keys, ResultType::of::<T>(), settings, Mode::Run(job))?;
-        settle(job_id, waiter, started, deadline, timeout).await
+        settle(job_id, waiter, started, deadline, wait).await
     }
 
     /// The lower-level form of fan-out (after dlock's `push`): registers interest in
     /// `job_id` and returns this caller's role. The leader gets a [`Completer`] to finish
     /// the run later, from any task; everyone else gets a [`Follower`] to await the
-    /// result, for up to `timeout` from this call.
+    /// result, for up to `wait` from this call.
     ///
     /// If the leader drops every clone of its completer without completing, the run is
     /// released at once and its followers fail with [`Abandoned`](ErrorKind::Abandoned)
@@ -392,15 +389,15 @@ impl Herd {
     pub async fn push<T>(
         &self,
         job_id: &str,
-        timeout: Duration,
+        wait: Duration,
         options: &FanoutOptions,
     ) -> Result<Push<T>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
     {
         let keys = self.job_keys(job_id)?;
-        let settings = options.validate(self, timeout)?;
-        let deadline = Instant::now() + timeout;
+        let settings = options.validate(self, wait)?;
+        let deadline = Instant::now() + wait;
         let (role_tx, role_rx) = oneshot::channel();
         let (waiter, started) = coalesce::join_or_start(
             self,
@@ -414,7 +411,7 @@ impl Herd {
             waiter,
             started: false,
             deadline,
-            timeout,
+            timeout: wait,
             _value: PhantomData,
         };
         if !started {

@@ -4,8 +4,9 @@
 //! - [`Herd::fanout`]: the first caller anywhere runs a job; every other caller of the same
 //!   id, in any process, receives its serialized result or error (request deduplication,
 //!   cache-stampede protection). [`Herd::push`] is the lower-level form.
-//! - [`Herd::try_lock`], [`Herd::once`], [`Herd::lock`]: non-blocking, closure and blocking
-//!   locks with fencing tokens.
+//! - [`Herd::try_lock`], [`Herd::lock`]: non-blocking and blocking locks with fencing
+//!   tokens; [`Herd::once`] and [`Herd::run_locked`]: their closure forms (run unless held,
+//!   or wait for the lock and run), released on success, error and panic.
 //! - [`Herd::try_multi`], [`Herd::multi`]: several locks, all or none.
 //! - [`Herd::semaphore`]: at most N holders cluster-wide, optionally fair.
 //!
@@ -48,6 +49,53 @@
 //!   every earlier one ([`FencingToken`]).
 //! - **Grace period**: optionally keep the lock a while after the work is done, so a late
 //!   duplicate trigger does not redo it ([`LockOptions::grace`]).
+//!
+//! # Waiting
+//!
+//! One rule for every primitive: **how long a call may wait is the positional argument right
+//! after the key** (or keys, or job id), and options never hold it:
+//!
+//! | never waits | waits up to `wait` |
+//! |---|---|
+//! | [`try_lock(key)`](Herd::try_lock), [`try_lock_with(key, &opts)`](Herd::try_lock_with) | [`lock(key, wait)`](Herd::lock), [`lock_with(key, wait, &opts)`](Herd::lock_with) |
+//! | [`once(key, work)`](Herd::once), [`once_with(key, &opts, work)`](Herd::once_with) | [`run_locked(key, wait, work)`](Herd::run_locked), [`run_locked_with(key, wait, &opts, work)`](Herd::run_locked_with) |
+//! | [`try_multi(keys)`](Herd::try_multi), [`try_multi_with(keys, &opts)`](Herd::try_multi_with) | [`multi(keys, wait)`](Herd::multi), [`multi_with(keys, wait, &opts)`](Herd::multi_with) |
+//! | [`Semaphore::try_acquire()`] | [`Semaphore::acquire(wait)`](Semaphore::acquire) (the key is the semaphore's) |
+//! | | [`fanout(id, wait, job)`](Herd::fanout), [`fanout_with(id, wait, &opts, job)`](Herd::fanout_with), [`push(id, wait, &opts)`](Herd::push) |
+//!
+//! Options come after the wait, and the closure last. A wait is from 1 ms to
+//! [`MAX_WAIT`]; it bounds only the waiting (for a lock, or for a fan-out result), never
+//! work that runs once the lock is held. When it passes the call fails with
+//! [`ErrorKind::Timeout`], naming what it waited for (the holder of a lock, the holders of
+//! a multi-lock's keys); the forms that never wait report contention as a value instead.
+//! A fan-out job stopped by its own [`max_duration`](FanoutOptions::max_duration) fails
+//! with [`ErrorKind::JobTimedOut`], not `Timeout`.
+//!
+//! # Jobs and their errors
+//!
+//! Every closure herdlock runs (a fan-out job, the work of [`Herd::once`] and
+//! [`Herd::run_locked`]) returns a [`JobResult<T>`](JobResult), `Result<T, JobError>`: one
+//! fixed error type, so `Ok(value)` needs no annotation, and `?` converts any error into it
+//! (`std` errors, `anyhow::Error`, boxed errors, `String`; a [`herdlock::Error`](Error)
+//! keeps its kind as the [code](JobError::code)). A fan-out job's error reaches every caller
+//! as [`ErrorKind::JobFailed`] with the [`JobError`] in [`Error::job_error`]; the work of
+//! `once` and `run_locked` fails the caller with its own `herdlock::Error` unchanged, or
+//! `JobFailed` with the original error as its [`source`](std::error::Error::source).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), herdlock::Error> {
+//! use std::time::Duration;
+//! let herd = herdlock::Herd::memory();
+//! let port: u16 = herd
+//!     .fanout("config:port", Duration::from_secs(5), || async {
+//!         let text = "8080"; // e.g. read from a config service
+//!         Ok(text.parse()?) // a ParseIntError converts with `?`
+//!     })
+//!     .await?;
+//! assert_eq!(port, 8080);
+//! # Ok(()) }
+//! ```
 //!
 //! # Fan-out semantics
 //!
