@@ -37,9 +37,13 @@ pub enum ErrorKind {
     Redis,
     /// A value could not be serialized or deserialized, or a stored envelope was malformed.
     Codec,
-    /// A fan-out job returned an error; the message is the job's.
+    /// A job returned an error: a fan-out job (every caller gets it, with the
+    /// [`JobError`] in [`Error::job_error`]), or the work of [`Herd::once`](crate::Herd::once)
+    /// or [`Herd::run_locked`](crate::Herd::run_locked) (with the original error as the
+    /// [`source`](std::error::Error::source)). The message is the job's.
     JobFailed,
-    /// A fan-out job panicked.
+    /// A fan-out job panicked. (The work of `once` and `run_locked` runs in the caller's task,
+    /// so its panic resumes there instead.)
     JobPanicked,
     /// A fan-out job ran past its [`max_duration`](crate::FanoutOptions::max_duration) and
     /// was stopped; every caller of the run gets this, whatever its own deadline.
