@@ -348,3 +348,31 @@ pub(crate) enum CodecError {
     #[error("{0}")]
     Malformed(String),
 }
+
+#[cfg(test)]
+mod unit {
+    use super::*;
+
+    #[test]
+    fn predicates_are_disjoint_and_codes_round_trip() {
+        for kind in ALL_KINDS {
+            let e = Error::new(kind, "x");
+            let true_ones = [
+                e.is_timeout(),
+                e.is_lock_lost(),
+                e.is_connection(),
+                e.is_auth(),
+                e.is_invalid_input(),
+                e.is_job_failure(),
+            ]
+            .into_iter()
+            .filter(|p| *p)
+            .count();
+            assert!(true_ones <= 1, "{kind:?}: {true_ones} predicates");
+            assert_eq!(ErrorKind::from_code(kind.as_str()), Some(kind));
+        }
+        assert!(Error::new(ErrorKind::Auth, "x").is_auth());
+        assert!(!Error::new(ErrorKind::Auth, "x").is_connection());
+        assert!(Error::new(ErrorKind::JobTimedOut, "x").is_job_failure());
+    }
+}
