@@ -71,6 +71,11 @@
 //! A fan-out job stopped by its own [`max_duration`](FanoutOptions::max_duration) fails
 //! with [`ErrorKind::JobTimedOut`], not `Timeout`.
 //!
+//! Durations in options bound other things, never the caller's wait:
+//! [`LockOptions::replicas`]'s timeout bounds the replicas' acknowledgement of a lock
+//! already taken, [`FanoutOptions::max_duration`] the job, and the [`Builder`]'s connect
+//! and command timeouts each Redis round trip.
+//!
 //! # Jobs and their errors
 //!
 //! Every closure herdlock runs (a fan-out job, the work of [`Herd::once`] and
