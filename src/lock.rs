@@ -1,5 +1,5 @@
-//! Distributed locks: [`Herd::try_lock`], [`Herd::lock`], the closure form [`Herd::once`],
-//! and [`LockGuard`].
+//! Distributed locks: [`Herd::try_lock`], [`Herd::lock`], the closure forms [`Herd::once`]
+//! and [`Herd::run_locked`], and [`LockGuard`].
 
 use std::convert::Infallible;
 use std::fmt;
@@ -252,8 +252,8 @@ impl LockOptions {
     /// run the work again.
     ///
     /// Default: zero (release at once). Applied by [`LockGuard::release`] and by
-    /// [`Herd::once`] when its closure returns `Ok`; a closure that fails or panics releases
-    /// at once, so a retry may run.
+    /// [`Herd::once`] and [`Herd::run_locked`] when their closure returns `Ok`; a closure
+    /// that fails or panics releases at once, so a retry may run.
     pub fn grace(mut self, grace: Duration) -> Self {
         self.grace = grace;
         self
