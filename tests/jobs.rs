@@ -122,7 +122,7 @@ async fn fanout_jobs_take_every_error(fx: Fx) {
         a.fanout("herd-error-in-context", WAIT, {
             let a = a.clone();
             move || async move {
-                herd_timeout(&a, "held")
+                Box::pin(herd_timeout(&a, "held"))
                     .await
                     .context("waiting for the import lock")?;
                 Ok(())

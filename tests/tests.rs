@@ -16,8 +16,6 @@ mod abandon;
 mod shutdown;
 // Jobs: inference, every error type as a job error, the waiting closure form.
 mod jobs;
-// Compile-time checks: public futures are Send, guards, handles and errors Send + Sync.
-mod send_sync;
 // Real faults: killed/restarted/paused server, killed pub/sub, bad credentials, garbage.
 mod faults;
 // Cross-process behaviour with real OS processes.
