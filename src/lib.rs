@@ -64,8 +64,8 @@
 //! | | [`fanout(id, wait, job)`](Herd::fanout), [`fanout_with(id, wait, &opts, job)`](Herd::fanout_with), [`push(id, wait, &opts)`](Herd::push) |
 //!
 //! Options come after the wait, and the closure last. A wait is from 1 ms to
-//! [`MAX_WAIT`]; it bounds only the waiting (for a lock, or for a fan-out result), never
-//! work that runs once the lock is held. When it passes the call fails with
+//! [`limits::MAX_WAIT`]; it bounds only the waiting (for a lock, or for a fan-out result),
+//! never work that runs once the lock is held. When it passes the call fails with
 //! [`ErrorKind::Timeout`], naming what it waited for (the holder of a lock, the holders of
 //! a multi-lock's keys); the forms that never wait report contention as a value instead.
 //! A fan-out job stopped by its own [`max_duration`](FanoutOptions::max_duration) fails
@@ -166,6 +166,9 @@
 //! - **A loss signal that travels.** [`LostToken`] is cloneable and `'static`: move it into
 //!   a spawned task. Every guard and permit, a push [`Completer`], and (through
 //!   [`LostToken::current`]) a fan-out job or a `once` closure hand one out.
+//! - **The wait is positional.** How long a call may wait is always the argument after the
+//!   key, never an option ([Waiting](#waiting)); every closure returns a
+//!   [`JobResult`] ([Jobs and their errors](#jobs-and-their-errors)).
 //! - **Non-blocking results read alike.** [`TryLock`], [`TryMulti`] and [`TryPermit`] have
 //!   `acquired()`, `is_acquired()`, `is_busy()`, and what was busy.
 //! - **Options are honoured or refused.** Each primitive takes options it honours
