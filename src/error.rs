@@ -238,7 +238,8 @@ impl Error {
     /// connection failure (retrying does not help): see [`is_auth`](Error::is_auth).
     ///
     /// The predicates are disjoint: at most one of `is_timeout`, `is_lock_lost`,
-    /// `is_connection`, `is_auth`, `is_invalid_input` and `is_job_failure` is true.
+    /// `is_connection`, `is_auth`, `is_invalid_input`, `is_job_failure` and
+    /// `is_shutting_down` is true.
     pub fn is_connection(&self) -> bool {
         self.kind() == ErrorKind::Connection
     }
@@ -364,6 +365,7 @@ mod unit {
                 e.is_auth(),
                 e.is_invalid_input(),
                 e.is_job_failure(),
+                e.is_shutting_down(),
             ]
             .into_iter()
             .filter(|p| *p)
