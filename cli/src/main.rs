@@ -128,32 +128,24 @@ async fn once(
     let options = LockOptions::new().ttl(run.ttl).grace(grace);
     let kill_after = run.kill_after;
     let command = run.command;
-    // The work runs inside `once_with`, which cancels it (dropping the child, whose whole
-    // process group then gets SIGKILL) as soon as the lock is lost. How the command failed
-    // is kept here: `once_with` sees only that it failed (and releases at once, no grace).
-    let failed: std::sync::Mutex<Option<OnceFailure>> = std::sync::Mutex::new(None);
+    // How the command ended, when it ran to an end here.
+    let mut ended: Option<std::io::Result<Ended>> = None;
+    // The work runs inside `once_with`, which keeps the grace only when it succeeds, and
+    // cancels it (dropping the child, whose whole process group then gets SIGKILL) as soon
+    // as the lock is lost.
     let outcome = herd
         .once_with(key, &options, || async {
-            let ended =
-                match child::run(&command, std::future::pending(), signals, kill_after).await {
-                    Ok(ended) => ended,
-                    Err(e) => {
-                        let message = e.to_string();
-                        *lock_failure(&failed) = Some(OnceFailure::Spawn(e));
-                        return Err(herdlock::JobError::new(message));
-                    }
-                };
-            match ended {
-                Ended::Exited(0) => Ok(()),
-                other => {
-                    *lock_failure(&failed) = Some(OnceFailure::Ended(other));
-                    Err(herdlock::JobError::new("the command failed"))
-                }
+            let result = child::run(&command, std::future::pending(), signals, kill_after).await;
+            let succeeded = matches!(result, Ok(Ended::Exited(0)));
+            ended = Some(result);
+            if succeeded {
+                Ok(())
+            } else {
+                Err(herdlock::JobError::new("the command did not succeed"))
             }
         })
         .await;
-    let failure = lock_failure(&failed).take();
-    Ok(match (outcome, failure) {
+    Ok(match (outcome, ended) {
         (Ok(herdlock::Outcome::Ran(())), _) => ExitCode::SUCCESS,
         (Ok(herdlock::Outcome::Busy(holder)), _) => {
             eprintln!(
@@ -162,26 +154,11 @@ async fn once(
             );
             ExitCode::from(exit::TEMPFAIL)
         }
-        (Err(_), Some(OnceFailure::Ended(ended))) => ended.exit_code(),
-        (Err(_), Some(OnceFailure::Spawn(e))) => exit::spawn_failed(&e),
+        (Err(_), Some(Ok(ended))) => ended.exit_code(),
+        (Err(_), Some(Err(e))) => exit::spawn_failed(&e),
         (Err(e), None) if e.is_lock_lost() => exit::lock_lost(key),
         (Err(e), None) => return Err(e),
     })
-}
-
-/// How `once`'s command failed, kept beside `once_with` (which sees only a job error).
-#[derive(Debug)]
-enum OnceFailure {
-    Ended(Ended),
-    Spawn(std::io::Error),
-}
-
-fn lock_failure(
-    failed: &std::sync::Mutex<Option<OnceFailure>>,
-) -> std::sync::MutexGuard<'_, Option<OnceFailure>> {
-    failed
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `lock`: wait for the lock, run under it, release it.
