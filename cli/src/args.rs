@@ -13,7 +13,15 @@ pub(crate) const MIN_TTL: Duration = Duration::from_secs(1);
 ///
 /// Durations take a unit (`750ms`, `30s`, `10m`, `1h30m`); a bare integer is seconds.
 #[derive(Debug, Parser)]
-#[command(name = "herdlock", version)]
+#[command(
+    name = "herdlock",
+    version,
+    after_help = "Exit codes: COMMAND's own when it ran (with --fanout, the run's, on every caller); \
+128+n when COMMAND was killed by signal n or herdlock got SIGTERM/SIGINT and forwarded it; \
+64 bad arguments; 69 Redis unreachable or failing; 70 internal failure; 74 --fanout output \
+over --max-output; 75 busy or the wait timed out; 76 the lock was lost while COMMAND ran; \
+77 Redis permission missing; 78 Redis may evict keys; 126/127 COMMAND not executable/not found."
+)]
 pub(crate) struct Cli {
     /// Redis URL (`redis://[user:password@]host:port[/db]`; `redis+cluster://h1:p1,h2:p2/`
     /// for a cluster); defaults to `$REDIS_URL`, whose value is never printed.

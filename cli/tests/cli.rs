@@ -420,6 +420,11 @@ fn bad_arguments_exit_as_the_readme_says() {
         let out = cli(&prefix, fine);
         assert_eq!(out.status.code(), Some(0), "{fine:?}: {out:?}");
     }
+    let help = cli(&prefix, &["--help"]);
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("64 bad arguments"),
+        "--help lists the exit codes: {help:?}"
+    );
 }
 
 /// Issue 13: `--help` shows where the URL comes from, never `REDIS_URL`'s value; nor do
