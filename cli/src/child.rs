@@ -204,11 +204,30 @@ pub(crate) async fn run_captured(
         tokio::spawn(async move { capture.pump(err, tokio::io::stderr(), false).await })
     });
     let ended = supervise(&mut group, std::future::pending(), signals, kill_after).await?;
-    // The pipes close when every process holding them has exited.
-    for pump in [stdout, stderr].into_iter().flatten() {
-        let _ = pump.await;
+    // The pipes close when every process holding them has exited; a process COMMAND left
+    // behind may hold them open for good, so that wait is bounded too.
+    let pumps: Vec<_> = [stdout, stderr].into_iter().flatten().collect();
+    let aborts: Vec<_> = pumps
+        .iter()
+        .map(tokio::task::JoinHandle::abort_handle)
+        .collect();
+    let drained = tokio::time::timeout(kill_after, async {
+        for pump in pumps {
+            let _ = pump.await;
+        }
+    })
+    .await;
+    let mut captured = capture.finish();
+    if drained.is_err() {
+        aborts.iter().for_each(tokio::task::AbortHandle::abort);
+        captured.mark_incomplete();
+        eprintln!(
+            "herdlock: the command exited, but a process it started still holds its output \
+             open after {}; not waiting for the rest",
+            humantime::format_duration(kill_after)
+        );
     }
-    Ok((ended, capture.finish()))
+    Ok((ended, captured))
 }
 
 async fn supervise(

@@ -7,7 +7,7 @@
 //! | 64 | bad arguments |
 //! | 69 | Redis unreachable, credentials refused, or a Redis error |
 //! | 70 | an internal failure (no runtime, no signal handler, a leader that could not start COMMAND) |
-//! | 74 | `--fanout` follower: the leader's output was over `--max-output` |
+//! | 74 | `--fanout` follower: the leader's output was over `--max-output`, or incomplete |
 //! | 75 | busy (`once`, `semaphore` without `--wait`) or the wait timed out |
 //! | 76 | the lock or permit was lost while COMMAND ran; COMMAND's process group got SIGKILL |
 //! | 77 | the Redis user lacks a permission herdlock needs |

@@ -313,13 +313,13 @@ async fn fanned(
                 // This process ran the command (and streamed its output); an output over
                 // the cap only keeps the followers from getting it.
                 if let Some(job) = e.job_error() {
-                    if job.code() == Some(output::TOO_LARGE) {
+                    if matches!(job.code(), Some(output::TOO_LARGE | output::INCOMPLETE)) {
                         eprintln!("herdlock: {}", job.message());
                     }
                 }
                 return Ok(code);
             }
-            if let Some(code) = output::too_large(&e) {
+            if let Some(code) = output::undeliverable(&e) {
                 return Ok(code);
             }
             Err(e)

@@ -18,6 +18,10 @@ pub(crate) const MAX_MAX_OUTPUT: usize = 64 * 1024 * 1024;
 /// The job error code of a run whose output was over the cap.
 pub(crate) const TOO_LARGE: &str = "output-over-cap";
 
+/// The job error code of a run whose output was still held open (by a process the command
+/// left behind) when herdlock stopped reading it.
+pub(crate) const INCOMPLETE: &str = "output-incomplete";
+
 /// A fan-out run as its followers receive it.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct LeaderRun {
@@ -60,6 +64,8 @@ pub(crate) struct Captured {
     stderr: Vec<u8>,
     /// Every byte seen, kept or not.
     total: usize,
+    /// The pipes were still open when reading stopped.
+    incomplete: bool,
 }
 
 impl Capture {
@@ -107,8 +113,21 @@ impl Capture {
 }
 
 impl Captured {
-    /// The run for the followers, or, over the cap, the error they get instead.
+    pub(crate) fn mark_incomplete(&mut self) {
+        self.incomplete = true;
+    }
+
+    /// The run for the followers, or, over the cap or incomplete, the error they get
+    /// instead (never a part of the output passed off as all of it).
     pub(crate) fn into_result(self, code: u8) -> Result<LeaderRun, herdlock::JobError> {
+        if self.incomplete {
+            return Err(herdlock::JobError::new(format!(
+                "the run's output is incomplete (a process the command started kept it open \
+                 after the command exited), so it is not passed on; the run exited with {code}"
+            ))
+            .with_code(INCOMPLETE)
+            .with_detail(serde_json::json!({ "exit_code": code })));
+        }
         if self.total > self.cap {
             return Err(herdlock::JobError::new(format!(
                 "the run's output ({} bytes) is over the --max-output cap of {} bytes, so it \
@@ -126,11 +145,11 @@ impl Captured {
     }
 }
 
-/// A follower's exit when the leader's output was over the cap: the message, and
-/// [`crate::exit::IOERR`].
-pub(crate) fn too_large(e: &herdlock::Error) -> Option<ExitCode> {
+/// A follower's exit when the leader's output was over the cap or incomplete: the message,
+/// and [`crate::exit::IOERR`].
+pub(crate) fn undeliverable(e: &herdlock::Error) -> Option<ExitCode> {
     let job = e.job_error()?;
-    (job.code() == Some(TOO_LARGE)).then(|| {
+    matches!(job.code(), Some(TOO_LARGE | INCOMPLETE)).then(|| {
         eprintln!("herdlock: {}", job.message());
         ExitCode::from(crate::exit::IOERR)
     })

@@ -850,3 +850,49 @@ async fn a_long_wait_on_a_terminal_shows_a_status_line() {
     assert!(text.contains("\r\u{1b}[K"), "{text}");
     guard.release().await.expect("release");
 }
+
+/// A `--fanout` command that leaves a process behind holding its output open: the leader
+/// stops reading `--kill-after` after the command exited, says so, and its followers get
+/// an error (exit 74), not an output that may be missing its end.
+#[test]
+fn fanout_output_held_open_by_a_leftover_process_is_not_waited_for() {
+    let prefix = server::unique_prefix("cli_fanout_open");
+    let redis = server::shared();
+    let script = r#"echo "started $$"; read word; sleep 30 & echo "out-$word"; exit 0"#;
+    let mut leader = spawn(
+        &prefix,
+        &[
+            "lock",
+            "job",
+            "--fanout",
+            "--kill-after",
+            "500ms",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let leader_out = lines(&mut leader);
+    let pid = started(&leader_out);
+    let channel = format!("{prefix}:{{job}}");
+    let before = redis.subscribers(&channel);
+    let follower = spawn(&prefix, &["lock", "job", "--fanout", "--", "true"]);
+    redis.wait_subscribers(&channel, before + 1, STEP);
+    let mut stdin = leader.stdin.take().expect("stdin is piped");
+    writeln!(stdin, "go").expect("write to the leader's command");
+    drop(stdin);
+    let (status, stderr) = finish(leader);
+    // The leftover `sleep` is in the command's process group (its pgid is the command's pid).
+    let _ = nix::sys::signal::killpg(pid_of(u32::try_from(pid).expect("a pid")), Signal::SIGKILL);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("still holds its output open"), "{stderr}");
+    assert_eq!(next_line(&leader_out), "out-go");
+    let output = follower.wait_with_output().expect("the follower exits");
+    assert_eq!(output.status.code(), Some(74), "{output:?}");
+    assert!(output.stdout.is_empty(), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("output is incomplete"),
+        "{output:?}"
+    );
+}
