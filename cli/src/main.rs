@@ -161,6 +161,16 @@ async fn once(
     })
 }
 
+/// A signal while waiting (no command runs yet): shut the herd down, which ends the wait
+/// and releases anything an acquisition cut off by the signal won (instead of leaving it
+/// to its TTL), then exit 128 + n.
+async fn interrupted(herd: &Herd, signal: i32) -> ExitCode {
+    if let Err(e) = herd.shutdown(Duration::ZERO).await {
+        eprintln!("herdlock: shutting down after the signal: {e}");
+    }
+    exit::signaled(signal)
+}
+
 /// `lock`: wait for the lock, run under it, release it.
 async fn lock(
     herd: &Herd,
@@ -173,7 +183,7 @@ async fn lock(
     let acquired = tokio::select! {
         acquired = herd.lock_with(key, wait, &options) => acquired,
         () = status_line(herd, key, wait) => unreachable!("the status line never ends"),
-        signal = signals.recv() => return Ok(exit::signaled(signal)),
+        signal = signals.recv() => return Ok(interrupted(herd, signal).await),
     };
     let guard = acquired?;
     let ended = child::run(&run.command, guard.lost(), signals, run.kill_after).await;
@@ -226,7 +236,7 @@ async fn semaphore(
             let acquired = tokio::select! {
                 acquired = semaphore.acquire(wait) => acquired,
                 () = semaphore_status_line(&semaphore, wait) => unreachable!("never ends"),
-                signal = signals.recv() => return Ok(exit::signaled(signal)),
+                signal = signals.recv() => return Ok(interrupted(herd, signal).await),
             };
             acquired?
         }
@@ -297,7 +307,7 @@ async fn fanned(
                 // A leader's job forwards the signal to its command and finishes the run
                 // (its own listener got the signal too); a follower just stops waiting.
                 if !Led::update(&led, |led| led.running) {
-                    return Ok(exit::signaled(signal));
+                    return Ok(interrupted(herd, signal).await);
                 }
             }
         }

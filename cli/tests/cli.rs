@@ -896,3 +896,37 @@ fn fanout_output_held_open_by_a_leftover_process_is_not_waited_for() {
         "{output:?}"
     );
 }
+
+/// A signal while herdlock waits for a lock ends the wait at once (exit 128 + n), runs
+/// nothing, and leaves nothing held: the holder's release frees the lock for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_waiting_ends_the_wait_and_leaves_nothing_held() {
+    let prefix = server::unique_prefix("cli_wait_signal");
+    let other = herd(&prefix, "other-host").await;
+    let guard = other
+        .try_lock_with("job", &LockOptions::new().ttl(Duration::from_secs(30)))
+        .await
+        .expect("try")
+        .acquired()
+        .expect("free");
+    let p = prefix.clone();
+    let child = tokio::task::spawn_blocking(move || {
+        spawn(&p, &["lock", "job", "--wait", "20s", "--", "echo", "never"])
+    })
+    .await
+    .expect("task");
+    let channel = format!("{prefix}:{{job}}");
+    tokio::task::spawn_blocking(move || server::shared().wait_subscribers(&channel, 1, STEP))
+        .await
+        .expect("task");
+    let mut child = child;
+    let out = lines(&mut child);
+    kill(pid_of(child.id()), Signal::SIGTERM).expect("signal herdlock");
+    let (status, stderr) = tokio::task::spawn_blocking(move || finish(child))
+        .await
+        .expect("task");
+    assert_eq!(status.code(), Some(143), "{stderr}");
+    assert!(out.try_recv().is_err(), "the command ran");
+    guard.release().await.expect("release");
+    assert_eq!(other.lock_status("job").await.expect("status").holder, None);
+}
