@@ -208,6 +208,8 @@ pub mod limits;
 mod lock;
 mod multi;
 mod semaphore;
+#[cfg(feature = "tower")]
+pub mod tower;
 mod wait;
 mod watchdog;
 
