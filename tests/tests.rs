@@ -56,6 +56,9 @@ mod protocol_v2;
 // TLS (`rediss://`): the smoke set, mutual TLS, plain/TLS mismatches (feature `tls-rustls`).
 #[cfg(feature = "tls-rustls")]
 mod tls;
+// The request-coalescing tower layer (feature `tower`), both backends.
+#[cfg(feature = "tower")]
+mod tower;
 // Tenants: two prefixes (one a prefix of the other) on one Redis never see each other.
 mod tenants;
 // Sentinel: connect by master name, follow a failover (herds, held locks, waiters).
