@@ -132,7 +132,12 @@ where
         .headers()
         .get(name)
         .map(|v| v.to_str().expect("ascii header").to_owned());
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     (status, header, String::from_utf8_lossy(&body).into_owned())
 }
 
