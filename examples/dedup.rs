@@ -16,6 +16,14 @@ use herdlock::{FanoutOptions, Herd, Role};
 
 async fn node(name: &str, first: Option<&Herd>) -> Result<Herd, herdlock::Error> {
     let builder = Herd::builder().prefix("example-dedup").owner(name);
+    if first.is_none() {
+        match std::env::var("REDIS_URL") {
+            Ok(url) => println!("backend: redis at {url}"),
+            Err(_) => {
+                println!("backend: in-memory; both nodes in this process (set REDIS_URL for Redis)")
+            }
+        }
+    }
     match (std::env::var("REDIS_URL"), first) {
         (Ok(url), _) => builder.connect(&url).await,
         (Err(_), Some(first)) => builder.memory_peer(first),

@@ -16,8 +16,14 @@ use herdlock::{Herd, LockOptions};
 #[tokio::main]
 async fn main() -> Result<(), herdlock::Error> {
     let herd = match std::env::var("REDIS_URL") {
-        Ok(url) => Herd::builder().prefix("example-lost").connect(&url).await?,
-        Err(_) => Herd::memory(),
+        Ok(url) => {
+            println!("backend: redis at {url}");
+            Herd::builder().prefix("example-lost").connect(&url).await?
+        }
+        Err(_) => {
+            println!("backend: in-memory (set REDIS_URL for Redis)");
+            Herd::memory()
+        }
     };
     let options = LockOptions::new()
         .ttl(Duration::from_millis(300))

@@ -13,12 +13,16 @@ use herdlock::{Herd, SemaphoreOptions};
 async fn main() -> Result<(), herdlock::Error> {
     let herd = match std::env::var("REDIS_URL") {
         Ok(url) => {
+            println!("backend: redis at {url}");
             Herd::builder()
                 .prefix("example-queue")
                 .connect(&url)
                 .await?
         }
-        Err(_) => Herd::memory(),
+        Err(_) => {
+            println!("backend: in-memory (set REDIS_URL for Redis)");
+            Herd::memory()
+        }
     };
     let exports = herd.semaphore_with("exports", 1, &SemaphoreOptions::new().fair(true))?;
     let mut workers = Vec::new();

@@ -468,10 +468,12 @@ where
         let (parts, body) = response.into_parts();
         let body = match Limited::new(body, max_body).collect().await {
             Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<LengthLimitError>() => return Err(JobError::new(format!(
+            Err(e) if e.is::<LengthLimitError>() => {
+                return Err(JobError::new(format!(
                 "the response body is longer than the coalescing layer's cap of {max_body} bytes"
             ))
-            .with_code(BODY_TOO_LARGE)),
+                .with_code(BODY_TOO_LARGE))
+            }
             Err(e) => {
                 return Err(
                     JobError::new(format!("reading the response body failed: {e}"))

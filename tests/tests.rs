@@ -59,6 +59,8 @@ mod tls;
 // The request-coalescing tower layer (feature `tower`), both backends.
 #[cfg(feature = "tower")]
 mod tower;
+// Every example as a real process, on both backends.
+mod examples;
 // Tenants: two prefixes (one a prefix of the other) on one Redis never see each other.
 mod tenants;
 // Sentinel: connect by master name, follow a failover (herds, held locks, waiters).
