@@ -19,9 +19,7 @@ async fn node(name: &str, first: Option<&Herd>) -> Result<Herd, herdlock::Error>
     if first.is_none() {
         match std::env::var("REDIS_URL") {
             Ok(url) => println!("backend: redis at {url}"),
-            Err(_) => {
-                println!("backend: in-memory; both nodes in this process (set REDIS_URL for Redis)")
-            }
+            Err(_) => println!("backend: in-memory; both nodes in one process (set REDIS_URL)"),
         }
     }
     match (std::env::var("REDIS_URL"), first) {

@@ -15,15 +15,12 @@ use herdlock::{Herd, LockOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), herdlock::Error> {
-    let herd = match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: redis at {url}");
-            Herd::builder().prefix("example-lost").connect(&url).await?
-        }
-        Err(_) => {
-            println!("backend: in-memory (set REDIS_URL for Redis)");
-            Herd::memory()
-        }
+    let herd = if let Ok(url) = std::env::var("REDIS_URL") {
+        println!("backend: redis at {url}");
+        Herd::builder().prefix("example-lost").connect(&url).await?
+    } else {
+        println!("backend: in-memory (set REDIS_URL for Redis)");
+        Herd::memory()
     };
     let options = LockOptions::new()
         .ttl(Duration::from_millis(300))

@@ -11,18 +11,15 @@ use herdlock::{Herd, SemaphoreOptions};
 
 #[tokio::main]
 async fn main() -> Result<(), herdlock::Error> {
-    let herd = match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: redis at {url}");
-            Herd::builder()
-                .prefix("example-queue")
-                .connect(&url)
-                .await?
-        }
-        Err(_) => {
-            println!("backend: in-memory (set REDIS_URL for Redis)");
-            Herd::memory()
-        }
+    let herd = if let Ok(url) = std::env::var("REDIS_URL") {
+        println!("backend: redis at {url}");
+        Herd::builder()
+            .prefix("example-queue")
+            .connect(&url)
+            .await?
+    } else {
+        println!("backend: in-memory (set REDIS_URL for Redis)");
+        Herd::memory()
     };
     let exports = herd.semaphore_with("exports", 1, &SemaphoreOptions::new().fair(true))?;
     let mut workers = Vec::new();

@@ -63,14 +63,11 @@ async fn main() -> Result<(), BoxError> {
         None => demo(redis.as_deref()).await,
         Some("serve") => {
             let port: u16 = args.get(1).map_or(Ok(0), |p| p.parse())?;
-            let herd = match &redis {
-                Some(url) => Herd::builder().prefix(PREFIX).connect(url).await?,
-                None => {
-                    eprintln!(
-                        "serve: no REDIS_URL, so this instance coalesces only its own requests"
-                    );
-                    Herd::builder().prefix(PREFIX).memory()?
-                }
+            let herd = if let Some(url) = &redis {
+                Herd::builder().prefix(PREFIX).connect(url).await?
+            } else {
+                eprintln!("serve: no REDIS_URL, so this instance coalesces only its own requests");
+                Herd::builder().prefix(PREFIX).memory()?
             };
             let addr = serve(herd, port).await?;
             println!("listening on http://{addr}");

@@ -30,18 +30,15 @@ async fn transfer(herd: Herd, from: &str, to: &str, amount: u64) -> Result<(), h
 
 #[tokio::main]
 async fn main() -> Result<(), herdlock::Error> {
-    let herd = match std::env::var("REDIS_URL") {
-        Ok(url) => {
-            println!("backend: redis at {url}");
-            Herd::builder()
-                .prefix("example-transfer")
-                .connect(&url)
-                .await?
-        }
-        Err(_) => {
-            println!("backend: in-memory (set REDIS_URL for Redis)");
-            Herd::memory()
-        }
+    let herd = if let Ok(url) = std::env::var("REDIS_URL") {
+        println!("backend: redis at {url}");
+        Herd::builder()
+            .prefix("example-transfer")
+            .connect(&url)
+            .await?
+    } else {
+        println!("backend: in-memory (set REDIS_URL for Redis)");
+        Herd::memory()
     };
     let one = tokio::spawn(transfer(herd.clone(), "alice", "bob", 10));
     let two = tokio::spawn(transfer(herd.clone(), "bob", "alice", 5));

@@ -26,10 +26,10 @@ fn example_binary(name: &str) -> PathBuf {
     let binary = profile_dir
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    let build = "build the examples first: `cargo build --examples --features tls-rustls,tower`";
+    let how = "build the examples first: `cargo build --examples --features tls-rustls,tower`";
     let built = std::fs::metadata(&binary)
         .and_then(|m| m.modified())
-        .unwrap_or_else(|_| panic!("{} is missing: {build}", binary.display()));
+        .unwrap_or_else(|_| panic!("{} is missing: {how}", binary.display()));
     let source = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("examples")
         .join(format!("{name}.rs"));
@@ -38,7 +38,7 @@ fn example_binary(name: &str) -> PathBuf {
         .unwrap_or_else(|e| panic!("{}: {e}", source.display()));
     assert!(
         built >= written,
-        "{} is older than {}: {build}",
+        "{} is older than {}: {how}",
         binary.display(),
         source.display()
     );
