@@ -1,4 +1,4 @@
-//! Every example (but the load generator) runs as a real process, on the in-memory backend
+//! Every example runs as a real process, on the in-memory backend
 //! and on a private `redis-server` (through `REDIS_URL`), and prints what it promises.
 //!
 //! The example binaries are the ones cargo built next to this test binary
@@ -26,7 +26,7 @@ fn example_binary(name: &str) -> PathBuf {
     let binary = profile_dir
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    let how = "build the examples first: `cargo build --examples --features tls-rustls,tower`";
+    let how = "build the examples first: `cargo build --examples --features herdlock/tls-rustls,herdlock/tower`";
     let built = std::fs::metadata(&binary)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("{} is missing: {how}", binary.display()));
