@@ -23,13 +23,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use herdlock::{FanoutOptions, Herd, JobError, Role};
+use herdlock::{FanoutOptions, Herd, Role};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// How long a computed value stays in the cache.
 const TTL: Duration = Duration::from_secs(60);
 const PREFIX: &str = "example-cache-stampede";
+/// How long a reader waits for a computation.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// Where values live: Redis (`SET … PX`) or a map in this process.
 #[derive(Clone)]
@@ -119,7 +121,6 @@ impl Cache {
             return Ok((value, Source::Hit));
         }
         let options = FanoutOptions::new()
-            .timeout(Duration::from_secs(10))
             // Keep a finished run's result 10 s, and let a reader that just missed the
             // cache take a result up to 10 s old.
             .linger(Duration::from_secs(10))
@@ -131,15 +132,17 @@ impl Cache {
         );
         let fanned = self
             .herd
-            .fanout_with(&format!("compute:{key}"), &options, move || async move {
-                computations.fetch_add(1, Ordering::SeqCst);
-                let value = expensive_computation(&key).await;
-                store
-                    .set(&cache_key, &value)
-                    .await
-                    .map_err(|e| JobError::new(format!("writing the cache failed: {e}")))?;
-                Ok::<String, JobError>(value)
-            })
+            .fanout_with(
+                &format!("compute:{key}"),
+                WAIT,
+                &options,
+                move || async move {
+                    computations.fetch_add(1, Ordering::SeqCst);
+                    let value = expensive_computation(&key).await;
+                    store.set(&cache_key, &value).await?; // any error converts into the job's
+                    Ok(value)
+                },
+            )
             .await?;
         let source = match fanned.role {
             Role::Leader => Source::Computed,

@@ -234,7 +234,7 @@ async fn serve(herd: Herd, port: u16) -> Result<SocketAddr, BoxError> {
         release: watch::Sender::new(0),
     }));
     let service = CoalesceLayer::new(herd, report_key)
-        .timeout(Duration::from_secs(10))
+        .wait(Duration::from_secs(10))
         .role_header(HeaderName::from_static(ROLE_HEADER))
         .layer(upstream);
     let listener = TcpListener::bind(("127.0.0.1", port)).await?;

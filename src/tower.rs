@@ -69,10 +69,10 @@
 //!
 //! When a coalesced request cannot be answered with a shared response (the inner service
 //! returned an error, its body failed or was too large, Redis is unreachable, this
-//! caller's [timeout](CoalesceLayer::timeout) passed, the leader died without a successor
+//! caller's [wait](CoalesceLayer::wait) ran out, the leader died without a successor
 //! in time, …), the layer's failure handler turns the [`Error`] into the caller's result.
 //! The default, [`FailureResponse`], answers with a plain-text response: `504` for a
-//! timeout, `502` when the inner service or its body failed (the inner error's `Display`
+//! timeout (the caller's wait, or the run's [`max_duration`](crate::FanoutOptions::max_duration)), `502` when the inner service or its body failed (the inner error's `Display`
 //! is in the body, and [`Error::job_error`] has the code [`INNER_SERVICE_FAILED`],
 //! [`BODY_FAILED`] or [`BODY_TOO_LARGE`]), `503` when the coordination backend failed,
 //! `500` otherwise. [`on_failure`](CoalesceLayer::on_failure) replaces it with any closure
@@ -188,7 +188,7 @@ impl FailureResponse {
     /// The status this handler answers `error` with.
     pub fn status(error: &Error) -> StatusCode {
         match error.kind() {
-            ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Timeout | ErrorKind::JobTimedOut => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::JobFailed | ErrorKind::JobPanicked => StatusCode::BAD_GATEWAY,
             ErrorKind::Connection
             | ErrorKind::Auth
@@ -228,7 +228,7 @@ pub struct CoalesceLayer<K, F = FailureResponse> {
     herd: Herd,
     key: Arc<K>,
     options: FanoutOptions,
-    timeout: Duration,
+    wait: Duration,
     max_body: usize,
     kept: Arc<[HeaderName]>,
     role_header: Option<HeaderName>,
@@ -241,7 +241,7 @@ impl<K, F: Clone> Clone for CoalesceLayer<K, F> {
             herd: self.herd.clone(),
             key: Arc::clone(&self.key),
             options: self.options.clone(),
-            timeout: self.timeout,
+            wait: self.wait,
             max_body: self.max_body,
             kept: Arc::clone(&self.kept),
             role_header: self.role_header.clone(),
@@ -255,7 +255,7 @@ impl<K, F: fmt::Debug> fmt::Debug for CoalesceLayer<K, F> {
         f.debug_struct("CoalesceLayer")
             .field("herd", &self.herd)
             .field("options", &self.options)
-            .field("timeout", &self.timeout)
+            .field("wait", &self.wait)
             .field("max_body", &self.max_body)
             .field("kept", &self.kept)
             .field("role_header", &self.role_header)
@@ -268,7 +268,7 @@ impl<K> CoalesceLayer<K> {
     /// A layer that coalesces requests through `herd` by the key `key` derives from each
     /// request (`None`: do not coalesce this one).
     ///
-    /// Defaults: each caller waits at most 30 s ([`timeout`](CoalesceLayer::timeout)),
+    /// Defaults: each caller waits at most 30 s ([`wait`](CoalesceLayer::wait)),
     /// default [`FanoutOptions`], a body cap of [`DEFAULT_MAX_BODY`], the
     /// [`DEFAULT_KEPT_HEADERS`], no role header, failures as [`FailureResponse`]s.
     pub fn new(herd: Herd, key: K) -> CoalesceLayer<K> {
@@ -276,7 +276,7 @@ impl<K> CoalesceLayer<K> {
             herd,
             key: Arc::new(key),
             options: FanoutOptions::new(),
-            timeout: Duration::from_secs(30),
+            wait: Duration::from_secs(30),
             max_body: DEFAULT_MAX_BODY,
             kept: Arc::from(DEFAULT_KEPT_HEADERS.to_vec()),
             role_header: None,
@@ -289,8 +289,8 @@ impl<K, F> CoalesceLayer<K, F> {
     /// How long each caller waits for the shared response before its failure handler gets
     /// a [`Timeout`](ErrorKind::Timeout) error. Default: 30 s. The run carries on for the
     /// others.
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = wait;
         self
     }
 
@@ -338,7 +338,7 @@ impl<K, F> CoalesceLayer<K, F> {
             herd: self.herd,
             key: self.key,
             options: self.options,
-            timeout: self.timeout,
+            wait: self.wait,
             max_body: self.max_body,
             kept: self.kept,
             role_header: self.role_header,
@@ -455,11 +455,7 @@ where
     }
     let max_body = config.max_body;
     let max_result = (max_body.div_ceil(3) * 4 + HEADROOM).min(MAX_RESULT_SIZE_LIMIT);
-    let options = config
-        .options
-        .clone()
-        .timeout(config.timeout)
-        .max_result_size(max_result);
+    let options = config.options.clone().max_result_size(max_result);
     let kept = Arc::clone(&config.kept);
     let job = move || async move {
         let response = inner.call(request).await.map_err(|e| {
@@ -481,9 +477,12 @@ where
                 )
             }
         };
-        Ok::<SharedResponse, JobError>(SharedResponse::new(&parts, &kept, &body))
+        Ok(SharedResponse::new(&parts, &kept, &body))
     };
-    let fanned = config.herd.fanout_with(key, &options, job).await?;
+    let fanned = config
+        .herd
+        .fanout_with(key, config.wait, &options, job)
+        .await?;
     Ok((fanned.value, fanned.role))
 }
 

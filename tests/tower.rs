@@ -316,7 +316,7 @@ async fn cache_age_serves_a_finished_response(fx: Fx) {
 /// it later still gets the response.
 async fn each_caller_keeps_its_timeout(fx: Fx) {
     let (upstream, open) = Upstream::new(Reply::Json);
-    let (a, _) = two_nodes(&fx, &upstream, |l| l.timeout(Duration::from_millis(200))).await;
+    let (a, _) = two_nodes(&fx, &upstream, |l| l.wait(Duration::from_millis(200))).await;
     let (_, b) = two_nodes(&fx, &upstream, |l| l).await;
     let mut patient = Box::pin(send(b, get("/slow")));
     assert!(futures::poll!(patient.as_mut()).is_pending());
