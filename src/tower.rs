@@ -69,17 +69,23 @@
 //!
 //! When a coalesced request cannot be answered with a shared response (the inner service
 //! returned an error, its body failed or was too large, Redis is unreachable, this
-//! caller's [wait](CoalesceLayer::wait) ran out, the leader died without a successor
-//! in time, …), the layer's failure handler turns the [`Error`] into the caller's result.
-//! The default, [`FailureResponse`], answers with a plain-text response: `504` for a
-//! timeout (the caller's wait, or the run's [`max_duration`](crate::FanoutOptions::max_duration)), `502` when the inner service or its body failed (the inner error's `Display`
-//! is in the body, and [`Error::job_error`] has the code [`INNER_SERVICE_FAILED`],
-//! [`BODY_FAILED`] or [`BODY_TOO_LARGE`]), `503` when the coordination backend failed,
-//! `500` otherwise. [`on_failure`](CoalesceLayer::on_failure) replaces it with any closure
+//! caller's [wait](CoalesceLayer::wait) ran out, the leader died without a successor in
+//! time, …), the layer's failure handler turns the [`Error`] into the caller's result. The
+//! default, [`FailureResponse`], answers with a plain-text response whose body is the
+//! error's message:
+//!
+//! | status | when |
+//! |---|---|
+//! | `504` | the caller's wait ran out, or the run passed its [`max_duration`](crate::FanoutOptions::max_duration) |
+//! | `502` | the inner service or its body failed ([`Error::job_error`] has the code [`INNER_SERVICE_FAILED`], [`BODY_FAILED`] or [`BODY_TOO_LARGE`], and the message the inner error's `Display`) |
+//! | `503` | the coordination backend failed (connection, auth, permission, a run abandoned) |
+//! | `500` | anything else (a key herdlock refuses, a body cap over [`MAX_BODY_LIMIT`]) |
+//!
+//! [`on_failure`](CoalesceLayer::on_failure) replaces it with any closure
 //! `Fn(herdlock::Error) -> Result<Response<Full<Bytes>>, E>`, where `E` is the inner
 //! service's error type: return `Err` to fail the request as an error instead. Every caller
-//! of one run, the leader included, sees the same failure. Requests that pass through
-//! (key `None`) return the inner service's own response and error.
+//! of one run, the leader included, sees the same failure. Requests that pass through (key
+//! `None`) return the inner service's own response and error.
 //!
 //! # Cancel safety
 //!
