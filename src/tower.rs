@@ -630,9 +630,15 @@ mod base64 {
     }
 }
 
-/// `Infallible` is the error type of most HTTP frameworks' services: a compile-time check
-/// that the default handler serves them.
-const _: fn() = || {
-    fn serves<E, F: OnFailure<E>>() {}
+/// Compile-time checks: the default handler serves `Infallible` services (most HTTP
+/// frameworks'), and the layer and its service can be shared across threads (axum's
+/// `Router::layer` wants `Send + Sync`).
+const _: () = {
+    const fn serves<E, F: OnFailure<E>>() {}
+    const fn send_sync<T: Send + Sync>() {}
+    type Key = fn(&Request<()>) -> Option<String>;
     serves::<Infallible, FailureResponse>();
+    send_sync::<FailureResponse>();
+    send_sync::<CoalesceLayer<Key>>();
+    send_sync::<Coalesce<(), Key>>();
 };
