@@ -1,6 +1,6 @@
 //! `herdlock::tower::CoalesceLayer` (feature `tower`), both backends: one inner call for
 //! identical requests on two nodes, pass-through, the body cap, failures as responses or
-//! errors, cache age, per-caller timeouts.
+//! errors, cache age, per-caller timeouts, a dropped leader request.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -29,6 +29,7 @@ both_backends!(
     inner_errors_become_errors_when_asked,
     cache_age_serves_a_finished_response,
     each_caller_keeps_its_timeout,
+    a_dropped_leader_request_keeps_the_inner_call,
 );
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -326,6 +327,34 @@ async fn each_caller_keeps_its_timeout(fx: Fx) {
     assert_eq!(hasty.status(), StatusCode::GATEWAY_TIMEOUT);
     open.send_replace(true);
     let response: Response<_> = within(LIMIT, "the patient request", patient)
+        .await
+        .expect("a response");
+    let (status, _, body) = read(response, &role()).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "{\"call\":1}"));
+    assert_eq!(upstream.calls(), 1);
+}
+
+/// Cancel safety: the client of the request that leads disconnects (its future is dropped)
+/// while the inner call is in flight; the inner call carries on and the other node's
+/// request still gets its response, from that one call.
+async fn a_dropped_leader_request_keeps_the_inner_call(fx: Fx) {
+    let (upstream, open) = Upstream::new(Reply::Json);
+    let (a, b) = two_nodes(&fx, &upstream, |l| l).await;
+    let mut leader = Box::pin(send(a, get("/dropped")));
+    assert!(futures::poll!(leader.as_mut()).is_pending());
+    // Node a's request leads once the inner service has been called (the flight runs on
+    // the herd's task, not in this future).
+    within(LIMIT, "the leader's inner call", async {
+        while upstream.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut follower = Box::pin(send(b, get("/dropped")));
+    assert!(futures::poll!(follower.as_mut()).is_pending());
+    drop(leader);
+    open.send_replace(true);
+    let response = within(LIMIT, "the remaining request", follower)
         .await
         .expect("a response");
     let (status, _, body) = read(response, &role()).await;
