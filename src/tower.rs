@@ -52,7 +52,7 @@
 //! cookie, an `Authorization` header, the body) must be part of the key or the request
 //! must not be coalesced. Keys share the herd's key namespace (give the layer a herd with a
 //! [prefix](crate::Builder::prefix) of its own) and must be valid herdlock keys: at most
-//! [`MAX_KEY_LEN`](crate::MAX_KEY_LEN) bytes, braces only as one hash tag; hash a key
+//! [`MAX_KEY_LEN`](crate::limits::MAX_KEY_LEN) bytes, braces only as one hash tag; hash a key
 //! that may break these rules.
 //!
 //! # Size cap
@@ -122,8 +122,9 @@ use tower_service::Service;
 
 use crate::codec::JobError;
 use crate::error::{Error, ErrorKind};
-use crate::fanout::{FanoutOptions, Role, MAX_RESULT_SIZE_LIMIT};
+use crate::fanout::{FanoutOptions, Role};
 use crate::herd::Herd;
+use crate::limits::MAX_RESULT_SIZE_LIMIT;
 
 /// The response body of a [`Coalesce`] service: [`Either::Left`] for a shared (or failure)
 /// response, [`Either::Right`] for the inner service's own body of a request that passed
