@@ -16,8 +16,8 @@
 //! while to compute). The layer coalesces those GETs by URI; `GET /stats` and
 //! `POST /release` are not coalesced. So that the demo can show every request in flight at
 //! once, the upstream answers when the client says so (`POST /release`, after `/stats`
-//! shows all N requests waiting) or after 5 s, whichever comes first; a real upstream
-//! simply takes its time.
+//! shows all N requests waiting, one service's run leading and the other's following it)
+//! or after 5 s, whichever comes first; a real upstream simply takes its time.
 //!
 //! The client fires N identical requests, alternating between the two services, and
 //! reports how many upstream calls they caused (one), the role of each response (header
@@ -176,14 +176,19 @@ impl Service<Request<Incoming>> for Upstream {
         Box::pin(async move {
             let path = request.uri().path().to_owned();
             let (status, body) = match (request.method(), path.as_str()) {
-                (&Method::GET, "/stats") => (
-                    StatusCode::OK,
-                    format!(
-                        "{{\"upstream_calls\":{},\"waiting\":{}}}",
-                        state.calls.load(Ordering::SeqCst),
-                        state.herd.stats().waiting
-                    ),
-                ),
+                (&Method::GET, "/stats") => {
+                    let stats = state.herd.stats();
+                    (
+                        StatusCode::OK,
+                        format!(
+                            "{{\"upstream_calls\":{},\"waiting\":{},\"in_flight\":{},\"following\":{}}}",
+                            state.calls.load(Ordering::SeqCst),
+                            stats.waiting,
+                            stats.in_flight,
+                            stats.following
+                        ),
+                    )
+                }
                 (&Method::POST, "/release") => {
                     state.release.send_modify(|n| *n += 1);
                     (StatusCode::OK, String::from("{}"))
@@ -304,6 +309,18 @@ async fn total(urls: &[String], field: &str) -> Result<usize, BoxError> {
     Ok(sum)
 }
 
+/// Whether `n` requests wait on the services' runs, one run leading and the rest following.
+async fn all_in_flight(urls: &[String], n: usize) -> Result<bool, BoxError> {
+    let (mut waiting, mut in_flight, mut following) = (0, 0, 0);
+    for url in urls {
+        let stats = fetch(url, Method::GET, "/stats").await?.2;
+        waiting += stat(&stats, "waiting")?;
+        in_flight += stat(&stats, "in_flight")?;
+        following += stat(&stats, "following")?;
+    }
+    Ok(waiting == n && in_flight == following + 1)
+}
+
 /// Fires `n` identical requests alternating over `urls`; true if they made one upstream
 /// call and got one body.
 async fn client(urls: &[String], n: usize) -> Result<bool, BoxError> {
@@ -315,9 +332,11 @@ async fn client(urls: &[String], n: usize) -> Result<bool, BoxError> {
             tokio::spawn(async move { fetch(&url, Method::GET, path).await })
         })
         .collect();
-    // Wait until every request is in flight (coalesced or leading), then let the upstream answer.
+    // Wait until every request is in flight: all n waiting on a run, one service's run
+    // leading and the other's following it (its fan-out found the run in progress). Then
+    // let the upstream answer.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while total(urls, "waiting").await? < n && Instant::now() < deadline {
+    while !all_in_flight(urls, n).await? && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     for url in urls {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::future::{join_all, BoxFuture};
 use futures::FutureExt;
 use herdlock::tower::{Coalesce, CoalesceLayer, BODY_TOO_LARGE, INNER_SERVICE_FAILED};
-use herdlock::FanoutOptions;
+use herdlock::{FanoutOptions, Herd};
 use http::header::{HeaderName, CONTENT_TYPE, SET_COOKIE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -144,19 +144,37 @@ where
 
 type Svc = Coalesce<Upstream, fn(&Request<()>) -> Option<String>>;
 
-async fn two_nodes(fx: &Fx, upstream: &Upstream, tweak: fn(Layer2) -> Layer2) -> (Svc, Svc) {
-    let mut services = Vec::new();
-    for owner in ["node-a", "node-b"] {
-        let layer = CoalesceLayer::new(
-            fx.node(owner).await,
-            key as fn(&Request<()>) -> Option<String>,
-        )
-        .role_header(role());
-        services.push(tweak(layer).layer(upstream.clone()));
-    }
-    let b = services.pop().expect("two");
-    let a = services.pop().expect("two");
-    (a, b)
+async fn two_nodes(
+    fx: &Fx,
+    upstream: &Upstream,
+    tweak: fn(Layer2) -> Layer2,
+) -> (Svc, Svc, [Herd; 2]) {
+    let herds = [fx.node("node-a").await, fx.node("node-b").await];
+    let service = |herd: &Herd| {
+        let layer = CoalesceLayer::new(herd.clone(), key as fn(&Request<()>) -> Option<String>)
+            .role_header(role());
+        tweak(layer).layer(upstream.clone())
+    };
+    (service(&herds[0]), service(&herds[1]), herds)
+}
+
+/// Waits until the inner service was called once and, of the flights on `herds`, one leads
+/// and every other one follows it: from then on no request can miss that run (a follower's
+/// own acquire step has found it in progress).
+async fn one_leads_the_rest_follow(herds: &[Herd], upstream: &Upstream) {
+    within(LIMIT, "one flight leading, the others following", async {
+        loop {
+            let (in_flight, following) = herds.iter().fold((0, 0), |(i, f), herd| {
+                let stats = herd.stats();
+                (i + stats.in_flight, f + stats.following)
+            });
+            if upstream.calls() == 1 && in_flight == following + 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
 }
 
 type Layer2 = CoalesceLayer<fn(&Request<()>) -> Option<String>>;
@@ -166,7 +184,7 @@ type Layer2 = CoalesceLayer<fn(&Request<()>) -> Option<String>>;
 /// only the kept headers.
 async fn identical_requests_on_two_nodes_make_one_inner_call(fx: Fx) {
     let (upstream, open) = Upstream::new(Reply::Json);
-    let (a, b) = two_nodes(&fx, &upstream, |l| l).await;
+    let (a, b, herds) = two_nodes(&fx, &upstream, |l| l).await;
     let calls: Vec<_> = (0..16)
         .map(|i| {
             let service = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -176,6 +194,7 @@ async fn identical_requests_on_two_nodes_make_one_inner_call(fx: Fx) {
     let mut all = Box::pin(join_all(calls));
     // One poll: every request has joined (or started) the fan-out of its key.
     assert!(futures::poll!(all.as_mut()).is_pending());
+    one_leads_the_rest_follow(&herds, &upstream).await;
     open.send_replace(true);
     let responses = within(LIMIT, "the coalesced requests", all).await;
     assert_eq!(upstream.calls(), 1, "one inner call for 16 requests");
@@ -202,7 +221,7 @@ async fn identical_requests_on_two_nodes_make_one_inner_call(fx: Fx) {
 async fn requests_without_a_key_pass_through(fx: Fx) {
     let (upstream, open) = Upstream::new(Reply::Json);
     open.send_replace(true);
-    let (a, b) = two_nodes(&fx, &upstream, |l| l).await;
+    let (a, b, _) = two_nodes(&fx, &upstream, |l| l).await;
     for service in [a.clone(), b, a] {
         let request = Request::post("/report/7").body(()).expect("request");
         let response = within(LIMIT, "a pass-through", send(service, request))
@@ -223,12 +242,13 @@ async fn requests_without_a_key_pass_through(fx: Fx) {
 /// cap, from one inner call.
 async fn a_body_over_the_cap_fails_every_caller(fx: Fx) {
     let (upstream, open) = Upstream::new(Reply::Bytes(100));
-    let (a, b) = two_nodes(&fx, &upstream, |l| l.max_body(64)).await;
+    let (a, b, herds) = two_nodes(&fx, &upstream, |l| l.max_body(64)).await;
     let mut both = Box::pin(futures::future::join(
         send(a.clone(), get("/big")),
         send(b, get("/big")),
     ));
     assert!(futures::poll!(both.as_mut()).is_pending());
+    one_leads_the_rest_follow(&herds, &upstream).await;
     open.send_replace(true);
     let (one, two) = within(LIMIT, "the oversized requests", both).await;
     for response in [one, two] {
@@ -240,7 +260,7 @@ async fn a_body_over_the_cap_fails_every_caller(fx: Fx) {
     // At the cap exactly, it is shared.
     let (upstream, open) = Upstream::new(Reply::Bytes(64));
     open.send_replace(true);
-    let (a, _) = two_nodes(&fx, &upstream, |l| l.max_body(64)).await;
+    let (a, ..) = two_nodes(&fx, &upstream, |l| l.max_body(64)).await;
     let (status, _, body) = read(
         within(LIMIT, "a body at the cap", send(a, get("/at-cap")))
             .await
@@ -275,7 +295,7 @@ async fn inner_errors_become_errors_when_asked(fx: Fx) {
             "{error}"
         );
     }
-    let (a, _) = two_nodes(&fx, &upstream, |l| l).await;
+    let (a, ..) = two_nodes(&fx, &upstream, |l| l).await;
     let (status, _, body) = read(
         within(LIMIT, "a failing request", send(a, get("/fails-too")))
             .await
@@ -299,7 +319,7 @@ async fn cache_age_serves_a_finished_response(fx: Fx) {
                 .cache_age(Duration::from_secs(10)),
         )
     };
-    let (a, b) = two_nodes(&fx, &upstream, cached).await;
+    let (a, b, _) = two_nodes(&fx, &upstream, cached).await;
     let mut roles = Vec::new();
     for service in [a, b] {
         let response = within(LIMIT, "a cached request", send(service, get("/prices")))
@@ -317,10 +337,11 @@ async fn cache_age_serves_a_finished_response(fx: Fx) {
 /// it later still gets the response.
 async fn each_caller_keeps_its_timeout(fx: Fx) {
     let (upstream, open) = Upstream::new(Reply::Json);
-    let (a, _) = two_nodes(&fx, &upstream, |l| l.wait(Duration::from_millis(200))).await;
-    let (_, b) = two_nodes(&fx, &upstream, |l| l).await;
+    let (a, ..) = two_nodes(&fx, &upstream, |l| l.wait(Duration::from_millis(200))).await;
+    let (_, b, herds) = two_nodes(&fx, &upstream, |l| l).await;
     let mut patient = Box::pin(send(b, get("/slow")));
     assert!(futures::poll!(patient.as_mut()).is_pending());
+    one_leads_the_rest_follow(&herds, &upstream).await;
     let hasty = within(LIMIT, "the hasty request", send(a, get("/slow")))
         .await
         .expect("a response");
@@ -339,19 +360,15 @@ async fn each_caller_keeps_its_timeout(fx: Fx) {
 /// request still gets its response, from that one call.
 async fn a_dropped_leader_request_keeps_the_inner_call(fx: Fx) {
     let (upstream, open) = Upstream::new(Reply::Json);
-    let (a, b) = two_nodes(&fx, &upstream, |l| l).await;
+    let (a, b, herds) = two_nodes(&fx, &upstream, |l| l).await;
     let mut leader = Box::pin(send(a, get("/dropped")));
     assert!(futures::poll!(leader.as_mut()).is_pending());
     // Node a's request leads once the inner service has been called (the flight runs on
     // the herd's task, not in this future).
-    within(LIMIT, "the leader's inner call", async {
-        while upstream.calls() == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    one_leads_the_rest_follow(&herds[..1], &upstream).await;
     let mut follower = Box::pin(send(b, get("/dropped")));
     assert!(futures::poll!(follower.as_mut()).is_pending());
+    one_leads_the_rest_follow(&herds, &upstream).await;
     drop(leader);
     open.send_replace(true);
     let response = within(LIMIT, "the remaining request", follower)
