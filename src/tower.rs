@@ -78,7 +78,7 @@
 //! |---|---|
 //! | `504` | the caller's wait ran out, or the run passed its [`max_duration`](crate::FanoutOptions::max_duration) |
 //! | `502` | the inner service or its body failed ([`Error::job_error`] has the code [`INNER_SERVICE_FAILED`], [`BODY_FAILED`] or [`BODY_TOO_LARGE`], and the message the inner error's `Display`) |
-//! | `503` | the coordination backend failed (connection, auth, permission, a run abandoned) |
+//! | `503` | the coordination backend failed (connection, auth, permission, a run abandoned), or the herd is [shutting down](crate::Herd::shutdown) |
 //! | `500` | anything else (a key herdlock refuses, a body cap over [`MAX_BODY_LIMIT`]) |
 //!
 //! [`on_failure`](CoalesceLayer::on_failure) replaces it with any closure
@@ -202,7 +202,8 @@ impl FailureResponse {
             | ErrorKind::Redis
             | ErrorKind::Permission
             | ErrorKind::ServerConfig
-            | ErrorKind::Abandoned => StatusCode::SERVICE_UNAVAILABLE,
+            | ErrorKind::Abandoned
+            | ErrorKind::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -1,6 +1,6 @@
 //! `herdlock::tower::CoalesceLayer` (feature `tower`), both backends: one inner call for
 //! identical requests on two nodes, pass-through, the body cap, failures as responses or
-//! errors, cache age, per-caller timeouts, a dropped leader request.
+//! errors, cache age, per-caller timeouts, a dropped leader request, shutdown.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +30,7 @@ both_backends!(
     cache_age_serves_a_finished_response,
     each_caller_keeps_its_timeout,
     a_dropped_leader_request_keeps_the_inner_call,
+    a_herd_shutting_down_answers_503,
 );
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -376,5 +377,32 @@ async fn a_dropped_leader_request_keeps_the_inner_call(fx: Fx) {
         .expect("a response");
     let (status, _, body) = read(response, &role()).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "{\"call\":1}"));
+    assert_eq!(upstream.calls(), 1);
+}
+
+/// A herd that was shut down (a service draining for a deploy) answers coalesced requests
+/// with 503 without calling the inner service; requests that pass through still run.
+async fn a_herd_shutting_down_answers_503(fx: Fx) {
+    let (upstream, open) = Upstream::new(Reply::Json);
+    open.send_replace(true);
+    let (a, _, herds) = two_nodes(&fx, &upstream, |l| l).await;
+    within(LIMIT, "shutdown", herds[0].shutdown(Duration::from_secs(5)))
+        .await
+        .expect("shutdown");
+    let response = within(
+        LIMIT,
+        "a request while draining",
+        send(a.clone(), get("/late")),
+    )
+    .await
+    .expect("a response");
+    let (status, _, body) = read(response, &role()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(upstream.calls(), 0);
+    let request = Request::post("/late").body(()).expect("request");
+    let response = within(LIMIT, "a pass-through while draining", send(a, request))
+        .await
+        .expect("a response");
+    assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(upstream.calls(), 1);
 }
