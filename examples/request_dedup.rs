@@ -177,15 +177,15 @@ impl Service<Request<Incoming>> for Upstream {
             let path = request.uri().path().to_owned();
             let (status, body) = match (request.method(), path.as_str()) {
                 (&Method::GET, "/stats") => {
-                    let stats = state.herd.stats();
+                    let herd_stats = state.herd.stats();
                     (
                         StatusCode::OK,
                         format!(
                             "{{\"upstream_calls\":{},\"waiting\":{},\"in_flight\":{},\"following\":{}}}",
                             state.calls.load(Ordering::SeqCst),
-                            stats.waiting,
-                            stats.in_flight,
-                            stats.following
+                            herd_stats.waiting,
+                            herd_stats.in_flight,
+                            herd_stats.following
                         ),
                     )
                 }
