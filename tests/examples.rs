@@ -1,8 +1,8 @@
-//! Every example runs as a real process, on the in-memory backend
-//! and on a private `redis-server` (through `REDIS_URL`), and prints what it promises.
+//! Every example runs as a real process, on the in-memory backend and on a private
+//! `redis-server` (through `REDIS_URL`), exits 0 and prints what it promises.
 //!
 //! The example binaries are the ones cargo built next to this test binary
-//! (`target/<profile>/examples/`) with `cargo build --examples --features tower`, which
+//! (`target/<profile>/examples/`) with `cargo build --examples --features herdlock/tower`, which
 //! `scripts/test` runs before the tests (`cargo test --all-targets` builds examples only as
 //! test harnesses). A missing binary, or one older than its source, fails its test with the
 //! command that builds it.
