@@ -43,6 +43,7 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backend::gate::{shutting_down, Stage};
 use crate::backend::{
@@ -52,6 +53,7 @@ use crate::codec::{self, Body, Envelope, Status};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, Herd};
 use crate::keys::JobKeys;
+use crate::obs::{self, Primitive};
 use crate::wait::{self, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, LostToken, Renewal};
 
@@ -271,14 +273,8 @@ pub(crate) fn join_or_start(
         },
     );
     drop(map);
-    tokio::spawn(fly(
-        herd.clone(),
-        keys.clone(),
-        slot,
-        joined,
-        settings,
-        mode,
-    ));
+    let span = obs::span(Primitive::Fanout, &keys.key, herd.owner());
+    tokio::spawn(fly(herd.clone(), keys.clone(), slot, joined, settings, mode).instrument(span));
     Ok((rx, true))
 }
 
@@ -406,6 +402,7 @@ async fn drive(
                 });
             }
             Ok(FanoutReply::Lock(AcquireReply::Acquired { token, fence })) => {
+                obs::lead(herd.obs(), &keys.key, herd.owner(), fence);
                 drop(sub);
                 let run = Led { token, fence, sent };
                 return Some(lead(herd, keys, slot, settings, mode, run).await);
@@ -418,12 +415,24 @@ async fn drive(
             (Err(e), _) => return fail(e),
             (Ok(_), None) => return fail(Error::new(ErrorKind::Redis, "malformed holder value")),
         };
+        obs::follow(herd.obs(), &keys.key, herd.owner(), &holder);
         let run = Run {
             generation,
             token,
             pttl_ms,
         };
-        match follow(backend, keys, slot, &herd.inner.flights, sub, run).await {
+        let mut seen = obs::Waiting::start(herd.obs(), Primitive::Fanout, &keys.key, herd.owner());
+        match follow(
+            backend,
+            keys,
+            slot,
+            &herd.inner.flights,
+            sub,
+            run,
+            &mut seen,
+        )
+        .await
+        {
             Followed::Done(result) => {
                 return Some(FlightOutcome {
                     result,
@@ -438,7 +447,7 @@ async fn drive(
                         keys.key
                     )));
                 }
-                tracing::debug!(job = %keys.key, generation, "leader gone without a result; contending");
+                obs::takeover(herd.obs(), &keys.key, herd.owner(), generation);
             }
         }
     }
@@ -497,6 +506,7 @@ async fn lead(
             sent,
             renew: true,
             max_hold: None,
+            what: Primitive::Fanout,
         },
     );
     let lost_outcome = || FlightOutcome {
@@ -563,6 +573,7 @@ async fn lead(
         }
     };
     drop(lease);
+    obs::job_done(&keys.key, fence, sent, body.status == Status::Ok);
     // From here on a new caller starts a flight of its own instead of joining this one:
     // it then follows this run while its lock is held, or gets its result if it completed
     // after the call — never a result that completed before it called.
@@ -570,7 +581,7 @@ async fn lead(
     let bytes = Envelope::encode(fence, &token, &body);
     let ok = body.status == Status::Ok;
     match complete(backend, keys, (&token, fence), &bytes, ok, settings.linger).await {
-        Ok(true) => {}
+        Ok(true) => obs::publish(&keys.key, herd.owner(), fence),
         Ok(false) => tracing::warn!(
             job = %keys.key,
             generation = fence,
@@ -758,6 +769,7 @@ async fn follow(
     flights: &Flights,
     mut sub: Subscription,
     run: Run,
+    seen: &mut obs::Waiting<'_>,
 ) -> Followed {
     let Run {
         mut generation,
@@ -779,6 +791,7 @@ async fn follow(
             if let Some(bytes) = check.envelope {
                 match decode_stored(&keys.key, &bytes) {
                     Ok(env) if env.generation >= generation => {
+                        seen.found();
                         return Followed::Done(Ok(Arc::new(env)));
                     }
                     // An earlier run's result, or, after data loss, a later run's under a
@@ -802,6 +815,7 @@ async fn follow(
         }
         checked = false;
         let until = Until::lease(wait::remaining(pttl_ms));
+        seen.sleeps(Some(generation), wait::remaining(pttl_ms));
         let woken = loop {
             let hint = |bytes: &[u8]| match Envelope::decode(bytes) {
                 Ok(env) if env.generation == generation && env.token == token => Hint::Done(env),
@@ -817,6 +831,7 @@ async fn follow(
                 }
             }
         };
+        seen.woke(&woken);
         if let Woken::Done(env) = woken {
             return Followed::Done(Ok(Arc::new(env)));
         }

@@ -20,6 +20,7 @@ use crate::herd::Herd;
 use crate::keys;
 use crate::limits::MAX_RESULT_SIZE_LIMIT;
 use crate::lock::FencingToken;
+use crate::obs;
 use crate::watchdog::LostToken;
 
 /// How often a leader whose callers are all gone checks whether another process still
@@ -343,7 +344,7 @@ impl Herd {
             Box::new(move || async move { codec::body_of(job().await, codec, max_size) }.boxed());
         let (waiter, started) =
             coalesce::join_or_start(self, &keys, ResultType::of::<T>(), settings, Mode::Run(job))?;
-        settle(job_id, waiter, started, deadline, wait).await
+        settle(self, job_id, waiter, started, deadline, wait).await
     }
 
     /// The lower-level form of fan-out (after dlock's `push`): registers interest in
@@ -407,6 +408,7 @@ impl Herd {
             Mode::Push(Some(role_tx)),
         )?;
         let follower = |waiter| Follower {
+            herd: self.clone(),
             job_id: job_id.to_owned(),
             waiter,
             started: false,
@@ -435,6 +437,7 @@ impl Herd {
 }
 
 async fn settle<T: DeserializeOwned>(
+    herd: &Herd,
     job_id: &str,
     waiter: Waiter,
     started: bool,
@@ -447,7 +450,9 @@ async fn settle<T: DeserializeOwned>(
             format!("timed out after {timeout:?} waiting for job `{job_id}`"),
         )
     })
-    .await?;
+    .await;
+    let took = timeout.saturating_sub(deadline.saturating_duration_since(Instant::now()));
+    let outcome = obs::settled(herd, job_id, outcome, started, took)?;
     let role = match outcome.how {
         How::Led if started => Role::Leader,
         How::Led | How::Followed => Role::Follower,
@@ -541,6 +546,7 @@ impl<T: Serialize + DeserializeOwned> Completer<T> {
 /// Awaits a pushed run's result.
 #[must_use = "a follower does nothing unless waited on"]
 pub struct Follower<T> {
+    herd: Herd,
     job_id: String,
     waiter: Waiter,
     started: bool,
@@ -570,6 +576,7 @@ impl<T: DeserializeOwned> Follower<T> {
     /// Cancel safe.
     pub async fn wait(self) -> Result<T> {
         let fanned: Fanned<T> = settle(
+            &self.herd,
             &self.job_id,
             self.waiter,
             self.started,

@@ -13,6 +13,7 @@ use crate::backend::Backend;
 use crate::coalesce::Flights;
 use crate::error::{Error, Result};
 use crate::keys::{self, JobKeys};
+use crate::obs::{Primitive, Stats};
 use crate::semaphore::Gates;
 use crate::watchdog::Watchdog;
 
@@ -43,9 +44,15 @@ pub(crate) struct HerdInner {
     pub(crate) flights: Flights,
     pub(crate) gates: Gates,
     pub(crate) watchdog: Watchdog,
+    /// The counters behind [`Herd::stats`] (shared with the watchdog thread).
+    pub(crate) stats: Arc<Stats>,
 }
 
-/// Local activity of a [`Herd`], from [`Herd::stats`].
+/// Local activity of a [`Herd`], from [`Herd::stats`]: the fan-out gauges (now) and
+/// cumulative counters per primitive (since the herd was built; clones share them).
+///
+/// The same figures go to the `metrics` facade with the crate feature `metrics` (README,
+/// "Observability", lists the metric names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct HerdStats {
@@ -55,6 +62,64 @@ pub struct HerdStats {
     pub following: usize,
     /// Callers waiting on those runs (all local callers of a job id share one run).
     pub waiting: usize,
+    /// Locks: [`try_lock`](Herd::try_lock), [`lock`](Herd::lock), [`once`](Herd::once).
+    pub lock: PrimitiveStats,
+    /// Multi-locks: [`try_multi`](Herd::try_multi), [`multi`](Herd::multi); one
+    /// acquisition per multi-lock, however many keys.
+    pub multi: PrimitiveStats,
+    /// Semaphore permits.
+    pub semaphore: PrimitiveStats,
+    /// Fan-out runs: `acquired` counts runs this process led, `busy` flights that found
+    /// another run in progress, `timeouts` callers whose timeout passed, `lost` leaders that
+    /// lost their lease, `released` runs that ended holding it.
+    pub fanout: PrimitiveStats,
+    /// How fan-out callers got their results.
+    pub runs: FanoutStats,
+}
+
+/// Cumulative counters of one primitive, in [`HerdStats`].
+///
+/// Every acquisition ends released or lost, once: `acquired - released - lost` is what
+/// this herd holds now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct PrimitiveStats {
+    /// Acquisitions (a lock taken, a multi-lock taken, a permit granted, a run led).
+    pub acquired: u64,
+    /// Acquire attempts that found it held: every `try_*` call that returned busy, and
+    /// every attempt of a waiting call that found it still held.
+    pub busy: u64,
+    /// Waiting calls whose wait (or fan-out timeout) passed.
+    pub timeouts: u64,
+    /// Holds that ended lost: a renewal found another holder or came too late, an
+    /// `extend` found it gone, or it was given up after its local deadline.
+    pub lost: u64,
+    /// Holds that ended while still held: released, or the guard dropped.
+    pub released: u64,
+    /// The lost-message detector: waiters woken by their re-check timer (the holder's TTL
+    /// ran out, or the 30 s cap) rather than by a notice, whose re-check found what they
+    /// waited for: a free lock or permit, or a run's result. For fan-out it counts only
+    /// results (a follower that finds the run gone without one is a takeover); for locks
+    /// it also counts holders that died without releasing. Above zero on a healthy Redis,
+    /// notices are being lost (pub/sub down or refused, or a release that could not
+    /// publish).
+    pub lost_notices: u64,
+}
+
+/// How fan-out callers got their results, in [`HerdStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct FanoutStats {
+    /// Runs this process led (the job ran here).
+    pub led: u64,
+    /// Callers that received a result another caller's run produced (in this process or
+    /// another).
+    pub followed: u64,
+    /// Callers served a stored result within their cache age.
+    pub cached: u64,
+    /// Flights whose awaited leader ended without a result (it died or gave up), so they
+    /// contended for the next run.
+    pub takeovers: u64,
 }
 
 /// What [`Herd::shutdown`] did.
@@ -403,12 +468,15 @@ impl Builder {
     }
 
     fn finish(self, backend: Backend) -> Herd {
+        let stats = Arc::new(Stats::default());
+        let owner = self.owner.unwrap_or_else(default_owner);
         Herd {
             inner: Arc::new(HerdInner {
-                watchdog: Watchdog::new(backend.clone()),
+                watchdog: Watchdog::new(backend.clone(), Arc::clone(&stats), owner.clone()),
+                stats,
                 backend,
                 prefix: self.prefix,
-                owner: self.owner.unwrap_or_else(default_owner),
+                owner,
                 lock_ttl: self.lock_ttl,
                 flights: Flights::default(),
                 gates: Gates::default(),
@@ -463,12 +531,19 @@ impl Herd {
         }
     }
 
-    /// A snapshot of this herd's local activity, for metrics and debugging.
+    /// A snapshot of this herd's local activity, for metrics and debugging: the fan-out
+    /// gauges and every primitive's cumulative counters ([`HerdStats`]).
     pub fn stats(&self) -> HerdStats {
+        let stats = &self.inner.stats;
         HerdStats {
             in_flight: self.inner.flights.in_flight(),
             following: self.inner.flights.following(),
             waiting: self.inner.flights.waiting(),
+            lock: stats.primitive(Primitive::Lock),
+            multi: stats.primitive(Primitive::Multi),
+            semaphore: stats.primitive(Primitive::Semaphore),
+            fanout: stats.primitive(Primitive::Fanout),
+            runs: stats.fanout(),
         }
     }
 
@@ -541,6 +616,11 @@ impl Herd {
     /// Whether [`shutdown`](Herd::shutdown) has begun on this herd (or any clone of it).
     pub fn is_shutting_down(&self) -> bool {
         self.backend().gate().stage() >= Stage::Draining
+    }
+
+    /// The counters behind [`stats`](Herd::stats).
+    pub(crate) fn obs(&self) -> &Stats {
+        &self.inner.stats
     }
 
     /// Whether this herd runs on the in-memory backend.

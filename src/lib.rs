@@ -207,6 +207,7 @@ mod keys;
 pub mod limits;
 mod lock;
 mod multi;
+mod obs;
 mod semaphore;
 #[cfg(feature = "tower")]
 pub mod tower;
@@ -216,7 +217,7 @@ mod watchdog;
 pub use codec::{Codec, JobError, JobResult};
 pub use error::{Error, ErrorKind, Result};
 pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role, ABANDON_CHECK_EVERY};
-pub use herd::{Builder, Herd, HerdStats, ShutdownReport};
+pub use herd::{Builder, FanoutStats, Herd, HerdStats, PrimitiveStats, ShutdownReport};
 pub use lock::{
     FencingToken, Held, HeldKind, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock,
 };

@@ -16,6 +16,7 @@ use crate::codec::{JobError, JobResult};
 use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
+use crate::obs::{self, Primitive};
 use crate::wait::{self, Finished, Hint, Until, Woken};
 use crate::watchdog::{self, BeatFailed, LeaseHandle, LeaseTerms, LostToken, Renewal};
 
@@ -795,7 +796,15 @@ impl Herd {
         let (token, fence) = match reply? {
             AcquireReply::Acquired { token, fence } => (token, fence),
             AcquireReply::Busy { holder, pttl_ms } => {
-                return Ok(TryLock::Busy(Holder::parse(&holder, pttl_ms)?));
+                let holder = Holder::parse(&holder, pttl_ms)?;
+                obs::contend(
+                    self.obs(),
+                    Primitive::Lock,
+                    &keys.key,
+                    self.owner(),
+                    &holder,
+                );
+                return Ok(TryLock::Busy(holder));
             }
         };
         // Every lock is watched until its local deadline; with auto-extend it is renewed.
@@ -809,6 +818,7 @@ impl Herd {
                 sent,
                 renew: options.auto_extend,
                 max_hold: options.max_hold,
+                what: Primitive::Lock,
             },
         ));
         let guard = LockGuard {
@@ -921,6 +931,7 @@ impl Herd {
         // The holder last seen, named in the timeout error.
         let mut last: Option<Holder> = None;
         // `Ok(None)`: the deadline passed while waiting.
+        let mut seen = obs::Waiting::start(self.obs(), Primitive::Lock, key, self.owner());
         let wait_loop = async {
             // Fast path: no subscription round trip when the lock is free.
             match self.attempt(keys.clone(), &resolved, false).await? {
@@ -935,20 +946,22 @@ impl Herd {
                     TryLock::Busy(holder) => last.insert(holder).remaining,
                 };
                 let until = Until::lease(remaining).deadline(deadline);
+                seen.sleeps(last.as_ref().map(|h| h.fence.get()), remaining);
                 // Every notice (a release, a resync) is a reason to try again.
                 let woken = wait::wait(std::slice::from_mut(&mut sub), until, |_| {
                     Hint::<Infallible>::Recheck
                 })
                 .await;
+                seen.woke(&woken);
                 if let Woken::Deadline = woken {
                     return Ok(None);
                 }
             }
         };
         match tokio::time::timeout_at(deadline, wait_loop).await {
-            Ok(Ok(Some(guard))) => return Ok(guard),
+            Ok(Ok(Some(guard))) => return Ok(seen.done(guard)),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(None)) | Err(_) => {}
+            Ok(Ok(None)) | Err(_) => seen.timed_out(),
         }
         let held = last.as_ref().map_or_else(
             || " (no reply from the backend within the wait)".to_owned(),

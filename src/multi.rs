@@ -24,6 +24,7 @@ use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::limits::MAX_MULTI_KEYS;
 use crate::lock::{self, FencingToken, Holder};
+use crate::obs::{self, Primitive};
 use crate::wait::{self, Finished, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, LostToken, Renewal};
 
@@ -541,6 +542,8 @@ impl Herd {
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
         let mut last_held: Vec<HeldKey> = Vec::new();
+        let mut seen =
+            obs::Waiting::start(self.obs(), Primitive::Multi, &keys[0].key, self.owner());
         // `Ok(None)`: the deadline passed while waiting.
         let wait_loop = async {
             let mut subs: Vec<Subscription> = Vec::new();
@@ -562,17 +565,18 @@ impl Herd {
                 }
                 // A notice on any key (a release, a resync) is a reason to try again.
                 let until = Until::lease(earliest).deadline(deadline);
-                if let Woken::Deadline =
-                    wait::wait(&mut subs, until, |_| Hint::<Infallible>::Recheck).await
-                {
+                seen.sleeps(None, earliest);
+                let woken = wait::wait(&mut subs, until, |_| Hint::<Infallible>::Recheck).await;
+                seen.woke(&woken);
+                if let Woken::Deadline = woken {
                     return Ok(None);
                 }
             }
         };
         match tokio::time::timeout_at(deadline, wait_loop).await {
-            Ok(Ok(Some(guard))) => return Ok(guard),
+            Ok(Ok(Some(guard))) => return Ok(seen.done(guard)),
             Ok(Err(e)) => return Err(e),
-            Ok(Ok(None)) | Err(_) => {}
+            Ok(Ok(None)) | Err(_) => seen.timed_out(),
         }
         if last_held.is_empty() {
             Err(Error::new(
@@ -661,6 +665,7 @@ impl Herd {
                         sent,
                         renew: options.auto_extend,
                         max_hold: options.max_hold,
+                        what: Primitive::Multi,
                     },
                 ));
                 let guard = MultiGuard {
@@ -702,6 +707,7 @@ impl Herd {
                     })
                 })
                 .collect::<Result<Vec<_>>>()
+                .inspect(|held| obs::contend_multi(self.obs(), held, self.owner()))
                 .map(TryMulti::Busy),
         }
     }

@@ -43,6 +43,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::herd::{nonce, spawn_cleanup, Herd};
 use crate::keys::{self, JobKeys};
 use crate::limits::{MAX_PERMITS, QUEUE_TTL};
+use crate::obs::{self, Primitive};
 use crate::wait::{self, Hint, Until, Woken};
 use crate::watchdog::{self, LeaseHandle, LeaseTerms, LostToken, Renewal};
 
@@ -244,10 +245,19 @@ impl Semaphore {
     }
 
     async fn step(&self, op: SemOp, member: &str) -> Result<SemReply> {
-        self.herd
-            .backend()
-            .semaphore(&self.keys, op, self.args(member))
-            .await
+        let herd = &self.herd;
+        let reply = herd.backend().semaphore(&self.keys, op, self.args(member));
+        reply.await.inspect(|reply| {
+            if let SemReply::Busy { .. } = reply {
+                obs::contend(
+                    herd.obs(),
+                    Primitive::Semaphore,
+                    &self.keys.key,
+                    herd.owner(),
+                    None,
+                );
+            }
+        })
     }
 
     /// Releases `member`'s permit, retrying through connection errors within the command
@@ -320,6 +330,8 @@ impl Semaphore {
         };
         // When the step that admitted us was sent: the permit's lease starts no earlier.
         let mut sent = std::time::Instant::now();
+        let (herd, key) = (&self.herd, self.keys.key.as_str());
+        let mut seen = obs::Waiting::start(herd.obs(), Primitive::Semaphore, key, herd.owner());
         let wait_loop = async {
             let op = if self.fair { SemOp::Queue } else { SemOp::Try };
             // A fair waiter whose channel is already subscribed (other waiters of this
@@ -365,6 +377,7 @@ impl Semaphore {
                     // A fair waiter refreshes its place in the queue while it waits.
                     until = until.cap(QUEUE_TTL / 3);
                 }
+                seen.sleeps(None, wait::remaining(soonest));
                 // A fair waiter re-checks only when named (or on a resync or its timer).
                 let woken = wait::wait(std::slice::from_mut(&mut sub), until, |message| {
                     if self.fair && message != wake.as_bytes() {
@@ -374,19 +387,24 @@ impl Semaphore {
                     }
                 })
                 .await;
+                if !self.fair {
+                    seen.woke(&woken); // a fair waiter's timer also refreshes its place
+                }
                 if let Woken::Deadline = woken {
                     return Err(timed_out());
                 }
             }
         };
-        match tokio::time::timeout_at(deadline, wait_loop).await {
+        let result = match tokio::time::timeout_at(deadline, wait_loop).await {
             Ok(Ok(())) => {
                 leave.armed = false;
                 Ok(self.permit(member, sent))
             }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(timed_out()),
-        }
+        };
+        seen.finish(&result);
+        result
     }
 
     /// Permits in use, fair waiters queued, and every holder with its remaining lease.
@@ -434,6 +452,7 @@ impl Semaphore {
                 sent,
                 renew: true,
                 max_hold: None,
+                what: Primitive::Semaphore,
             },
         );
         Permit {

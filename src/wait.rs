@@ -101,9 +101,11 @@ pub(crate) enum Hint<T> {
 pub(crate) enum Woken<T> {
     /// A message the waiter accepted ([`Hint::Done`]).
     Done(T),
-    /// Re-check the state: a notice that may mean a change, a resync, or the re-check
-    /// instant passed.
+    /// Re-check the state: a notice that may mean a change, or a resync.
     Recheck,
+    /// Re-check the state: the re-check instant passed without a notice (what the
+    /// re-check finds then, a notice would have said: see `obs::Waiting::found`).
+    Timer,
     /// The caller's deadline passed.
     Deadline,
 }
@@ -137,7 +139,7 @@ pub(crate) async fn wait<T>(
                 },
             },
             () = &mut timer => {
-                return if at_deadline { Woken::Deadline } else { Woken::Recheck };
+                return if at_deadline { Woken::Deadline } else { Woken::Timer };
             }
         }
     }

@@ -49,6 +49,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::backend::{Backend, SemArgs, SemOp, SemReply};
 use crate::keys::JobKeys;
 use crate::limits::QUEUE_TTL;
+use crate::obs::{self, Held, Primitive, Stats};
 
 /// How soon a failed renewal is retried.
 const RETRY: Duration = Duration::from_millis(100);
@@ -100,6 +101,8 @@ pub(crate) struct LeaseTerms {
     pub(crate) renew: bool,
     /// Stop renewing this long after `sent` (the maximum hold time).
     pub(crate) max_hold: Option<Duration>,
+    /// Whose lease it is (for `Herd::stats` and the metrics).
+    pub(crate) what: Primitive,
 }
 
 /// The watchdog of one herd. The thread starts on the first registration.
@@ -115,6 +118,9 @@ struct Shared {
     wake: Arc<Notify>,
     /// The backend the thread renews through (for Redis, it opens a connection of its own).
     backend: Backend,
+    /// Where acquisitions, releases and losses are counted, and the herd's owner label.
+    stats: Arc<Stats>,
+    owner: Arc<str>,
 }
 
 #[derive(Debug, Default)]
@@ -170,6 +176,9 @@ struct LeaseState {
     /// Finished renewals, counted, with the last one's error (`None`: it succeeded, or
     /// found the lease lost, which `standing` tells). Heartbeats wait on it.
     beats: watch::Sender<(u64, Option<crate::Error>)>,
+    /// The hold's record for `Herd::stats`, the metrics and the events: its end (released
+    /// or lost) is counted once. `None` for a token of no lease.
+    held: Option<Held>,
 }
 
 fn nanos_since_epoch(at: Instant) -> u64 {
@@ -177,12 +186,21 @@ fn nanos_since_epoch(at: Instant) -> u64 {
 }
 
 impl LeaseState {
-    fn new(deadline: Instant, fresh_until: Instant) -> LeaseState {
+    fn new(deadline: Instant, fresh_until: Instant, held: Option<Held>) -> LeaseState {
         LeaseState {
             standing: watch::Sender::new(Standing::Held),
             deadline: AtomicU64::new(nanos_since_epoch(deadline)),
             fresh_until: AtomicU64::new(nanos_since_epoch(fresh_until)),
             beats: watch::Sender::new((0, None)),
+            held,
+        }
+    }
+
+    /// Records the hold's end (`lost` or released), if it is still held: counted before
+    /// anyone is told.
+    fn record_end(&self, lost: bool) {
+        if let (Some(held), Standing::Held) = (&self.held, *self.standing.borrow()) {
+            held.end(lost);
         }
     }
 
@@ -220,6 +238,7 @@ impl LeaseState {
     }
 
     fn mark_lost(&self) {
+        self.record_end(true);
         self.standing.send_if_modified(|standing| {
             let held = *standing == Standing::Held;
             if held {
@@ -234,6 +253,7 @@ impl LeaseState {
         if self.is_lost() {
             self.mark_lost();
         } else {
+            self.record_end(false);
             self.standing.send_if_modified(|standing| {
                 let held = *standing == Standing::Held;
                 if held {
@@ -319,13 +339,15 @@ impl Leases {
 }
 
 impl Watchdog {
-    pub(crate) fn new(backend: Backend) -> Watchdog {
+    pub(crate) fn new(backend: Backend, stats: Arc<Stats>, owner: String) -> Watchdog {
         epoch();
         Watchdog {
             shared: Arc::new(Shared {
                 leases: Mutex::new(Leases::default()),
                 wake: Arc::new(Notify::new()),
                 backend,
+                stats,
+                owner: Arc::from(owner),
             }),
         }
     }
@@ -336,7 +358,17 @@ impl Watchdog {
     pub(crate) fn register(&self, renewal: Renewal, terms: LeaseTerms) -> LeaseHandle {
         let deadline = local_deadline(terms.sent, terms.ttl);
         let first_due = terms.sent + period(terms.ttl);
-        let state = Arc::new(LeaseState::new(deadline, first_due));
+        let (key, fence) = key_and_fence(&renewal);
+        let owner = Arc::clone(&self.shared.owner);
+        let held = Held::acquired(
+            &self.shared.stats,
+            terms.what,
+            terms.sent,
+            owner,
+            key,
+            fence,
+        );
+        let state = Arc::new(LeaseState::new(deadline, first_due, Some(held)));
         let (id, wake) = {
             let mut leases = lock(&self.shared.leases);
             leases.next_id += 1;
@@ -394,6 +426,7 @@ impl Watchdog {
                     !lease.state.is_lost() && *lease.state.standing.borrow() == Standing::Held
                 })
                 .map(|lease| {
+                    lease.state.record_end(false); // released by the herd, not lost to another
                     lease.state.mark_lost();
                     lease.renewal.clone()
                 })
@@ -599,6 +632,8 @@ fn apply_outcome(
             }
             lease.state.renewed(sent, ttl);
             lease.next_due = sent + period(lease.ttl);
+            let (key, fence) = key_and_fence(&lease.renewal);
+            obs::renewed(key, fence, ttl);
             Ok(None)
         }
         Ok(false) => {
@@ -910,7 +945,7 @@ impl LostToken {
 
     /// A token of no lease: already ended, never lost.
     pub(crate) fn ended_already() -> LostToken {
-        let state = LeaseState::new(epoch(), epoch());
+        let state = LeaseState::new(epoch(), epoch(), None);
         state.standing.send_replace(Standing::Ended);
         LostToken {
             state: Arc::new(state),
@@ -923,6 +958,9 @@ impl LostToken {
         if released.as_ref().is_err_and(crate::Error::is_lock_lost) {
             self.state.standing.send_if_modified(|standing| {
                 let changed = *standing != Standing::Lost;
+                if let (true, Some(held)) = (changed, &self.state.held) {
+                    held.found_lost(); // counted released when it ended: a loss after all
+                }
                 *standing = Standing::Lost;
                 changed
             });
@@ -1014,6 +1052,7 @@ mod overlap {
                 sent,
                 renew: false, // the test plays the thread's part itself
                 max_hold: None,
+                what: Primitive::Lock,
             },
         )
     }
@@ -1023,7 +1062,11 @@ mod overlap {
     /// the renewal's reply, applied afterwards, does not move it later.
     #[test]
     fn an_extension_racing_a_renewal_keeps_the_sooner_end() {
-        let dog = Watchdog::new(Backend::Memory(MemoryBackend::default()));
+        let dog = Watchdog::new(
+            Backend::Memory(MemoryBackend::default()),
+            Arc::default(),
+            "t".to_owned(),
+        );
         let t0 = Instant::now();
         let long = Duration::from_secs(30);
         let short = Duration::from_secs(1);
@@ -1059,7 +1102,11 @@ mod overlap {
     /// deadline.
     #[test]
     fn an_extension_to_a_longer_ttl_waits_for_the_renewal_out() {
-        let dog = Watchdog::new(Backend::Memory(MemoryBackend::default()));
+        let dog = Watchdog::new(
+            Backend::Memory(MemoryBackend::default()),
+            Arc::default(),
+            "t".to_owned(),
+        );
         let t0 = Instant::now();
         let short = Duration::from_secs(30);
         let handle = lease(&dog, short, t0);
@@ -1072,5 +1119,18 @@ mod overlap {
         let extend_sent = renewal_sent + Duration::from_millis(4);
         assert!(handle.extended(Duration::from_secs(300), extend_sent));
         assert_eq!(handle.deadline(), local_deadline(renewal_sent, short));
+    }
+}
+
+/// The key (the first, for a multi-lock) and fence a lease's events name.
+fn key_and_fence(renewal: &Renewal) -> (&str, Option<u64>) {
+    let fence = |token: &str| token.split_once(':').and_then(|(f, _)| f.parse().ok());
+    match renewal {
+        Renewal::Lock { keys, token } => (&keys.key, fence(token)),
+        Renewal::Multi { keys, tokens } => (
+            keys.first().map_or("", |k| k.key.as_str()),
+            tokens.first().and_then(|t| fence(t)),
+        ),
+        Renewal::Permit { keys, .. } => (&keys.key, None),
     }
 }

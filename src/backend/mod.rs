@@ -196,7 +196,10 @@ impl Subscription {
     pub(crate) async fn recv(&mut self) -> Notice {
         match self.rx.recv().await {
             Ok(notice) => notice,
-            Err(broadcast::error::RecvError::Lagged(_)) => Notice::Resync,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                crate::obs::resync(1);
+                Notice::Resync
+            }
             Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
         }
     }

@@ -139,9 +139,11 @@ impl NotifierShared {
     }
 
     fn resync_all(&self) {
-        for entry in self.channels().values() {
+        let channels = self.channels();
+        for entry in channels.values() {
             let _ = entry.tx.send(Notice::Resync);
         }
+        crate::obs::resync(channels.len());
     }
 
     /// Unsubscribes channels idle for longer than [`IDLE_UNSUBSCRIBE`], in one command.

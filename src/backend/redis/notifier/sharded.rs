@@ -94,6 +94,7 @@ fn on_push(shared: &NotifierShared, push: &PushInfo, lost: &mut BTreeSet<String>
         }
         PushKind::Disconnection => {
             tracing::debug!("a cluster node connection dropped; re-subscribing every channel");
+            crate::obs::reconnect("cluster node connection");
             let mut channels = shared.channels();
             for (name, entry) in channels.iter_mut() {
                 entry.confirmed = 0;
@@ -132,6 +133,7 @@ async fn resubscribe(shared: &NotifierShared, lost: &mut BTreeSet<String>) -> bo
                 if let Some(entry) = shared.channels().get_mut(&name) {
                     entry.confirmed = epoch;
                     let _ = entry.tx.send(Notice::Resync);
+                    crate::obs::resync(1);
                 }
             }
             Ok(Err(e)) => {

@@ -111,6 +111,9 @@ pub(super) async fn listen(
             *slot = Some((sink, epoch));
             shared.epoch.store(epoch, Ordering::Release);
             drop(slot);
+            if epoch > 1 {
+                crate::obs::reconnect("pub/sub connection");
+            }
             shared.resync_all();
         }
         backoff = RECONNECT_MIN;
