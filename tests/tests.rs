@@ -10,6 +10,8 @@ mod fixture;
 mod lock;
 // Fan-out and push in one process.
 mod fanout;
+// Herd::stats: every primitive's counters, the lost-notice detector.
+mod stats;
 // Abandoned runs: a job nobody waits for any more is cancelled (opt-in).
 mod abandon;
 // Graceful shutdown: drain, finish runs, release everything at once.
