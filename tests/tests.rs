@@ -12,6 +12,9 @@ mod lock;
 mod fanout;
 // Herd::stats: every primitive's counters, the lost-notice detector.
 mod stats;
+// Feature `metrics`: the Prometheus example's scrape, reconnects and resyncs.
+#[cfg(feature = "metrics")]
+mod metrics;
 // Abandoned runs: a job nobody waits for any more is cancelled (opt-in).
 mod abandon;
 // Graceful shutdown: drain, finish runs, release everything at once.
