@@ -67,7 +67,7 @@ pub(crate) async fn workload(herd: &Herd) -> Result<(), BoxError> {
     let second = waiter.await??;
     second.release().await?;
 
-    let ran = herd.once("nightly", || async { Ok::<_, herdlock::Error>(()) });
+    let ran = herd.once("nightly", || async { Ok(()) });
     assert!(ran.await?.ran());
     herd.multi(&["{acct}:alice", "{acct}:bob"], Duration::from_secs(1))
         .await?
@@ -88,7 +88,7 @@ pub(crate) async fn workload(herd: &Herd) -> Result<(), BoxError> {
             tokio::spawn(async move {
                 herd.fanout("prices", Duration::from_secs(5), || async {
                     tokio::time::sleep(Duration::from_millis(20)).await;
-                    Ok::<u32, herdlock::Error>(42)
+                    Ok(42)
                 })
                 .await
             })
@@ -98,8 +98,8 @@ pub(crate) async fn workload(herd: &Herd) -> Result<(), BoxError> {
         caller.await??;
     }
     let cached = FanoutOptions::new().cache_age(Duration::from_secs(60));
-    herd.fanout_with("prices", &cached, || async {
-        Ok::<u32, herdlock::Error>(0)
+    herd.fanout_with("prices", Duration::from_secs(5), &cached, || async {
+        Ok(0)
     })
     .await?;
     // A lock with a TTL and no renewal, held past it: a lost lease.

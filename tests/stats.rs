@@ -46,11 +46,7 @@ async fn locks(fx: Fx) {
         .expect("task")
         .expect("lock");
     got.release().await.expect("release");
-    assert!(a
-        .once("o", || async { Ok::<_, herdlock::Error>(()) })
-        .await
-        .expect("once")
-        .ran());
+    assert!(a.once("o", || async { Ok(()) }).await.expect("once").ran());
 
     let (sa, sb) = (a.stats().lock, b.stats().lock);
     assert_eq!(
@@ -140,7 +136,7 @@ async fn fanout(fx: Fx) {
         async move {
             a.fanout("j", LONG, || async move {
                 let _ = gate.await;
-                Ok::<u32, herdlock::Error>(7)
+                Ok(7)
             })
             .await
         }
@@ -149,24 +145,16 @@ async fn fanout(fx: Fx) {
     // A remote caller follows; a local one joins the leader's flight.
     let remote = tokio::spawn({
         let b = b.clone();
-        async move {
-            b.fanout("j", LONG, || async { Ok::<u32, herdlock::Error>(0) })
-                .await
-        }
+        async move { b.fanout("j", LONG, || async { Ok(0) }).await }
     });
     until("b follows", || b.stats().following == 1).await;
     let local = tokio::spawn({
         let a = a.clone();
-        async move {
-            a.fanout("j", LONG, || async { Ok::<u32, herdlock::Error>(0) })
-                .await
-        }
+        async move { a.fanout("j", LONG, || async { Ok(0) }).await }
     });
     until("the local caller joins", || a.stats().waiting == 2).await;
     // A caller whose timeout passes while the run goes on.
-    let late = b
-        .fanout("j", SHORT, || async { Ok::<u32, herdlock::Error>(0) })
-        .await;
+    let late = b.fanout("j", SHORT, || async { Ok(0) }).await;
     assert_eq!(late.expect_err("times out").kind(), ErrorKind::Timeout);
     let _ = go.send(());
     for task in [leader, remote, local] {
@@ -181,7 +169,7 @@ async fn fanout(fx: Fx) {
     // Served from the cache.
     let options = FanoutOptions::new().cache_age(LONG);
     let cached = b
-        .fanout_with("j", &options, || async { Ok::<u32, herdlock::Error>(0) })
+        .fanout_with("j", LONG, &options, || async { Ok(0) })
         .await
         .expect("cached");
     assert_eq!((cached.value, cached.role), (7, Role::Cached));
@@ -257,9 +245,9 @@ async fn a_lost_notice_is_counted() {
         let (holder, options) = (holder.clone(), options.clone());
         async move {
             holder
-                .fanout_with("j", &options, || async move {
+                .fanout_with("j", LONG, &options, || async move {
                     let _ = gate.await;
-                    Ok::<u32, herdlock::Error>(5)
+                    Ok(5)
                 })
                 .await
         }
@@ -268,9 +256,8 @@ async fn a_lost_notice_is_counted() {
     let follower = tokio::spawn({
         let waiter = waiter.clone();
         async move {
-            let options = FanoutOptions::new().timeout(Duration::from_secs(30));
             waiter
-                .fanout_with("j", &options, || async { Ok::<u32, herdlock::Error>(0) })
+                .fanout("j", Duration::from_secs(30), || async { Ok(0) })
                 .await
         }
     });
@@ -297,11 +284,11 @@ async fn a_lost_notice_is_counted() {
         .await
         .expect("task")
         .expect("lock");
-    let fanned = within(LONG, "follower", follower)
+    let value = within(LONG, "follower", follower)
         .await
         .expect("task")
         .expect("result");
-    assert_eq!((fanned.value, fanned.role), (5, Role::Follower));
+    assert_eq!(value, 5);
     let s = waiter.stats();
     assert_eq!(s.lock.lost_notices, 1, "{s:?}");
     assert_eq!(s.fanout.lost_notices, 1, "{s:?}");
