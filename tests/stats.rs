@@ -191,7 +191,8 @@ async fn fanout(fx: Fx) {
     assert_eq!(sb.fanout.lost_notices, 0, "{sb:?}");
 }
 
-/// A lease that runs out (no auto-extend) is counted lost once, and not released after.
+/// A lease that runs out (no auto-extend) is counted lost once, and not released after; a
+/// lock taken over before a renewal noticed is counted lost when its release finds that.
 async fn lost_leases(fx: Fx) {
     let a = fx.node("a").await;
     let short = LockOptions::new()
@@ -205,6 +206,19 @@ async fn lost_leases(fx: Fx) {
     let _ = guard.release().await;
     let s = a.stats().lock;
     assert_eq!((s.acquired, s.lost, s.released), (1, 1, 0), "{s:?}");
+
+    // Taken over before any renewal noticed: the release finds another holder, and the
+    // hold counts as lost, not released.
+    let guard = a.lock("t", LONG).await.expect("lock");
+    let b = fx.node("b").await;
+    assert!(b.force_release("t").await.expect("force").is_some());
+    let other = b.lock("t", LONG).await.expect("lock");
+    let err = guard.release().await.expect_err("taken over");
+    assert_eq!(err.kind(), ErrorKind::LockLost);
+    let s = a.stats().lock;
+    assert_eq!((s.acquired, s.lost, s.released), (2, 2, 0), "{s:?}");
+    other.release().await.expect("release");
+    assert_eq!(b.stats().lock.released, 1);
 }
 
 /// The lost-notice detector: a waiter whose channel right is revoked loses its pub/sub
