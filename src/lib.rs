@@ -188,6 +188,15 @@
 //! (`PX`, `TIME`); a client only bounds Redis's clock from its own round trips, and
 //! decides a lease's loss on its own monotonic clock, never later than Redis would.
 //!
+//! # Observability
+//!
+//! [`Herd::stats`] counts every primitive's acquisitions, contention, timeouts, losses and
+//! releases ([`HerdStats`], [`PrimitiveStats`], [`FanoutStats`]). `tracing` events on the
+//! `herdlock` target (`debug` and `trace`) name the key, the owner and the fence of every
+//! acquisition, contention, wait, release, loss, lead, follow and takeover. With the crate
+//! feature `metrics`, the same goes to the [`metrics`](https://docs.rs/metrics) facade;
+//! README.md, "Observability", lists the metric names.
+//!
 //! # Cancel safety
 //!
 //! Every public future documents its cancel safety. In short: cancelling a wait, or an
