@@ -100,7 +100,8 @@ pub struct PrimitiveStats {
     /// ran out, or the 30 s cap) rather than by a notice, whose re-check found what they
     /// waited for: a free lock or permit, or a run's result. For fan-out it counts only
     /// results (a follower that finds the run gone without one is a takeover); for locks
-    /// it also counts holders that died without releasing. Above zero on a healthy Redis,
+    /// it also counts holders that died without releasing; fair semaphore waiters, whose
+    /// timer also refreshes their queue place, are not counted. Above zero on a healthy Redis,
     /// notices are being lost (pub/sub down or refused, or a release that could not
     /// publish).
     pub lost_notices: u64,
