@@ -20,7 +20,14 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-both_backends!(locks, multi_locks, semaphores, fanout, lost_leases);
+both_backends!(
+    locks,
+    multi_locks,
+    semaphores,
+    fanout,
+    lost_leases,
+    shutdown
+);
 
 async fn locks(fx: Fx) {
     let (a, b) = (fx.node("a").await, fx.node("b").await);
@@ -219,6 +226,34 @@ async fn lost_leases(fx: Fx) {
     assert_eq!((s.acquired, s.lost, s.released), (2, 2, 0), "{s:?}");
     other.release().await.expect("release");
     assert_eq!(b.stats().lock.released, 1);
+}
+
+/// `Herd::shutdown` releases what the herd still holds: counted released, not lost.
+async fn shutdown(fx: Fx) {
+    let a = fx.node("a").await;
+    let guard = a.lock("k", LONG).await.expect("lock");
+    let permit = a
+        .semaphore("s", 1)
+        .expect("semaphore")
+        .acquire(LONG)
+        .await
+        .expect("permit");
+    let report = a.shutdown(Duration::from_secs(1)).await.expect("shutdown");
+    assert_eq!(report.released, 2, "{report:?}");
+    let s = a.stats();
+    assert_eq!(
+        (s.lock.acquired, s.lock.released, s.lock.lost),
+        (1, 1, 0),
+        "{s:?}"
+    );
+    assert_eq!((s.semaphore.released, s.semaphore.lost), (1, 0), "{s:?}");
+    drop((guard, permit));
+    let s = a.stats();
+    assert_eq!(
+        (s.lock.released, s.lock.lost),
+        (1, 0),
+        "counted once: {s:?}"
+    );
 }
 
 /// The lost-notice detector: a waiter whose channel right is revoked loses its pub/sub
