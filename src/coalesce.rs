@@ -573,22 +573,15 @@ async fn lead(
         }
     };
     drop(lease);
-    obs::job_done(&keys.key, fence, sent, body.status == Status::Ok);
+    let ran = sent.elapsed();
     // From here on a new caller starts a flight of its own instead of joining this one:
     // it then follows this run while its lock is held, or gets its result if it completed
     // after the call — never a result that completed before it called.
     herd.inner.flights.remove(&keys.key, slot);
     let bytes = Envelope::encode(fence, &token, &body);
     let ok = body.status == Status::Ok;
-    match complete(backend, keys, (&token, fence), &bytes, ok, settings.linger).await {
-        Ok(true) => obs::publish(&keys.key, herd.owner(), fence),
-        Ok(false) => tracing::warn!(
-            job = %keys.key,
-            generation = fence,
-            "the run's lock was lost before it completed; its result was not published"
-        ),
-        Err(e) => tracing::warn!(job = %keys.key, error = %e, "publishing a run's result failed"),
-    }
+    let completed = complete(backend, keys, (&token, fence), &bytes, ok, settings.linger).await;
+    obs::completed(&keys.key, herd.owner(), (fence, ran, ok), &completed);
     FlightOutcome {
         result: decode_stored(&keys.key, &bytes).map(Arc::new),
         how: How::Led,

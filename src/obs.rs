@@ -377,17 +377,29 @@ pub(crate) fn lead(stats: &Stats, key: &str, owner: &str, generation: u64) {
     tracing::debug!(target: "herdlock", primitive = "fanout", key, owner, generation, "lead");
 }
 
-/// A run's job, started when its run was acquired (`since`), ended (success or not).
-pub(crate) fn job_done(key: &str, generation: u64, since: Instant, ok: bool) {
-    let duration = since.elapsed();
+/// A led run's job ended after `ran` (`ok`: successfully) and the run completed
+/// (`complete`'s result: stored, published and released, or not): the job's duration is
+/// recorded (`job done` event), and the `publish` event or a warning follows.
+pub(crate) fn completed(
+    key: &str,
+    owner: &str,
+    (generation, ran, ok): (u64, Duration, bool),
+    completed: &crate::Result<bool>,
+) {
     #[cfg(feature = "metrics")]
-    metrics::histogram!("herdlock_job_duration_seconds").record(duration.as_secs_f64());
-    tracing::debug!(target: "herdlock", primitive = "fanout", key, generation, ?duration, ok, "job done");
-}
-
-/// A leader stored and published its result and released the run (`publish` event).
-pub(crate) fn publish(key: &str, owner: &str, generation: u64) {
-    tracing::trace!(target: "herdlock", primitive = "fanout", key, owner, generation, "publish");
+    metrics::histogram!("herdlock_job_duration_seconds").record(ran.as_secs_f64());
+    tracing::debug!(target: "herdlock", primitive = "fanout", key, owner, generation, ?ran, ok, "job done");
+    match completed {
+        Ok(true) => {
+            tracing::trace!(target: "herdlock", primitive = "fanout", key, owner, generation, "publish");
+        }
+        Ok(false) => tracing::warn!(
+            job = key,
+            generation,
+            "the run's lock was lost before it completed; its result was not published"
+        ),
+        Err(e) => tracing::warn!(job = key, error = %e, "publishing a run's result failed"),
+    }
 }
 
 /// A flight found another run in progress (`contend`, with its holder) and follows it
