@@ -421,7 +421,7 @@ async fn drive(
             token,
             pttl_ms,
         };
-        let mut seen = obs::Waiting::start(herd.obs(), Primitive::Fanout, &keys.key, herd.owner());
+        let mut seen = obs::Waiting::start(herd, Primitive::Fanout, &keys.key);
         match follow(
             backend,
             keys,

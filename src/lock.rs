@@ -797,13 +797,7 @@ impl Herd {
             AcquireReply::Acquired { token, fence } => (token, fence),
             AcquireReply::Busy { holder, pttl_ms } => {
                 let holder = Holder::parse(&holder, pttl_ms)?;
-                obs::contend(
-                    self.obs(),
-                    Primitive::Lock,
-                    &keys.key,
-                    self.owner(),
-                    &holder,
-                );
+                obs::contend_on(self, Primitive::Lock, &keys.key, &holder);
                 return Ok(TryLock::Busy(holder));
             }
         };
@@ -931,7 +925,7 @@ impl Herd {
         // The holder last seen, named in the timeout error.
         let mut last: Option<Holder> = None;
         // `Ok(None)`: the deadline passed while waiting.
-        let mut seen = obs::Waiting::start(self.obs(), Primitive::Lock, key, self.owner());
+        let mut seen = obs::Waiting::start(self, Primitive::Lock, key);
         let wait_loop = async {
             // Fast path: no subscription round trip when the lock is free.
             match self.attempt(keys.clone(), &resolved, false).await? {

@@ -542,8 +542,7 @@ impl Herd {
         keys::validate_wait(wait)?;
         let deadline = Instant::now() + wait;
         let mut last_held: Vec<HeldKey> = Vec::new();
-        let mut seen =
-            obs::Waiting::start(self.obs(), Primitive::Multi, &keys[0].key, self.owner());
+        let mut seen = obs::Waiting::start(self, Primitive::Multi, &keys[0].key);
         // `Ok(None)`: the deadline passed while waiting.
         let wait_loop = async {
             let mut subs: Vec<Subscription> = Vec::new();
@@ -707,7 +706,7 @@ impl Herd {
                     })
                 })
                 .collect::<Result<Vec<_>>>()
-                .inspect(|held| obs::contend_multi(self.obs(), held, self.owner()))
+                .inspect(|held| obs::contend_multi(self, held))
                 .map(TryMulti::Busy),
         }
     }

@@ -248,17 +248,21 @@ pub(crate) fn contend<'h>(
     tracing::debug!(target: "herdlock", primitive = what.name(), key, owner, holder, holder_fence, "contend");
 }
 
-/// A multi-lock attempt found keys held: the first of them names the event.
-pub(crate) fn contend_multi(stats: &Stats, held: &[crate::HeldKey], owner: &str) {
-    let first = held.first();
+/// [`contend`] by `herd` (its counters and owner).
+pub(crate) fn contend_on<'h>(
+    herd: &crate::Herd,
+    what: Primitive,
+    key: &str,
+    holder: impl Into<Contended<'h>>,
+) {
+    contend(herd.obs(), what, key, herd.owner(), holder);
+}
+
+/// A multi-lock attempt by `herd` found keys held: the first of them names the event.
+pub(crate) fn contend_multi(herd: &crate::Herd, busy: &[crate::HeldKey]) {
+    let first = busy.first();
     let key = first.map_or("", |h| h.key.as_str());
-    contend(
-        stats,
-        Primitive::Multi,
-        key,
-        owner,
-        first.map(|h| &h.holder),
-    );
+    contend_on(herd, Primitive::Multi, key, first.map(|h| &h.holder));
 }
 
 /// Who a contender found: the holder's owner and fence, when there is one holder.
@@ -297,12 +301,12 @@ pub(crate) struct Waiting<'a> {
 }
 
 impl<'a> Waiting<'a> {
-    pub(crate) fn start(stats: &'a Stats, what: Primitive, key: &'a str, owner: &'a str) -> Self {
+    pub(crate) fn start(herd: &'a crate::Herd, what: Primitive, key: &'a str) -> Self {
         Waiting {
-            stats,
+            stats: herd.obs(),
             what,
             key,
-            owner,
+            owner: herd.owner(),
             start: Instant::now(),
             by_timer: false,
         }

@@ -245,17 +245,13 @@ impl Semaphore {
     }
 
     async fn step(&self, op: SemOp, member: &str) -> Result<SemReply> {
-        let herd = &self.herd;
-        let reply = herd.backend().semaphore(&self.keys, op, self.args(member));
+        let reply = self
+            .herd
+            .backend()
+            .semaphore(&self.keys, op, self.args(member));
         reply.await.inspect(|reply| {
             if let SemReply::Busy { .. } = reply {
-                obs::contend(
-                    herd.obs(),
-                    Primitive::Semaphore,
-                    &self.keys.key,
-                    herd.owner(),
-                    None,
-                );
+                obs::contend_on(&self.herd, Primitive::Semaphore, &self.keys.key, None);
             }
         })
     }
@@ -330,8 +326,7 @@ impl Semaphore {
         };
         // When the step that admitted us was sent: the permit's lease starts no earlier.
         let mut sent = std::time::Instant::now();
-        let (herd, key) = (&self.herd, self.keys.key.as_str());
-        let mut seen = obs::Waiting::start(herd.obs(), Primitive::Semaphore, key, herd.owner());
+        let mut seen = obs::Waiting::start(&self.herd, Primitive::Semaphore, &self.keys.key);
         let wait_loop = async {
             let op = if self.fair { SemOp::Queue } else { SemOp::Try };
             // A fair waiter whose channel is already subscribed (other waiters of this
