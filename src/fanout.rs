@@ -423,6 +423,7 @@ impl Herd {
             Ok(Some((done, token))) => Ok(Push::Leader(Completer {
                 done: Arc::new(Mutex::new(Some(done))),
                 token,
+                cancel_on_lost: options.cancel_on_lost,
                 codec: options.codec,
                 max_size: options.max_result_size,
                 _value: PhantomData,
@@ -484,6 +485,8 @@ pub enum Push<T> {
 pub struct Completer<T> {
     done: Arc<Mutex<Option<oneshot::Sender<Body>>>>,
     token: LostToken,
+    /// The run is cancelled when its lease is lost: a completion after that reaches no one.
+    cancel_on_lost: bool,
     codec: Codec,
     max_size: usize,
     _value: PhantomData<fn(T)>,
@@ -494,6 +497,7 @@ impl<T> Clone for Completer<T> {
         Completer {
             done: Arc::clone(&self.done),
             token: self.token.clone(),
+            cancel_on_lost: self.cancel_on_lost,
             codec: self.codec,
             max_size: self.max_size,
             _value: PhantomData,
@@ -522,13 +526,19 @@ impl<T> Completer<T> {
 impl<T: Serialize + DeserializeOwned> Completer<T> {
     /// Completes the run with `result`, which every follower receives (serialized with the
     /// codec of the push options). Returns `true` if this call completed the run, `false`
-    /// if it had already been completed (a no-op) or was given up.
+    /// if it had already been completed (a no-op), was given up, or its lease is known lost
+    /// (with [`cancel_on_lost`](FanoutOptions::cancel_on_lost) on, the default).
     ///
     /// A value that cannot make the round trip through the codec unchanged (a NaN or an
     /// infinity with JSON, which would arrive as `null`; a payload that does not decode back
     /// into `T`) completes the run with a [`Codec`](ErrorKind::Codec) error for every caller
     /// instead; nothing is stored as a success.
     pub fn complete(&self, result: JobResult<T>) -> bool {
+        // A run known lost is being cancelled: refuse now rather than race the flight
+        // dropping its end of the channel.
+        if self.cancel_on_lost && self.token.is_lost() {
+            return false;
+        }
         let sender = self
             .done
             .lock()
