@@ -523,6 +523,9 @@ async fn lead(
         Mode::Run(job) => {
             let run = watchdog::with_run_token(lease.token(), run_job(job, settings.max_duration));
             let cancelled = tokio::select! {
+                // A finished job wins over a loss or a shutdown noticed at the same time:
+                // its completion script still checks the lock, and publishes nothing if lost.
+                biased;
                 body = run => Ok(body),
                 () = lease.lost(), if settings.cancel_on_lost => return lost_outcome(),
                 () = abandoned_by_all(herd, keys, slot), if settings.cancel_when_abandoned => {
@@ -548,6 +551,8 @@ async fn lead(
             let body = if handed {
                 let completion = await_completion(done_rx, settings.max_duration);
                 tokio::select! {
+                    // A completion handed over wins (see above).
+                    biased;
                     body = completion => body.ok_or(None),
                     () = lease.lost(), if settings.cancel_on_lost => return lost_outcome(),
                     () = closed => Err(Some(shutting_down(&format!(

@@ -25,7 +25,7 @@ use crate::watchdog::LostToken;
 
 /// How often a leader whose callers are all gone checks whether another process still
 /// waits for its run ([`FanoutOptions::cancel_when_abandoned`]).
-pub const ABANDON_CHECK_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const ABANDON_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// How a caller obtained its fan-out result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,7 +165,7 @@ impl FanoutOptions {
     /// Whether the leader cancels its job when nobody anywhere still waits for the run:
     /// every caller in this process timed out or was dropped, and no other process is
     /// subscribed to the job's channel (checked with `PUBSUB NUMSUB`, or `SHARDNUMSUB` on a
-    /// cluster, every [`ABANDON_CHECK_EVERY`](crate::ABANDON_CHECK_EVERY) while
+    /// cluster, every 500 ms while
     /// this process has no caller left). The lock is then released at once and nothing is
     /// stored or published; a caller that arrives later starts a new run.
     ///

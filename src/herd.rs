@@ -1,6 +1,6 @@
 //! [`Herd`], the handle every primitive hangs off, and its [`Builder`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -569,6 +569,13 @@ impl Herd {
     /// 5. **Stop**: the watchdog thread ends, and the pub/sub listener and its connection
     ///    stop. The command connection closes when the last clone of the herd is dropped.
     ///
+    /// A holder still working when its lock is released here is where a holder whose lease
+    /// was lost is: told first, then someone else may have the lock. Work that must not
+    /// overlap the next holder checks `heartbeat()` or its [`LostToken`](crate::LostToken)
+    /// (or fences its writes with the [`FencingToken`](crate::FencingToken)); `once`,
+    /// `run_locked` and fan-out runs with `cancel_on_lost` are cancelled. Stop such work
+    /// before calling `shutdown`, or give it a safe point through `heartbeat()`.
+    ///
     /// Calling it again (or from another clone) runs the remaining steps again, which finds
     /// nothing left to do. A release that cannot reach Redis is counted in the report; that
     /// lock runs out with its TTL.
@@ -603,6 +610,10 @@ impl Herd {
         backend.wake_all();
         let _ = tokio::time::timeout(backend.command_timeout(), self.inner.flights.none_leading())
             .await;
+        // Acquire steps cut off by their callers (a signal, a deadline) are finished and
+        // undone in the background: let them end (each within a few command timeouts), so
+        // that what they took is released, not left to its TTL when the process exits.
+        let _ = tokio::time::timeout(backend.command_timeout() * 3, cleanups_done()).await;
         let (released, release_failures) = self.inner.watchdog.release_all(backend).await;
         self.inner.watchdog.stop();
         backend.close();
@@ -650,11 +661,46 @@ pub(crate) fn spawn_cleanup<T>(
         tracing::debug!(what, "dropped outside a runtime; the TTL is the backstop");
         return;
     };
+    CLEANUPS.running.fetch_add(1, Ordering::SeqCst);
     handle.spawn(async move {
+        let _done = CleanupDone;
         if let Err(e) = cleanup.await {
             tracing::debug!(what, error = %e, "background cleanup of a dropped handle failed");
         }
     });
+}
+
+/// Background cleanups in flight in this process (an acquire step cut off by its caller,
+/// finished and undone; a dropped guard's release): [`Herd::shutdown`] waits for them, so
+/// a process that exits right after it leaves nothing behind.
+struct Cleanups {
+    running: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+static CLEANUPS: Cleanups = Cleanups {
+    running: AtomicUsize::new(0),
+    done: tokio::sync::Notify::const_new(),
+};
+
+struct CleanupDone;
+
+impl Drop for CleanupDone {
+    fn drop(&mut self) {
+        CLEANUPS.running.fetch_sub(1, Ordering::SeqCst);
+        CLEANUPS.done.notify_waiters();
+    }
+}
+
+/// Resolves once no background cleanup runs in this process.
+async fn cleanups_done() {
+    loop {
+        let done = CLEANUPS.done.notified();
+        if CLEANUPS.running.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        done.await;
+    }
 }
 
 /// `<hostname>.<pid>`, computed once.

@@ -225,7 +225,7 @@ mod watchdog;
 
 pub use codec::{Codec, JobError, JobResult};
 pub use error::{Error, ErrorKind, Result};
-pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role, ABANDON_CHECK_EVERY};
+pub use fanout::{Completer, Fanned, FanoutOptions, Follower, Push, Role};
 pub use herd::{Builder, FanoutStats, Herd, HerdStats, PrimitiveStats, ShutdownReport};
 pub use lock::{
     FencingToken, Held, HeldKind, Holder, LockGuard, LockOptions, LockStatus, Outcome, TryLock,

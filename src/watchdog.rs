@@ -46,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::backend::gate::Stage;
 use crate::backend::{Backend, SemArgs, SemOp, SemReply};
 use crate::keys::JobKeys;
 use crate::limits::QUEUE_TTL;
@@ -371,6 +372,24 @@ impl Watchdog {
         let state = Arc::new(LeaseState::new(deadline, first_due, Some(held)));
         let (id, wake) = {
             let mut leases = lock(&self.shared.leases);
+            // An acquisition that was on its way when the herd shut down (its step was sent
+            // before the gate closed): `release_all` has run or will find nothing of it, so
+            // its holder is told now and what it took is released. Checked under the same
+            // lock as `release_all`'s snapshot, which runs after the gate closed.
+            if leases.stopped || self.shared.backend.gate().stage() == Stage::Closed {
+                drop(leases);
+                state.record_end(false);
+                state.mark_lost();
+                let backend = self.shared.backend.clone();
+                crate::herd::spawn_cleanup("a release after shutdown", async move {
+                    release_renewal(&backend, &renewal).await
+                });
+                return LeaseHandle {
+                    shared: Arc::downgrade(&self.shared),
+                    id: 0,
+                    state,
+                };
+            }
             leases.next_id += 1;
             let id = leases.next_id;
             leases.map.insert(

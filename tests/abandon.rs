@@ -7,7 +7,10 @@
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use herdlock::{ErrorKind, FanoutOptions, JobError, ABANDON_CHECK_EVERY};
+use herdlock::{ErrorKind, FanoutOptions, JobError};
+
+/// How often a leader checks for remote waiters (`FanoutOptions::cancel_when_abandoned`).
+const ABANDON_CHECK_EVERY: Duration = Duration::from_millis(500);
 use tokio::sync::oneshot;
 
 use crate::common::procs::{emit, worker_read_line, worker_ready_and_wait_go};

@@ -317,3 +317,68 @@ async fn a_waiter_in_another_process_gets_the_lock_right_after_shutdown() {
     guard.release().await.expect("release");
     worker.send_line("quit");
 }
+
+/// An acquisition already on its way to Redis when the herd shuts down (its reply held by a
+/// frozen proxy): when the reply arrives after the shutdown, the guard comes back already
+/// lost (its holder told) and what it took is released, so another node has the lock long
+/// before its 30 s TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquisition_in_flight_during_shutdown_is_released_and_reported_lost() {
+    let server = shared();
+    let prefix = unique_prefix("shutdown::in_flight");
+    let proxy = herdlock_testkit::proxy::Proxy::start(server);
+    let a = Herd::builder()
+        .prefix(prefix.clone())
+        .owner("a")
+        .lock_ttl(TTL)
+        .command_timeout(Duration::from_secs(20))
+        .connect(&proxy.url())
+        .await
+        .expect("connect through the proxy");
+    let b = Herd::builder()
+        .prefix(prefix.clone())
+        .owner("b")
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    proxy.freeze_replies();
+    let acquiring = {
+        let a = a.clone();
+        tokio::spawn(async move { a.try_lock("k").await })
+    };
+    // The request reached Redis: "a" holds the lock there, its reply held back.
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        let status = b.lock_status("k").await.expect("status");
+        if status.holder.is_some_and(|h| h.owner == "a") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the acquisition never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = within(STEP_TIMEOUT, "shutdown", a.shutdown(Duration::ZERO))
+        .await
+        .expect("shutdown");
+    assert_eq!(report.released, 0, "nothing was held yet: {report:?}");
+    let started = Instant::now();
+    proxy.thaw();
+    let guard = within(STEP_TIMEOUT, "the acquisition", acquiring)
+        .await
+        .expect("task")
+        .expect("the step's reply")
+        .acquired()
+        .expect("it had won on Redis");
+    assert!(guard.is_lost(), "the holder is told at once");
+    let taken = within(STEP_TIMEOUT, "b", b.lock("k", Duration::from_secs(25)))
+        .await
+        .expect("b gets the lock");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "freed after {:?} (TTL 30 s)",
+        started.elapsed()
+    );
+    taken.release().await.expect("release");
+}

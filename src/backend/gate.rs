@@ -1,5 +1,7 @@
 //! Whether a herd still takes work: open, draining (no new acquisitions or runs; running
-//! fan-out jobs may still complete, holders may still release) or closed (only releases).
+//! fan-out jobs may still complete, holders may still release) or closed (no waits go on:
+//! extensions, subscriptions and fan-out checks are refused; releases, completions and
+//! status reads still run, so nothing the herd holds is left to its TTL).
 //! One gate per herd, shared by its backend and its watchdog's ([`Herd::shutdown`]).
 //!
 //! [`Herd::shutdown`]: crate::Herd::shutdown

@@ -10,11 +10,15 @@
 //! Which master owns a slot comes from `CLUSTER SLOTS` (the command redis-rs itself maps
 //! the cluster with, so a least-privilege user already may run it), fetched on the first
 //! fan-out and again every [`REFRESH_EVERY`] while fan-out is in use. Between a slot's move
-//! (a migration or a failover) and the next refresh, the old master's bound is sent for it:
-//! a reply whose clock reads earlier than that bound allows shows the move
-//! ([`RedisClock::contradicts`]); the caller then asks again without a bound, and the map is
-//! fetched again before the next bound. A clock that reads *later* than the old master's
-//! only makes the bound loose (a run more, never a stale result), and replaces the sample.
+//! (a migration or a failover) and the next refresh, the old master's bound is sent for it.
+//! Every reply carries the answering server's clock, and one that reads outside what the
+//! bound's sample allows shows the move: earlier ([`RedisClock::contradicts`]: the bound was
+//! loose, a run more at worst) or later (the bound may have been too low, so a stored result
+//! served on it may predate the call). Either way a served result is asked for again
+//! without a bound (only the time since the call counts then), the master's clock starts
+//! afresh and the map is fetched again before the next bound. What remains: a result that
+//! migrated with its slot carries the old master's completion time, compared with the new
+//! master's clock; masters whose clocks agree (NTP) keep that within their offset.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

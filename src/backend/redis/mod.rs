@@ -788,28 +788,40 @@ impl RedisBackend {
         let Some(clock) = clock else {
             return Ok(reply);
         };
-        if let Some((clocks, node)) = node {
-            // A cluster: the slot's master may not be the one the bound is of.
-            if clock.contradicts(sent, redis_us) {
-                clocks.moved(&node);
-                if matches!(reply, FanoutReply::Fresh { .. }) {
-                    // Served on a bound of another clock: ask again on the server's own
-                    // clock only (the same nonce: a lock won meanwhile is found again).
-                    tracing::debug!(
-                        key = %keys.key,
-                        "fan-out reply from another master's clock; asking again without a bound"
-                    );
-                    let (.., reply) = self
-                        .fanout_acquire_step(keys, nonce, owner, ttl, ages, 0)
-                        .await?;
-                    return Ok(reply);
+        // Was the bound of this server's clock? A reply reading earlier than the sample
+        // allows is another clock (a cluster slot that moved) or a clock stepped back; one
+        // reading later than it allows is another clock or a clock stepped forward, and
+        // then the bound may have been too low: a result served on it may be older than
+        // the call. Either way, a served result is asked for again without a bound.
+        let behind = clock.contradicts(sent, redis_us);
+        let ahead = clock
+            .upper_bound_us(received)
+            .is_some_and(|bound| redis_us > bound);
+        match &node {
+            Some((clocks, node)) => {
+                if behind || ahead {
+                    clocks.moved(node);
                 }
-                return Ok(reply);
+                if !behind {
+                    clock.sample(0, sent, received, redis_us);
+                }
             }
-            clock.sample(0, sent, received, redis_us);
-        } else if self.generation() == generation {
             // Only a reply from the server of this generation samples its clock.
-            clock.sample(generation, sent, received, redis_us);
+            None if self.generation() == generation => {
+                clock.sample(generation, sent, received, redis_us);
+            }
+            None => {}
+        }
+        if (behind || ahead) && call_at > 0 && matches!(reply, FanoutReply::Fresh { .. }) {
+            tracing::debug!(
+                key = %keys.key,
+                "fan-out reply from a clock the bound was not of; asking again without a bound"
+            );
+            // The same nonce: a lock won meanwhile is found again.
+            let (.., reply) = self
+                .fanout_acquire_step(keys, nonce, owner, ttl, ages, 0)
+                .await?;
+            return Ok(reply);
         }
         Ok(reply)
     }
@@ -1048,7 +1060,8 @@ impl RedisBackend {
             Value::Map(pairs) if pairs.len() == 1 => int(&pairs[0].1, "pubsub numsub")?,
             _ => return Err(malformed("pubsub numsub")),
         };
-        Ok(u64::try_from(count).unwrap_or(0))
+        // A negative count is no count: never read it as "nobody waits".
+        u64::try_from(count).map_err(|_| malformed("pubsub numsub"))
     }
 
     pub(crate) fn subscribe_if_warm(&self, keys: &JobKeys) -> Option<Subscription> {
