@@ -1,10 +1,11 @@
 //! Every example runs as a real process, on the in-memory backend and on a private
-//! `redis-server` (through `REDIS_URL`), exits 0 and prints what it promises.
+//! `redis-server` (through `REDIS_URL`), exits 0 and prints what it promises
+//! (`request_dedup` needs the feature `tower`, `metrics_prometheus` the feature `metrics`).
 //!
 //! The example binaries are the ones cargo built next to this test binary
-//! (`target/<profile>/examples/`) with `cargo build --examples --features herdlock/tower`, which
-//! `scripts/test` runs before the tests (`cargo test --all-targets` builds examples only as
-//! test harnesses). A missing binary, or one older than its source, fails its test with the
+//! (`target/<profile>/examples/`) with `cargo build --examples --features
+//! herdlock/tower,herdlock/metrics`, which `scripts/test` runs before the tests (`cargo test
+//! --all-targets` builds examples only as test harnesses). A missing binary, or one older than its source, fails its test with the
 //! command that builds it.
 
 use std::io::Read;
@@ -26,7 +27,8 @@ fn example_binary(name: &str) -> PathBuf {
     let binary = profile_dir
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    let how = "build the examples first: `cargo build --examples --features herdlock/tls-rustls,herdlock/tower`";
+    let how =
+        "build the examples first: `cargo build --examples --features herdlock/tower,herdlock/metrics`";
     let built = std::fs::metadata(&binary)
         .and_then(|m| m.modified())
         .unwrap_or_else(|_| panic!("{} is missing: {how}", binary.display()));
@@ -160,4 +162,29 @@ examples! {
 examples! {
     request_dedup: ["upstream calls: 1; 1 leader, 19 followers; 1 distinct body"],
         redis: ["two service processes", "listening on http://127.0.0.1:"];
+}
+
+/// `metrics_prometheus` prints the Prometheus scrape itself on stdout (no backend line, so
+/// the output stays a valid exposition); it is also compiled into `tests/metrics.rs`.
+#[cfg(feature = "metrics")]
+mod metrics_prometheus {
+    const SCRAPE: &[&str] = &[
+        "# TYPE herdlock_acquired_total counter",
+        "herdlock_acquired_total{primitive=\"lock\"}",
+        "herdlock_runs_led_total 1",
+        "herdlock_cached_hits_total 1",
+    ];
+
+    #[test]
+    fn memory() {
+        let out = super::run_example("metrics_prometheus", None);
+        super::assert_says("metrics_prometheus", &out, SCRAPE);
+    }
+
+    #[test]
+    fn redis() {
+        let server = crate::common::RedisServer::start();
+        let out = super::run_example("metrics_prometheus", Some(&server));
+        super::assert_says("metrics_prometheus", &out, SCRAPE);
+    }
 }
