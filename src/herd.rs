@@ -1,10 +1,10 @@
 //! [`Herd`], the handle every primitive hangs off, and its [`Builder`].
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::backend::gate::Stage;
+use crate::backend::gate::{Gate, Stage};
 use crate::backend::memory::MemoryBackend;
 use crate::backend::preflight::Preflight;
 use crate::backend::redis::{ConnectSettings, RedisBackend};
@@ -121,6 +121,12 @@ pub struct FanoutStats {
     /// Flights whose awaited leader ended without a result (it died or gave up), so they
     /// contended for the next run.
     pub takeovers: u64,
+    /// Runs led although the previous run's result (still stored) may have completed after
+    /// their newest caller called: possible coalescing misses. On Redis the acquire step
+    /// serves every result it can prove completed after the call; this counts the runs it
+    /// could not decide, within the clock bound's uncertainty (the round trip of the best
+    /// clock sample plus drift). Always 0 on the in-memory backend (one clock).
+    pub possible_misses: u64,
 }
 
 /// What [`Herd::shutdown`] did.
@@ -613,7 +619,7 @@ impl Herd {
         // Acquire steps cut off by their callers (a signal, a deadline) are finished and
         // undone in the background: let them end (each within a few command timeouts), so
         // that what they took is released, not left to its TTL when the process exits.
-        let _ = tokio::time::timeout(backend.command_timeout() * 3, cleanups_done()).await;
+        let _ = tokio::time::timeout(backend.command_timeout() * 3, gate.cleanups_done()).await;
         let (released, release_failures) = self.inner.watchdog.release_all(backend).await;
         self.inner.watchdog.stop();
         backend.close();
@@ -654,6 +660,7 @@ impl Herd {
 /// Never blocks: without a Tokio runtime nothing is sent, and the TTL or lease is the
 /// backstop. A failure has no caller to report to, so it goes to `tracing`.
 pub(crate) fn spawn_cleanup<T>(
+    gate: &Arc<Gate>,
     what: &'static str,
     cleanup: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) {
@@ -661,46 +668,14 @@ pub(crate) fn spawn_cleanup<T>(
         tracing::debug!(what, "dropped outside a runtime; the TTL is the backstop");
         return;
     };
-    CLEANUPS.running.fetch_add(1, Ordering::SeqCst);
+    // Counted until it ends: `Herd::shutdown` waits for the herd's cleanups.
+    let counted = gate.cleanup();
     handle.spawn(async move {
-        let _done = CleanupDone;
+        let _counted = counted;
         if let Err(e) = cleanup.await {
             tracing::debug!(what, error = %e, "background cleanup of a dropped handle failed");
         }
     });
-}
-
-/// Background cleanups in flight in this process (an acquire step cut off by its caller,
-/// finished and undone; a dropped guard's release): [`Herd::shutdown`] waits for them, so
-/// a process that exits right after it leaves nothing behind.
-struct Cleanups {
-    running: AtomicUsize,
-    done: tokio::sync::Notify,
-}
-
-static CLEANUPS: Cleanups = Cleanups {
-    running: AtomicUsize::new(0),
-    done: tokio::sync::Notify::const_new(),
-};
-
-struct CleanupDone;
-
-impl Drop for CleanupDone {
-    fn drop(&mut self) {
-        CLEANUPS.running.fetch_sub(1, Ordering::SeqCst);
-        CLEANUPS.done.notify_waiters();
-    }
-}
-
-/// Resolves once no background cleanup runs in this process.
-async fn cleanups_done() {
-    loop {
-        let done = CLEANUPS.done.notified();
-        if CLEANUPS.running.load(Ordering::SeqCst) == 0 {
-            return;
-        }
-        done.await;
-    }
 }
 
 /// `<hostname>.<pid>`, computed once.

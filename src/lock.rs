@@ -556,7 +556,8 @@ impl Drop for LockGuard {
         let token = std::mem::take(&mut self.token);
         let grace = self.grace;
         let held = self.held_until();
-        spawn_cleanup("release of a dropped lock guard", async move {
+        let gate = std::sync::Arc::clone(self.herd.backend().gate());
+        spawn_cleanup(&gate, "release of a dropped lock guard", async move {
             release(&backend, &keys, &token, grace, held).await
         });
     }
@@ -626,7 +627,8 @@ where
             // The work was dropped (cancelled) when the lock was lost. Tell the caller
             // now: the release (a no-op unless the lease ran out locally but not yet on
             // Redis) goes on in the background, as the path to Redis may be what failed.
-            spawn_cleanup("release of a lost lock", guard.release_now());
+            let gate = std::sync::Arc::clone(guard.herd.backend().gate());
+            spawn_cleanup(&gate, "release of a lost lock", guard.release_now());
             Err(lost(&key))
         }
     }
@@ -786,6 +788,7 @@ impl Herd {
             (reply, backend, keys, nonce)
         };
         let (reply, _, keys, _) = Finished::new(
+            self.backend().gate(),
             "undoing an acquire step cut off in flight",
             step,
             |(reply, backend, keys, nonce)| async move {
@@ -794,7 +797,7 @@ impl Herd {
         )
         .await;
         let (token, fence) = match reply? {
-            AcquireReply::Acquired { token, fence } => (token, fence),
+            AcquireReply::Acquired { token, fence, .. } => (token, fence),
             AcquireReply::Busy { holder, pttl_ms } => {
                 let holder = Holder::parse(&holder, pttl_ms)?;
                 obs::contend_on(self, Primitive::Lock, &keys.key, &holder);

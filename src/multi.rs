@@ -386,7 +386,8 @@ impl Drop for MultiGuard {
         let backend = self.herd.backend().clone();
         let keys = std::mem::take(&mut self.keys);
         let tokens = std::mem::take(&mut self.tokens);
-        spawn_cleanup("release of a dropped multi-lock", async move {
+        let gate = std::sync::Arc::clone(self.herd.backend().gate());
+        spawn_cleanup(&gate, "release of a dropped multi-lock", async move {
             release_all(&backend, &keys, &tokens).await
         });
     }
@@ -639,6 +640,7 @@ impl Herd {
             (reply, backend, keys, nonce)
         };
         let (reply, _, keys, _) = Finished::new(
+            self.backend().gate(),
             "undoing a multi-lock acquire step cut off in flight",
             step,
             |(reply, backend, keys, nonce)| async move {

@@ -94,6 +94,7 @@ pub(crate) struct Stats {
     followed: AtomicU64,
     cached: AtomicU64,
     takeovers: AtomicU64,
+    possible_misses: AtomicU64,
 }
 
 impl Stats {
@@ -121,6 +122,7 @@ impl Stats {
             followed: self.followed.load(Relaxed),
             cached: self.cached.load(Relaxed),
             takeovers: self.takeovers.load(Relaxed),
+            possible_misses: self.possible_misses.load(Relaxed),
         }
     }
 }
@@ -373,8 +375,22 @@ pub(crate) fn timed_out(stats: &Stats, what: Primitive, key: &str, owner: &str, 
 // ---------------------------------------------------------------------------------------
 // Fan-out.
 
-/// This process leads run `generation` (`lead` event).
-pub(crate) fn lead(stats: &Stats, key: &str, owner: &str, generation: u64) {
+/// A run starts although the previous run's stored result may have completed after the
+/// newest caller called (within the clock bound's uncertainty): a possible coalescing miss
+/// (`possible miss` event).
+fn maybe_missed(stats: &Stats, key: &str, owner: &str, generation: u64) {
+    bump(&stats.possible_misses);
+    #[cfg(feature = "metrics")]
+    metrics::counter!("herdlock_coalescing_misses_total").increment(1);
+    tracing::debug!(target: "herdlock", primitive = "fanout", key, owner, generation, "possible miss");
+}
+
+/// This process leads run `generation` (`lead` event), after a possible coalescing miss
+/// when `maybe_missed` (see [`maybe_missed`]).
+pub(crate) fn lead(stats: &Stats, key: &str, owner: &str, (generation, maybe_missed): (u64, bool)) {
+    if maybe_missed {
+        self::maybe_missed(stats, key, owner, generation);
+    }
     bump(&stats.led);
     #[cfg(feature = "metrics")]
     metrics::counter!("herdlock_runs_led_total").increment(1);

@@ -501,7 +501,8 @@ impl Drop for LeaveOnDrop {
             return;
         }
         let (sem, member) = (self.semaphore.clone(), std::mem::take(&mut self.member));
-        spawn_cleanup("leaving a semaphore queue", async move {
+        let gate = std::sync::Arc::clone(self.semaphore.herd.backend().gate());
+        spawn_cleanup(&gate, "leaving a semaphore queue", async move {
             sem.step(SemOp::Leave, &member).await
         });
     }
@@ -665,7 +666,8 @@ impl Drop for Permit {
         }
         let sem = self.semaphore.clone();
         let member = std::mem::take(&mut self.member);
-        spawn_cleanup("release of a dropped permit", async move {
+        let gate = std::sync::Arc::clone(self.semaphore.herd.backend().gate());
+        spawn_cleanup(&gate, "release of a dropped permit", async move {
             sem.release_member(&member).await
         });
     }

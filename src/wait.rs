@@ -166,6 +166,8 @@ async fn next_notice(subs: &mut [Subscription]) -> Notice {
 /// The step and `undo` own everything they use (`'static`): the step usually returns its
 /// inputs along with its reply, so the caller gets them back without a copy.
 pub(crate) struct Finished<T: Send + 'static> {
+    /// The herd's gate, which counts the background finish (`Herd::shutdown` waits for it).
+    gate: std::sync::Arc<crate::backend::gate::Gate>,
     what: &'static str,
     step: Option<BoxFuture<'static, T>>,
     undo: Option<Undo<T>>,
@@ -176,13 +178,19 @@ type Undo<T> = Box<dyn FnOnce(T) -> BoxFuture<'static, Result<()>> + Send>;
 
 impl<T: Send + 'static> Finished<T> {
     /// `what` names the step in the log line of a failed undo.
-    pub(crate) fn new<S, U, F>(what: &'static str, step: S, undo: U) -> Finished<T>
+    pub(crate) fn new<S, U, F>(
+        gate: &std::sync::Arc<crate::backend::gate::Gate>,
+        what: &'static str,
+        step: S,
+        undo: U,
+    ) -> Finished<T>
     where
         S: Future<Output = T> + Send + 'static,
         U: FnOnce(T) -> F + Send + 'static,
         F: Future<Output = Result<()>> + Send + 'static,
     {
         Finished {
+            gate: std::sync::Arc::clone(gate),
             what,
             step: Some(step.boxed()),
             undo: Some(Box::new(move |out| undo(out).boxed())),
@@ -209,7 +217,7 @@ impl<T: Send + 'static> Drop for Finished<T> {
         let (Some(step), Some(undo)) = (self.step.take(), self.undo.take()) else {
             return;
         };
-        crate::herd::spawn_cleanup(self.what, async move { undo(step.await).await });
+        crate::herd::spawn_cleanup(&self.gate, self.what, async move { undo(step.await).await });
     }
 }
 

@@ -381,9 +381,11 @@ impl Watchdog {
                 state.record_end(false);
                 state.mark_lost();
                 let backend = self.shared.backend.clone();
-                crate::herd::spawn_cleanup("a release after shutdown", async move {
-                    release_renewal(&backend, &renewal).await
-                });
+                crate::herd::spawn_cleanup(
+                    self.shared.backend.gate(),
+                    "a release after shutdown",
+                    async move { release_renewal(&backend, &renewal).await },
+                );
                 return LeaseHandle {
                     shared: Arc::downgrade(&self.shared),
                     id: 0,

@@ -188,6 +188,24 @@ impl RedisClock {
         i128::from(redis_us) < lowest
     }
 
+    /// A lower bound on Redis's clock (µs) at local instant `x`, if a recent sample is
+    /// known: the sample's reading may have been taken as late as the end of its round
+    /// trip.
+    pub(crate) fn lower_bound_us(&self, x: Instant) -> Option<u64> {
+        let best = self.state().best?;
+        if x.saturating_duration_since(best.sent) > MAX_SAMPLE_AGE {
+            return None;
+        }
+        let micros = |d: Duration| i128::try_from(d.as_micros()).unwrap_or(i128::MAX);
+        let (gap, gap_abs) = if x >= best.sent {
+            (micros(x - best.sent), x - best.sent)
+        } else {
+            (-micros(best.sent - x), best.sent - x)
+        };
+        let lowest = i128::from(best.redis_us) + gap - micros(best.rtt) - micros(drift(gap_abs));
+        u64::try_from(lowest.max(0)).ok()
+    }
+
     /// An upper bound on Redis's clock (µs) at local instant `x`, if a recent sample is
     /// known.
     pub(crate) fn upper_bound_us(&self, x: Instant) -> Option<u64> {
@@ -324,6 +342,32 @@ mod tests {
         assert!(bound >= true_us(jump) + 60_000_000);
         // Samples older than MAX_SAMPLE_AGE give no bound.
         assert!(clock.upper_bound_us(jump + MAX_SAMPLE_AGE * 2).is_none());
+    }
+
+    #[test]
+    fn the_lower_bound_is_never_above_the_true_time() {
+        // Redis read 1_000_000 µs somewhere in a 4 ms round trip sent at `base`.
+        let base = Instant::now();
+        let clock = RedisClock::default();
+        assert!(clock.lower_bound_us(base).is_none());
+        clock.sample(0, base, base + Duration::from_millis(4), 1_000_000);
+        for read_at_ms in [0, 2, 4] {
+            // Whenever in the round trip Redis read it, the true time at `x` is at least
+            // the lower bound and at most the upper one.
+            let true_us =
+                |x: Instant| 1_000_000 + (x - base).as_micros() as u64 - read_at_ms * 1_000;
+            for offset_ms in [4, 10, 1_000] {
+                let x = base + Duration::from_millis(offset_ms);
+                let low = clock.lower_bound_us(x).expect("sampled");
+                let high = clock.upper_bound_us(x).expect("sampled");
+                assert!(
+                    low <= true_us(x) && true_us(x) <= high,
+                    "{low} {} {high}",
+                    true_us(x)
+                );
+                assert!(high - low <= 4_000 + 2 * (offset_ms * 1_000 * DRIFT_PPM / 1_000_000 + 1));
+            }
+        }
     }
 
     #[test]

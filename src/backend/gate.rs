@@ -6,7 +6,10 @@
 //!
 //! [`Herd::shutdown`]: crate::Herd::shutdown
 
-use tokio::sync::watch;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -21,13 +24,29 @@ pub(crate) enum Stage {
 #[derive(Debug)]
 pub(crate) struct Gate {
     stage: watch::Sender<Stage>,
+    /// Background cleanups of this herd in flight (a cut-off acquire step finished and
+    /// undone, a dropped guard's release): `Herd::shutdown` waits for them.
+    cleanups: AtomicUsize,
+    cleaned: Notify,
 }
 
 impl Default for Gate {
     fn default() -> Self {
         Gate {
             stage: watch::Sender::new(Stage::Open),
+            cleanups: AtomicUsize::new(0),
+            cleaned: Notify::new(),
         }
+    }
+}
+
+/// Counts one background cleanup while it lives.
+pub(crate) struct Cleanup(Arc<Gate>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.0.cleanups.fetch_sub(1, Ordering::SeqCst);
+        self.0.cleaned.notify_waiters();
     }
 }
 
@@ -61,6 +80,23 @@ impl Gate {
             return Err(shutting_down(what));
         }
         Ok(())
+    }
+
+    /// Counts a background cleanup until the returned guard drops.
+    pub(crate) fn cleanup(self: &Arc<Self>) -> Cleanup {
+        self.cleanups.fetch_add(1, Ordering::SeqCst);
+        Cleanup(Arc::clone(self))
+    }
+
+    /// Resolves once no background cleanup of this herd runs.
+    pub(crate) async fn cleanups_done(&self) {
+        loop {
+            let cleaned = self.cleaned.notified();
+            if self.cleanups.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            cleaned.await;
+        }
     }
 
     /// Resolves once the gate reaches `stage` (at once if it has).

@@ -173,7 +173,12 @@ impl State {
                 expires: Some(now + ttl),
             },
         );
-        AcquireReply::Acquired { token, fence }
+        // One clock: a result completed after the call is always served, never missed.
+        AcquireReply::Acquired {
+            token,
+            fence,
+            maybe_missed: false,
+        }
     }
 
     /// A fence as on Redis (µs of the wall clock), strictly greater than every earlier one.

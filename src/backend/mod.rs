@@ -41,8 +41,16 @@ pub(crate) enum Backend {
 /// The reply of the acquire step.
 #[derive(Debug, Clone)]
 pub(crate) enum AcquireReply {
-    /// The caller now holds the lock; `token` is the stored holder value.
-    Acquired { token: String, fence: u64 },
+    /// The caller now holds the lock; `token` is the stored holder value. `maybe_missed`
+    /// (fan-out on Redis only): a previous run's result, still stored, completed within the
+    /// clock bound's uncertainty around the newest caller's call, so it may have completed
+    /// after that call: a possible coalescing miss (the script could not prove it either
+    /// way, and starts a run rather than risk a stale result).
+    Acquired {
+        token: String,
+        fence: u64,
+        maybe_missed: bool,
+    },
     /// Someone else holds it: their stored holder value and the lock's remaining TTL.
     Busy { holder: String, pttl_ms: i64 },
 }

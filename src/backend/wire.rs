@@ -112,6 +112,7 @@ pub(crate) fn parse_acquire(items: &[Value], what: &str) -> Result<FanoutReply> 
         1 => FanoutReply::Lock(AcquireReply::Acquired {
             token: string(&items[1], what)?,
             fence: u64::try_from(n).map_err(|_| malformed(what))?,
+            maybe_missed: false,
         }),
         0 => FanoutReply::Lock(AcquireReply::Busy {
             holder: string(&items[1], what)?,

@@ -6,7 +6,9 @@
 -- Every reply ends with Redis's clock (µs), so the client can bound it (backend/clock.rs).
 -- Holder values, tokens and fences as in acquire.lua; a caller that finds a run in progress
 -- follows it, so it marks the holder value as waited for.
--- Returns {1, token, fence, now}          acquired: the caller leads run `fence`
+-- Returns {1, token, fence, now, done}    acquired: the caller leads run `fence`; `done`: when
+--                                          the stored result it did not serve completed (µs,
+--                                          0: none read), for the client's miss detector
 --         {0, holder_value, pttl_ms, now} busy: run in progress
 --         {2, stored, age_us, now}         a successful result no older than the max cache age
 --         {3, stored, age_us, now}         a result (success or failure) of a run that
@@ -19,12 +21,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 -- The reply serving a stored result (see complete.lua), if the caller may have it. Its
 -- completion time is on Redis's clock, to the microsecond.
+local last_done = 0
 local function serve(stored)
   local ok, secs, us = string.match(stored, '^r2:(%d):(%d+)(%d%d%d%d%d%d):')
   if not ok then
     return nil
   end
   local done = tonumber(secs) * 1000000 + tonumber(us)
+  last_done = done
   local age = now - done
   if age < 0 then
     return nil -- Redis's clock stepped back: the age is unknown
@@ -74,4 +78,4 @@ end
 local fence = t[1] .. string.format('%06d', tonumber(t[2]))
 local token = fence .. ':' .. ARGV[1]
 redis.call('SET', KEYS[1], token .. ':' .. ARGV[3] .. ':0:' .. ARGV[2], 'PX', ARGV[3])
-return {1, token, tonumber(fence), now}
+return {1, token, tonumber(fence), now, last_done}

@@ -782,9 +782,19 @@ impl RedisBackend {
             .as_ref()
             .and_then(|c| c.upper_bound_us(ages.newest_call.into_std()))
             .unwrap_or(0);
-        let (sent, received, redis_us, reply) = self
+        let (sent, received, redis_us, mut reply, previous_done) = self
             .fanout_acquire_step(keys, nonce, owner, ttl, ages, call_at)
             .await?;
+        // A run started although the stored result of the previous one completed later than
+        // the earliest instant the newest call may have happened on Redis's clock: the bound
+        // could not tell whether it completed after the call (a possible coalescing miss).
+        if let FanoutReply::Lock(AcquireReply::Acquired { maybe_missed, .. }) = &mut reply {
+            *maybe_missed = previous_done > 0
+                && clock
+                    .as_ref()
+                    .and_then(|c| c.lower_bound_us(ages.newest_call.into_std()))
+                    .is_some_and(|earliest| previous_done > earliest);
+        }
         let Some(clock) = clock else {
             return Ok(reply);
         };
@@ -818,7 +828,7 @@ impl RedisBackend {
                 "fan-out reply from a clock the bound was not of; asking again without a bound"
             );
             // The same nonce: a lock won meanwhile is found again.
-            let (.., reply) = self
+            let (_, _, _, reply, _) = self
                 .fanout_acquire_step(keys, nonce, owner, ttl, ages, 0)
                 .await?;
             return Ok(reply);
@@ -876,7 +886,13 @@ impl RedisBackend {
         ttl: Duration,
         ages: ResultAges,
         call_at: u64,
-    ) -> Result<(std::time::Instant, std::time::Instant, u64, FanoutReply)> {
+    ) -> Result<(
+        std::time::Instant,
+        std::time::Instant,
+        u64,
+        FanoutReply,
+        u64,
+    )> {
         let max_age = ages
             .cache_age
             .map_or(-1, |age| i64::try_from(micros(age)).unwrap_or(i64::MAX));
@@ -896,9 +912,24 @@ impl RedisBackend {
         let reply = self.invoke_idempotent("fanout acquire", &inv).await?;
         let received = std::time::Instant::now();
         let what = "fanout acquire";
-        let items = array(&reply, 4, what)?;
+        // Four items, or five when a run was started: the completion time (µs) of the
+        // stored result it did not serve (0: none).
+        let items = match &reply {
+            Value::Array(items) if items.len() == 5 => &items[..],
+            _ => array(&reply, 4, what)?,
+        };
         let redis_us = u64::try_from(int(&items[3], what)?).map_err(|_| malformed(what))?;
-        Ok((sent, received, redis_us, parse_acquire(&items[..3], what)?))
+        let previous_done = match items.get(4) {
+            Some(v) => u64::try_from(int(v, what)?).map_err(|_| malformed(what))?,
+            None => 0,
+        };
+        Ok((
+            sent,
+            received,
+            redis_us,
+            parse_acquire(&items[..3], what)?,
+            previous_done,
+        ))
     }
 
     pub(crate) async fn fanout_check(&self, keys: &JobKeys) -> Result<CheckReply> {
