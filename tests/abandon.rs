@@ -56,6 +56,40 @@ fn options() -> FanoutOptions {
     FanoutOptions::new().ttl(Duration::from_secs(10))
 }
 
+/// A leading call on `herd` with `cancel_when_abandoned`, whose caller waits `wait`, of a
+/// [`watched_job`] that has started.
+struct Watched {
+    leader: tokio::task::JoinHandle<herdlock::Result<herdlock::Fanned<String>>>,
+    dropped: oneshot::Receiver<()>,
+    finish: oneshot::Sender<()>,
+}
+
+async fn lead_watched(herd: &herdlock::Herd, wait: Duration) -> Watched {
+    let (started_tx, started) = oneshot::channel();
+    let (dropped_tx, dropped) = oneshot::channel();
+    let (finish, finish_rx) = oneshot::channel::<()>();
+    let leader = {
+        let herd = herd.clone();
+        tokio::spawn(async move {
+            herd.fanout_with(
+                "job",
+                wait,
+                &options().cancel_when_abandoned(true),
+                watched_job(started_tx, dropped_tx, finish_rx),
+            )
+            .await
+        })
+    };
+    within(STEP_TIMEOUT, "the job starts", started)
+        .await
+        .expect("started");
+    Watched {
+        leader,
+        dropped,
+        finish,
+    }
+}
+
 both_backends!(
     a_run_nobody_waits_for_is_cancelled,
     a_waiting_follower_keeps_the_run
@@ -66,24 +100,11 @@ both_backends!(
 async fn a_run_nobody_waits_for_is_cancelled(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    let (started_tx, started) = oneshot::channel();
-    let (dropped_tx, dropped) = oneshot::channel();
-    let (_finish, finish_rx) = oneshot::channel::<()>();
-    let leader = {
-        let a = a.clone();
-        tokio::spawn(async move {
-            a.fanout_with(
-                "job",
-                Duration::from_millis(400),
-                &options().cancel_when_abandoned(true),
-                watched_job(started_tx, dropped_tx, finish_rx),
-            )
-            .await
-        })
-    };
-    within(STEP_TIMEOUT, "the job starts", started)
-        .await
-        .expect("started");
+    let Watched {
+        leader,
+        dropped,
+        finish: _finish,
+    } = lead_watched(&a, Duration::from_millis(400)).await;
     let followed = b
         .fanout_with(
             "job",
@@ -127,24 +148,11 @@ async fn a_run_nobody_waits_for_is_cancelled(fx: Fx) {
 async fn a_waiting_follower_keeps_the_run(fx: Fx) {
     let a = fx.node("a").await;
     let b = fx.node("b").await;
-    let (started_tx, started) = oneshot::channel();
-    let (dropped_tx, mut dropped) = oneshot::channel();
-    let (finish, finish_rx) = oneshot::channel::<()>();
-    let leader = {
-        let a = a.clone();
-        tokio::spawn(async move {
-            a.fanout_with(
-                "job",
-                Duration::from_millis(200),
-                &options().cancel_when_abandoned(true),
-                watched_job(started_tx, dropped_tx, finish_rx),
-            )
-            .await
-        })
-    };
-    within(STEP_TIMEOUT, "the job starts", started)
-        .await
-        .expect("started");
+    let Watched {
+        leader,
+        mut dropped,
+        finish,
+    } = lead_watched(&a, Duration::from_millis(200)).await;
     let follower = {
         let b = b.clone();
         tokio::spawn(async move {
@@ -179,24 +187,13 @@ async fn a_waiting_follower_keeps_the_run(fx: Fx) {
 pub(crate) async fn abandon_leader() {
     let herd = crate::workers::herd().await;
     worker_ready_and_wait_go();
-    let (started_tx, started) = oneshot::channel();
-    let (dropped_tx, dropped) = oneshot::channel();
-    let (_finish, finish_rx) = oneshot::channel::<()>();
-    let call = {
-        let herd = herd.clone();
-        tokio::spawn(async move {
-            herd.fanout_with(
-                "job",
-                Duration::from_millis(400),
-                &options().cancel_when_abandoned(true),
-                watched_job(started_tx, dropped_tx, finish_rx),
-            )
-            .await
-        })
-    };
-    started.await.expect("started");
+    let Watched {
+        leader,
+        dropped,
+        finish: _finish,
+    } = lead_watched(&herd, Duration::from_millis(400)).await;
     emit("started");
-    let kind = match call.await.expect("caller task") {
+    let kind = match leader.await.expect("caller task") {
         Ok(_) => "ok".to_owned(),
         Err(e) => format!("{:?}", e.kind()),
     };
