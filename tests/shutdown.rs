@@ -20,6 +20,21 @@ fn kind<T: std::fmt::Debug>(result: herdlock::Result<T>) -> ErrorKind {
     result.expect_err("expected an error").kind()
 }
 
+/// A caller of `job` on `b` (whose own job would return "b ran it"), waiting as a follower.
+async fn follow_job(fx: &Fx, b: &Herd) -> tokio::task::JoinHandle<herdlock::Result<String>> {
+    let follower = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.fanout("job", Duration::from_secs(30), || async {
+                Ok("b ran it".to_owned())
+            })
+            .await
+        })
+    };
+    fx.wait_subscribed(&["job"]).await;
+    follower
+}
+
 both_backends!(
     held_leases_are_released_and_new_work_refused,
     a_running_job_publishes_within_the_grace,
@@ -114,16 +129,7 @@ async fn a_running_job_publishes_within_the_grace(fx: Fx) {
     within(STEP_TIMEOUT, "the job starts", started)
         .await
         .expect("started");
-    let follower = {
-        let b = b.clone();
-        tokio::spawn(async move {
-            b.fanout("job", Duration::from_secs(30), || async {
-                Ok("b ran it".to_owned())
-            })
-            .await
-        })
-    };
-    fx.wait_subscribed(&["job"]).await;
+    let follower = follow_job(&fx, &b).await;
     let guard = a.lock("held", Duration::from_secs(5)).await.expect("lock");
     let busy = b
         .lock("busy", Duration::from_secs(5))
@@ -200,16 +206,7 @@ async fn a_run_past_the_grace_is_cancelled_and_released(fx: Fx) {
     within(STEP_TIMEOUT, "the job starts", started)
         .await
         .expect("started");
-    let follower = {
-        let b = b.clone();
-        tokio::spawn(async move {
-            b.fanout("job", Duration::from_secs(30), || async {
-                Ok("b ran it".to_owned())
-            })
-            .await
-        })
-    };
-    fx.wait_subscribed(&["job"]).await;
+    let follower = follow_job(&fx, &b).await;
     let started = Instant::now();
     let report = within(
         STEP_TIMEOUT,
