@@ -390,11 +390,19 @@ fn counted_calls(server: &RedisServer) -> std::collections::BTreeMap<String, u64
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herd_survives_pause_and_pubsub_kill() {
     let server = RedisServer::start();
-    let a = herd_on(&server, "a").await;
-    let b = Herd::builder()
-        .prefix(a.prefix())
-        .owner("b")
-        .command_timeout(Duration::from_secs(5))
+    // Command timeouts well above the 1 s pause: a command sent as the pause begins waits
+    // it out (Valkey answers it a little after the pause's end), and must not time out.
+    let builder = |owner: &str, prefix: String| {
+        Herd::builder()
+            .prefix(prefix)
+            .owner(owner)
+            .command_timeout(Duration::from_secs(5))
+    };
+    let a = builder("a", server::unique_prefix("a"))
+        .connect(&server.url())
+        .await
+        .expect("connect");
+    let b = builder("b", a.prefix().to_owned())
         .connect(&server.url())
         .await
         .expect("connect");
