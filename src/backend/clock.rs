@@ -173,19 +173,7 @@ impl RedisClock {
         };
         // The server read `best.redis_us` at some instant in [best.sent, best.sent + rtt],
         // and the reply at some instant after `sent`: at least this much later.
-        let micros = |d: Duration| i128::try_from(d.as_micros()).unwrap_or(i128::MAX);
-        let gap = if sent >= best.sent {
-            micros(sent - best.sent)
-        } else {
-            -micros(best.sent - sent)
-        };
-        let gap_abs = if sent >= best.sent {
-            sent - best.sent
-        } else {
-            best.sent - sent
-        };
-        let lowest = i128::from(best.redis_us) + gap - micros(best.rtt) - micros(drift(gap_abs));
-        i128::from(redis_us) < lowest
+        i128::from(redis_us) < lowest(best, sent)
     }
 
     /// A lower bound on Redis's clock (µs) at local instant `x`, if a recent sample is
@@ -196,14 +184,7 @@ impl RedisClock {
         if x.saturating_duration_since(best.sent) > MAX_SAMPLE_AGE {
             return None;
         }
-        let micros = |d: Duration| i128::try_from(d.as_micros()).unwrap_or(i128::MAX);
-        let (gap, gap_abs) = if x >= best.sent {
-            (micros(x - best.sent), x - best.sent)
-        } else {
-            (-micros(best.sent - x), best.sent - x)
-        };
-        let lowest = i128::from(best.redis_us) + gap - micros(best.rtt) - micros(drift(gap_abs));
-        u64::try_from(lowest.max(0)).ok()
+        u64::try_from(lowest(best, x).max(0)).ok()
     }
 
     /// An upper bound on Redis's clock (µs) at local instant `x`, if a recent sample is
@@ -269,6 +250,19 @@ fn probe_loop(clock: &Weak<RedisClock>, source: &ClientSource, timeout: Duration
 
 /// How long a sample is trusted (a bound from an older one is dominated by drift anyway).
 const MAX_SAMPLE_AGE: Duration = Duration::from_secs(5);
+
+/// The lower bound `sample` gives for Redis's clock at local instant `x` (it may be
+/// negative): the sample's reading may have been taken as late as the end of its round
+/// trip, and the clocks' rates may differ by the drift.
+fn lowest(sample: Sample, x: Instant) -> i128 {
+    let micros = |d: Duration| i128::try_from(d.as_micros()).unwrap_or(i128::MAX);
+    let (gap, gap_abs) = if x >= sample.sent {
+        (micros(x - sample.sent), x - sample.sent)
+    } else {
+        (-micros(sample.sent - x), sample.sent - x)
+    };
+    i128::from(sample.redis_us) + gap - micros(sample.rtt) - micros(drift(gap_abs))
+}
 
 /// The upper bound `sample` gives for Redis's clock at local instant `x`.
 fn bound(sample: Sample, x: Instant) -> u64 {
