@@ -45,7 +45,7 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::backend::gate::{shutting_down, Stage};
+use crate::backend::gate::{shutting_down, InFlight, Stage};
 use crate::backend::{
     holder_token, parse_holder, AcquireReply, Backend, FanoutReply, ResultAges, Subscription,
 };
@@ -145,8 +145,7 @@ pub(crate) struct Flights {
     /// Flights currently subscribed and waiting for another node's run (a gauge).
     following: AtomicUsize,
     /// Runs this process leads right now (a gauge), and a wake-up when one ends.
-    leading: AtomicUsize,
-    led: tokio::sync::Notify,
+    leading: InFlight,
 }
 
 impl Flights {
@@ -167,19 +166,14 @@ impl Flights {
 
     /// Runs this process leads right now.
     pub(crate) fn leading(&self) -> usize {
-        self.leading.load(Ordering::SeqCst)
+        self.leading.count()
     }
 
     /// Resolves once this process leads no run (at once if it leads none).
     pub(crate) async fn none_leading(&self) {
-        loop {
-            let ended = self.led.notified();
-            if self.leading.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            ended.await;
-        }
+        self.leading.none().await;
     }
+
     fn map(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.map
             .lock()
@@ -500,7 +494,7 @@ async fn lead(
     let Led { token, fence, sent } = run;
     let backend = herd.backend();
     let flights = &herd.inner.flights;
-    flights.leading.fetch_add(1, Ordering::SeqCst);
+    flights.leading.begin();
     let _leading = Leading(flights);
     let closed = backend.gate().reached(Stage::Closed);
     let lease = herd.inner.watchdog.register(
@@ -625,8 +619,7 @@ struct Leading<'a>(&'a Flights);
 
 impl Drop for Leading<'_> {
     fn drop(&mut self) {
-        self.0.leading.fetch_sub(1, Ordering::SeqCst);
-        self.0.led.notify_waiters();
+        self.0.leading.end();
     }
 }
 

@@ -26,16 +26,48 @@ pub(crate) struct Gate {
     stage: watch::Sender<Stage>,
     /// Background cleanups of this herd in flight (a cut-off acquire step finished and
     /// undone, a dropped guard's release): `Herd::shutdown` waits for them.
-    cleanups: AtomicUsize,
-    cleaned: Notify,
+    cleanups: InFlight,
+}
+
+/// A count of things in flight that can be awaited down to zero (a shutdown waiting for
+/// the herd's runs or cleanups to end).
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    ended: Notify,
+}
+
+impl InFlight {
+    pub(crate) fn begin(&self) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn end(&self) {
+        self.count.fetch_sub(1, Ordering::SeqCst);
+        self.ended.notify_waiters();
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once nothing is in flight (at once if nothing is).
+    pub(crate) async fn none(&self) {
+        loop {
+            let ended = self.ended.notified();
+            if self.count() == 0 {
+                return;
+            }
+            ended.await;
+        }
+    }
 }
 
 impl Default for Gate {
     fn default() -> Self {
         Gate {
             stage: watch::Sender::new(Stage::Open),
-            cleanups: AtomicUsize::new(0),
-            cleaned: Notify::new(),
+            cleanups: InFlight::default(),
         }
     }
 }
@@ -45,8 +77,7 @@ pub(crate) struct Cleanup(Arc<Gate>);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        self.0.cleanups.fetch_sub(1, Ordering::SeqCst);
-        self.0.cleaned.notify_waiters();
+        self.0.cleanups.end();
     }
 }
 
@@ -84,19 +115,13 @@ impl Gate {
 
     /// Counts a background cleanup until the returned guard drops.
     pub(crate) fn cleanup(self: &Arc<Self>) -> Cleanup {
-        self.cleanups.fetch_add(1, Ordering::SeqCst);
+        self.cleanups.begin();
         Cleanup(Arc::clone(self))
     }
 
     /// Resolves once no background cleanup of this herd runs.
     pub(crate) async fn cleanups_done(&self) {
-        loop {
-            let cleaned = self.cleaned.notified();
-            if self.cleanups.load(Ordering::SeqCst) == 0 {
-                return;
-            }
-            cleaned.await;
-        }
+        self.cleanups.none().await;
     }
 
     /// Resolves once the gate reaches `stage` (at once if it has).
